@@ -1,0 +1,36 @@
+# ldm_lab: `make help` lists the targets. Everything runs inside .venv, which `install` creates.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: help install quickstart test lint weights clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
+
+install: $(STAMP) ## create .venv and install ldm_lab with its dev tools (once; again when pyproject.toml changes)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e '.[dev]' 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
+	touch $(STAMP)
+
+quickstart: install ## train the tiny VAE on the embedded synthetic data (a few minutes on a CPU)
+	$(BIN)/python run.py experiment=quickstart
+
+test: install ## run the test suite (CPU, tiny models)
+	$(BIN)/python -m pytest -q
+
+lint: install ## ruff
+	$(BIN)/ruff check run.py ldm_lab tests
+
+weights: install ## download the LPIPS (VGG16) and Inception weights into $$TORCH_HOME/hub/checkpoints
+	$(BIN)/python -m ldm_lab.weights
+
+clean: ## remove run outputs (outputs/, multirun/) and the generated synthetic data
+	rm -rf outputs multirun data

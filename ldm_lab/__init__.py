@@ -1,0 +1,1 @@
+"""ldm_lab: latent diffusion models from scratch on one consumer GPU."""

@@ -1,0 +1,14 @@
+"""One run = one task: ``task=train`` (default) or ``task=export``."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+
+def run(cfg: DictConfig):
+    from ldm_lab.tasks import export, train
+
+    tasks = {"train": train.run, "export": export.run}
+    if cfg.task not in tasks:
+        raise ValueError(f"task={cfg.task} is not a task; choose one of: {', '.join(tasks)}")
+    return tasks[cfg.task](cfg)

@@ -1,0 +1,52 @@
+"""task=export: a trained autoencoder as a diffusers folder, with its latent scale measured.
+
+    python run.py task=export ckpt_path=outputs/.../checkpoints/last.ckpt
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm_lab.data.datamodule import ImageDataModule
+from ldm_lab.stages.autoencoder import AutoencoderStage
+from ldm_lab.tasks.build import build_datamodule, build_stage
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def latent_scale(vae: torch.nn.Module, batches, device: torch.device) -> float:
+    """1 / std of posterior samples over ``batches``: the ``scaling_factor`` that gives the diffusion
+    model unit-variance latents (LDM, sec. 4.3.2 and D.1; 0.18215 for SD's VAE)."""
+    latents = [vae.encode(batch["pixel_values"].to(device)).latent_dist.sample() for batch in batches]
+    return float(1.0 / torch.cat([z.flatten() for z in latents]).float().std())
+
+
+def export_autoencoder(stage: AutoencoderStage, datamodule: ImageDataModule, out_dir: Path,
+                       scale_batches: int = 4) -> Path:
+    """Write the evaluation weights (EMA when on) with ``save_pretrained``; ``scaling_factor`` is
+    measured on up to ``scale_batches`` validation batches."""
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    vae = stage.eval_vae.eval()
+    batches = [b for _, b in zip(range(scale_batches), datamodule.val_dataloader())]
+    scale = latent_scale(vae, batches, stage.device)
+    vae.register_to_config(scaling_factor=scale)
+    vae.save_pretrained(out_dir)
+    log.info("exported %s with scaling_factor %.5f", out_dir, scale)
+    return out_dir
+
+
+def run(cfg: DictConfig) -> Path:
+    if cfg.ckpt_path is None:
+        raise ValueError("task=export needs ckpt_path=/path/to/checkpoint.ckpt")
+    checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)
+    saved = checkpoint["ldm_lab"]["config"]
+    stage = build_stage(OmegaConf.create(saved["model"]), OmegaConf.create(saved["disc"]))
+    stage.load_state_dict(checkpoint["state_dict"])
+    datamodule = build_datamodule(cfg, stage)
+    return export_autoencoder(stage, datamodule, Path(cfg.paths.output_dir) / "export")
