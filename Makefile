@@ -29,7 +29,7 @@ test: install ## run the test suite (CPU, tiny models)
 lint: install ## ruff
 	$(BIN)/ruff check run.py ldm_lab tests
 
-weights: install ## download the LPIPS (VGG16) and Inception weights into $$TORCH_HOME/hub/checkpoints
+weights: install ## download the LPIPS (VGG16) and Inception weights into TORCH_HOME/hub/checkpoints
 	$(BIN)/python -m ldm_lab.weights
 
 clean: ## remove run outputs (outputs/, multirun/) and the generated synthetic data

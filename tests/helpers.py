@@ -1,0 +1,27 @@
+"""Driving a stage through a real Lightning Trainer on hand-made batches."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from ldm_lab.stages.autoencoder import AutoencoderStage
+
+
+def fit(stage: AutoencoderStage, data: list[dict[str, torch.Tensor]] | L.LightningDataModule, callbacks=(),
+        ckpt_path=None, root_dir=None) -> L.Trainer:
+    """Train on a datamodule, or on a list of batches (one per micro-batch, repeated each epoch),
+    until the stage stops itself after ``max_steps`` generator steps."""
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, logger=False, default_root_dir=root_dir,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=list(callbacks))
+    if isinstance(data, L.LightningDataModule):
+        trainer.fit(stage, datamodule=data, ckpt_path=ckpt_path)
+    else:
+        trainer.fit(stage, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None), ckpt_path=ckpt_path)
+    return trainer
+
+
+def random_batches(n: int, batch_size: int = 2, size: int = 32, seed: int = 0) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"pixel_values": torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1} for _ in range(n)]

@@ -1,0 +1,121 @@
+"""Every config in conf/ composes and instantiates; bad overrides fail at compose time."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from hydra.errors import ConfigCompositionException, InstantiationException
+from hydra.utils import instantiate
+from omegaconf.errors import ValidationError
+
+from ldm_lab.data.datamodule import ImageDataModule
+from ldm_lab.nn.discriminator import NLayerDiscriminator
+from ldm_lab.tasks.build import build_datamodule, build_stage, build_trainer
+from tests.conftest import CONF
+
+GROUP_OPTIONS = {
+    group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+    for group in ("model", "disc", "data", "precision", "experiment", "debug")
+}
+
+
+def test_every_group_has_its_options():
+    assert {"vae", "vae_tiny"} <= set(GROUP_OPTIONS["model"])
+    assert {"fp32", "bf16", "bf16_4060ti"} <= set(GROUP_OPTIONS["precision"])
+    assert {"quickstart", "sd_vae_4060ti"} <= set(GROUP_OPTIONS["experiment"])
+    assert "patchgan" in GROUP_OPTIONS["disc"] and "short" in GROUP_OPTIONS["debug"]
+
+
+@pytest.mark.parametrize("option", GROUP_OPTIONS["model"])
+def test_model_configs_instantiate(compose_cfg, option):
+    cfg = compose_cfg([f"model={option}", "model.loss.perceptual_weight=0", "model.metrics.lpips=false"],
+                      tiny=False)
+    stage = build_stage(cfg.model, cfg.disc)
+    assert isinstance(stage.vae, AutoencoderKL)
+    assert list(stage.vae.config.block_out_channels) == list(cfg.model.vae.block_out_channels)
+
+
+def test_full_vae_is_sd_f8c4(compose_cfg):
+    cfg = compose_cfg(["model.loss.perceptual_weight=0", "model.metrics.lpips=false"], tiny=False)
+    stage = build_stage(cfg.model, cfg.disc)
+    assert stage.downsample_factor == 8 and stage.vae.config.latent_channels == 4
+    assert sum(p.numel() for p in stage.vae.parameters()) == pytest.approx(83.65e6, rel=0.01)
+
+
+@pytest.mark.parametrize("norm_type", ["spectral_group", "spectral", "batch", "none"])
+def test_disc_norm_types_instantiate(compose_cfg, norm_type):
+    disc = instantiate(compose_cfg([f"disc.norm_type={norm_type}"]).disc)
+    assert isinstance(disc, NLayerDiscriminator) and disc.norm_type.value == norm_type
+
+
+@pytest.mark.parametrize("option", GROUP_OPTIONS["data"])
+def test_data_configs_instantiate(compose_cfg, tmp_path, option):
+    overrides = [f"data={option}"] + ([f"data.source.root={tmp_path}"] if option == "folder" else [])
+    cfg = compose_cfg(overrides, tiny=False)
+    assert isinstance(instantiate(cfg.data), ImageDataModule)
+
+
+@pytest.mark.parametrize("option", GROUP_OPTIONS["precision"])
+def test_precision_configs_make_a_trainer(compose_cfg, option):
+    cfg = compose_cfg([f"precision={option}"])
+    trainer = build_trainer(cfg, accumulate_grad_batches=cfg.model.accumulate_grad_batches)
+    assert trainer.precision == cfg.trainer.precision
+
+
+def test_4060ti_preset_is_seed_001(compose_cfg):
+    cfg = compose_cfg(["precision=bf16_4060ti"], tiny=False)
+    assert cfg.trainer.precision == "bf16-mixed"
+    assert cfg.data.batch_size == 1 and cfg.model.accumulate_grad_batches == 8
+    assert cfg.model.gradient_checkpointing is True
+
+
+@pytest.mark.parametrize("option", GROUP_OPTIONS["experiment"])
+def test_experiments_compose_and_build(compose_cfg, option):
+    cfg = compose_cfg([f"experiment={option}", "model.loss.perceptual_weight=0", "model.metrics.lpips=false"],
+                      tiny=False)
+    stage = build_stage(cfg.model, cfg.disc)
+    datamodule = build_datamodule(cfg, stage)
+    assert datamodule.resolution % stage.downsample_factor == 0
+    build_trainer(cfg, stage.accumulate_grad_batches)
+
+
+def test_debug_short_shrinks_the_run(compose_cfg):
+    cfg = compose_cfg(["debug=short"], tiny=False)
+    assert cfg.max_steps <= 4 and cfg.trainer.limit_val_batches == 1 and cfg.data.resolution <= 64
+
+
+def test_misspelt_norm_type_fails_at_compose_with_the_valid_values(compose_cfg):
+    with pytest.raises(ConfigCompositionException) as info:
+        compose_cfg(["disc.norm_type=spectral_grp"])
+    message = str(info.value.__cause__ or info.value)
+    for valid in ("spectral_group", "spectral", "batch", "none"):
+        assert valid in message
+
+
+@pytest.mark.parametrize("override", ["model.loss.rec_loss=l3", "model.loss.disc_loss=wgan"])
+def test_bad_loss_choices_fail_at_compose(compose_cfg, override):
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_cfg([override])
+
+
+def test_resolution_must_divide_by_the_downsampling_factor(compose_cfg):
+    cfg = compose_cfg(["data.resolution=30"])
+    stage = build_stage(cfg.model, cfg.disc)
+    with pytest.raises(InstantiationException, match="data.resolution=30 is not divisible"):
+        build_datamodule(cfg, stage)
+
+
+def test_sd_vae_one_training_step_runs(compose_cfg):
+    """The full-size SD VAE and PatchGAN take one generator+discriminator step at 64 px."""
+    from tests.helpers import fit
+
+    cfg = compose_cfg(["model=vae", "model.max_steps=1", "model.loss.disc_start=0", "disc.ndf=64",
+                       "disc.n_layers=3", "model.scheduler.num_warmup_steps=0"])
+    stage = build_stage(cfg.model, cfg.disc)
+    vae_before = stage.vae.decoder.conv_out.weight.detach().clone()
+    disc_before = [p.detach().clone() for p in stage.discriminator.parameters()]
+    fit(stage, [{"pixel_values": torch.rand(1, 3, 64, 64) * 2 - 1}])
+    assert stage.gen_step == 1
+    assert not torch.equal(vae_before, stage.vae.decoder.conv_out.weight)
+    assert any(not torch.equal(a, b) for a, b in zip(disc_before, stage.discriminator.parameters()))

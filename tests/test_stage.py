@@ -1,0 +1,163 @@
+"""The autoencoder stage trained through a real Lightning Trainer on tiny models."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+from ldm_lab.nn.ema import ema_with_warmup
+from ldm_lab.stages.autoencoder import NonFiniteLossError
+from ldm_lab.tasks.build import build_datamodule, build_stage
+from ldm_lab.tasks.export import export_autoencoder
+from tests.helpers import fit, random_batches
+
+
+def _stage(compose_cfg, *overrides):
+    cfg = compose_cfg(list(overrides))
+    L.seed_everything(0, verbose=False)
+    return build_stage(cfg.model, cfg.disc), cfg
+
+
+def _params(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_accumulation_matches_one_larger_batch(compose_cfg, monkeypatch):
+    """k micro-batches of n, accumulated, give the step one batch of k*n gives (noise-free posterior,
+    before disc_start, where every term is a batch mean). Plain SGD, so the step is the gradient."""
+    monkeypatch.setattr(DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mean)
+    common = ["model.max_steps=1", "model.loss.disc_start=100", "model.scheduler.num_warmup_steps=0",
+              "model.optimizer._target_=torch.optim.SGD", "~model.optimizer.betas",
+              "~model.optimizer.weight_decay", "model.lr=1.0", "model.gradient_clip_val=null"]
+    initial, _ = _stage(compose_cfg, *common)
+    accumulated, _ = _stage(compose_cfg, *common, "model.accumulate_grad_batches=2")
+    large, _ = _stage(compose_cfg, *common, "model.accumulate_grad_batches=1")
+    batches = random_batches(2, batch_size=2)
+    fit(accumulated, batches)
+    fit(large, [{"pixel_values": torch.cat([b["pixel_values"] for b in batches])}])
+    assert accumulated.gen_step == large.gen_step == 1 and accumulated.micro_step == 2
+    for (name, p0), a, b in zip(initial.vae.named_parameters(), accumulated.vae.parameters(),
+                                large.vae.parameters()):
+        torch.testing.assert_close(a - p0, b - p0, rtol=1e-3, atol=1e-7, msg=name)
+    # one micro-batch alone would have stepped differently
+    half, _ = _stage(compose_cfg, *common)
+    fit(half, batches[:1])
+    assert not torch.allclose(half.vae.decoder.conv_out.weight, large.vae.decoder.conv_out.weight, atol=1e-5)
+
+
+class StopAt(L.Callback):
+    """Kills the run after ``step`` generator steps, leaving a checkpoint behind."""
+
+    def __init__(self, step: int, path):
+        self.step, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.gen_step == self.step and not self.path.exists():
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def test_resumed_run_ends_where_a_straight_run_ends(compose_cfg, tmp_path):
+    overrides = ["model.max_steps=4", "model.loss.disc_start=1", "model.accumulate_grad_batches=2",
+                 "data.random_crop=false", "data.random_flip=false"]
+    ckpt = tmp_path / "stopped.ckpt"
+
+    def run(callbacks=(), ckpt_path=None):
+        stage, cfg = _stage(compose_cfg, *overrides)
+        trainer = fit(stage, build_datamodule(cfg, stage), callbacks, ckpt_path)
+        return stage, trainer
+
+    straight, straight_trainer = run()
+    stopped, _ = run(callbacks=[StopAt(2, ckpt)])
+    assert stopped.gen_step == 2 and ckpt.exists()
+    resumed, resumed_trainer = run(ckpt_path=str(ckpt))
+
+    assert (resumed.gen_step, resumed.micro_step) == (straight.gen_step, straight.micro_step) == (4, 8)
+    for key, value in _params(straight).items():  # VAE, discriminator (spectral-norm vectors too), EMA
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+    for a, b in zip(straight_trainer.optimizers, resumed_trainer.optimizers):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa["param_groups"][0]["lr"] == pytest.approx(sb["param_groups"][0]["lr"])
+        for pid, state in sa["state"].items():
+            assert int(state["step"]) == int(sb["state"][pid]["step"])
+            torch.testing.assert_close(state["exp_avg_sq"], sb["state"][pid]["exp_avg_sq"], rtol=0, atol=1e-9)
+    assert int(resumed.ema.n_averaged) == int(straight.ema.n_averaged) == 4
+    assert not torch.equal(stopped.vae.decoder.conv_out.weight, straight.vae.decoder.conv_out.weight)
+
+
+def test_export_loads_in_diffusers_and_reproduces_reconstructions(compose_cfg, tmp_path):
+    stage, cfg = _stage(compose_cfg, "model.max_steps=2")
+    datamodule = build_datamodule(cfg, stage)
+    fit(stage, datamodule)
+    out = export_autoencoder(stage, datamodule, tmp_path / "export")
+    loaded = AutoencoderKL.from_pretrained(out).eval()
+    inputs = next(iter(datamodule.val_dataloader()))["pixel_values"]
+    expected = stage.eval().reconstruct(inputs)
+    with torch.no_grad():
+        got = loaded.decode(loaded.encode(inputs).latent_dist.mode()).sample
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert loaded.config.scaling_factor != 0.18215 and loaded.config.scaling_factor > 0
+    # the EMA weights were exported, not the live ones
+    torch.testing.assert_close(loaded.decoder.conv_out.weight, stage.ema.module.decoder.conv_out.weight)
+    assert not torch.equal(loaded.decoder.conv_out.weight, stage.vae.decoder.conv_out.weight)
+
+
+def test_ema_update_follows_its_formula():
+    model = torch.nn.Linear(3, 2)
+    ema = ema_with_warmup(model, decay=0.9)
+    ema.update_parameters(model)  # first update copies
+    torch.testing.assert_close(ema.module.weight, model.weight)
+    old = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    ema.update_parameters(model)
+    decay = min(0.9, 2 / 11)
+    torch.testing.assert_close(ema.module.weight, decay * old + (1 - decay) * model.weight.detach())
+    for _ in range(200):
+        ema.update_parameters(model)
+    assert not ema.module.weight.requires_grad
+
+
+def test_validation_uses_the_ema_weights(compose_cfg):
+    stage, _ = _stage(compose_cfg, "model.max_steps=3", "model.ema_decay=0.99", "model.scheduler.num_warmup_steps=0")
+    fit(stage, random_batches(3))
+    inputs = random_batches(1)[0]["pixel_values"]
+    stage.eval()
+    with torch.no_grad():
+        ema_rec = stage.ema.module.decode(stage.ema.module.encode(inputs).latent_dist.mode()).sample
+        live_rec = stage.vae.decode(stage.vae.encode(inputs).latent_dist.mode()).sample
+    torch.testing.assert_close(stage.reconstruct(inputs), ema_rec)
+    assert not torch.allclose(ema_rec, live_rec)
+
+
+def test_non_finite_loss_is_skipped_and_counted(compose_cfg):
+    stage, _ = _stage(compose_cfg, "model.max_steps=3")
+    batches = random_batches(4)
+    batches[1] = {"pixel_values": torch.full_like(batches[1]["pixel_values"], float("nan"))}
+    fit(stage, batches)
+    assert stage.nonfinite_skipped == 1 and stage.gen_step == 3 and stage.micro_step == 4
+    assert all(torch.isfinite(p).all() for p in stage.parameters())
+
+
+def test_non_finite_losses_in_a_row_stop_the_run_with_a_checkpoint(compose_cfg, tmp_path):
+    stage, _ = _stage(compose_cfg, "model.max_steps=5", "model.max_consecutive_nonfinite=2")
+    nan = {"pixel_values": torch.full((2, 3, 32, 32), float("nan"))}
+    with pytest.raises(NonFiniteLossError, match="2 non-finite losses in a row"):
+        fit(stage, [nan, nan, nan], root_dir=tmp_path)
+    checkpoint = torch.load(tmp_path / "nonfinite.ckpt", weights_only=False)
+    assert checkpoint["ldm_lab"]["nonfinite_skipped"] == 2
+
+
+def test_decoder_only_fine_tuning_keeps_the_encoder(compose_cfg):
+    stage, _ = _stage(compose_cfg, "model.max_steps=2", "model.decoder_only=true",
+                      "model.scheduler.num_warmup_steps=0")
+    encoder = _params(stage.vae.encoder)
+    quant = _params(stage.vae.quant_conv)
+    decoder = _params(stage.vae.decoder)
+    fit(stage, random_batches(2))
+    assert all(torch.equal(v, stage.vae.encoder.state_dict()[k]) for k, v in encoder.items())
+    assert all(torch.equal(v, stage.vae.quant_conv.state_dict()[k]) for k, v in quant.items())
+    assert any(not torch.equal(v, stage.vae.decoder.state_dict()[k]) for k, v in decoder.items())
