@@ -7,7 +7,11 @@ import logging
 
 import torch
 from torchmetrics import MeanMetric
-from torchmetrics.image import FrechetInceptionDistance, PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+from torchmetrics.image import (
+    FrechetInceptionDistance,
+    PeakSignalNoiseRatio,
+    StructuralSimilarityIndexMeasure,
+)
 
 from ldm_lab.losses.perceptual import LPIPS
 from ldm_lab.weights import MissingWeightsError, find_weights, missing_message

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Optional
 
 from hydra.core.config_store import ConfigStore
 
@@ -56,7 +55,7 @@ class AutoencoderLossConfig:
     disc_loss: DiscLoss = DiscLoss.hinge
     max_adaptive_weight: float = 10.0
     lpips_backbone: str = "pretrained"
-    vgg16_weights: Optional[str] = None
+    vgg16_weights: str | None = None
 
 
 def register_configs() -> None:

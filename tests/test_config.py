@@ -49,6 +49,19 @@ def test_disc_norm_types_instantiate(compose_cfg, norm_type):
     assert isinstance(disc, NLayerDiscriminator) and disc.norm_type.value == norm_type
 
 
+def test_vae_init_does_not_depend_on_the_discriminator_choice(compose_cfg):
+    """A norm-type sweep compares discriminators on the same starting VAE."""
+    import lightning as L
+
+    stages = []
+    for norm_type in ("spectral_group", "none"):
+        cfg = compose_cfg([f"disc.norm_type={norm_type}"])
+        L.seed_everything(0, verbose=False)
+        stages.append(build_stage(cfg.model, cfg.disc))
+    a, b = stages
+    assert all(torch.equal(p, q) for p, q in zip(a.vae.parameters(), b.vae.parameters(), strict=True))
+
+
 @pytest.mark.parametrize("option", GROUP_OPTIONS["data"])
 def test_data_configs_instantiate(compose_cfg, tmp_path, option):
     overrides = [f"data={option}"] + ([f"data.source.root={tmp_path}"] if option == "folder" else [])
@@ -118,4 +131,4 @@ def test_sd_vae_one_training_step_runs(compose_cfg):
     fit(stage, [{"pixel_values": torch.rand(1, 3, 64, 64) * 2 - 1}])
     assert stage.gen_step == 1
     assert not torch.equal(vae_before, stage.vae.decoder.conv_out.weight)
-    assert any(not torch.equal(a, b) for a, b in zip(disc_before, stage.discriminator.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(disc_before, stage.discriminator.parameters(), strict=True))

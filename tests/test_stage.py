@@ -40,7 +40,7 @@ def test_accumulation_matches_one_larger_batch(compose_cfg, monkeypatch):
     fit(large, [{"pixel_values": torch.cat([b["pixel_values"] for b in batches])}])
     assert accumulated.gen_step == large.gen_step == 1 and accumulated.micro_step == 2
     for (name, p0), a, b in zip(initial.vae.named_parameters(), accumulated.vae.parameters(),
-                                large.vae.parameters()):
+                                large.vae.parameters(), strict=True):
         torch.testing.assert_close(a - p0, b - p0, rtol=1e-3, atol=1e-7, msg=name)
     # one micro-batch alone would have stepped differently
     half, _ = _stage(compose_cfg, *common)
@@ -60,7 +60,8 @@ class StopAt(L.Callback):
             trainer.should_stop = True
 
 
-def test_resumed_run_ends_where_a_straight_run_ends(compose_cfg, tmp_path):
+@pytest.mark.parametrize("stop_at", [1, 2], ids=["mid-epoch", "epoch-end"])
+def test_resumed_run_ends_where_a_straight_run_ends(compose_cfg, tmp_path, stop_at):
     overrides = ["model.max_steps=4", "model.loss.disc_start=1", "model.accumulate_grad_batches=2",
                  "data.random_crop=false", "data.random_flip=false"]
     ckpt = tmp_path / "stopped.ckpt"
@@ -71,14 +72,14 @@ def test_resumed_run_ends_where_a_straight_run_ends(compose_cfg, tmp_path):
         return stage, trainer
 
     straight, straight_trainer = run()
-    stopped, _ = run(callbacks=[StopAt(2, ckpt)])
-    assert stopped.gen_step == 2 and ckpt.exists()
+    stopped, _ = run(callbacks=[StopAt(stop_at, ckpt)])  # an epoch is 4 micro-batches = 2 steps
+    assert stopped.gen_step == stop_at and ckpt.exists()
     resumed, resumed_trainer = run(ckpt_path=str(ckpt))
 
     assert (resumed.gen_step, resumed.micro_step) == (straight.gen_step, straight.micro_step) == (4, 8)
     for key, value in _params(straight).items():  # VAE, discriminator (spectral-norm vectors too), EMA
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
-    for a, b in zip(straight_trainer.optimizers, resumed_trainer.optimizers):
+    for a, b in zip(straight_trainer.optimizers, resumed_trainer.optimizers, strict=True):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa["param_groups"][0]["lr"] == pytest.approx(sb["param_groups"][0]["lr"])
         for pid, state in sa["state"].items():
@@ -161,3 +162,18 @@ def test_decoder_only_fine_tuning_keeps_the_encoder(compose_cfg):
     assert all(torch.equal(v, stage.vae.encoder.state_dict()[k]) for k, v in encoder.items())
     assert all(torch.equal(v, stage.vae.quant_conv.state_dict()[k]) for k, v in quant.items())
     assert any(not torch.equal(v, stage.vae.decoder.state_dict()[k]) for k, v in decoder.items())
+
+
+def test_training_starts_from_a_pretrained_diffusers_folder(compose_cfg, tmp_path):
+    source, _ = _stage(compose_cfg)
+    with torch.no_grad():
+        source.vae.decoder.conv_out.weight.fill_(0.5)
+    source.vae.save_pretrained(tmp_path / "pretrained")
+    stage, _ = _stage(compose_cfg, f"model.pretrained={tmp_path / 'pretrained'}")
+    assert torch.all(stage.vae.decoder.conv_out.weight == 0.5)
+    assert torch.all(stage.ema.module.decoder.conv_out.weight == 0.5)
+
+
+def test_unloadable_pretrained_model_says_how_to_get_it(compose_cfg, tmp_path):
+    with pytest.raises(Exception, match="model.pretrained=/path/to/that/folder"):
+        _stage(compose_cfg, f"model.pretrained={tmp_path / 'missing' / 'sd-vae-ft-mse'}")

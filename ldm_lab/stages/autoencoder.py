@@ -35,7 +35,7 @@ class AutoencoderStage(L.LightningModule):
     def __init__(
         self,
         vae: functools.partial,
-        discriminator: nn.Module,
+        discriminator: functools.partial,
         loss: AutoencoderLoss,
         optimizer: functools.partial,
         disc_optimizer: functools.partial,
@@ -63,7 +63,8 @@ class AutoencoderStage(L.LightningModule):
             self.vae.encoder.requires_grad_(False)
             if self.vae.quant_conv is not None:
                 self.vae.quant_conv.requires_grad_(False)
-        self.discriminator = discriminator
+        # Built after the VAE, so every discriminator choice of a sweep starts from the same VAE weights.
+        self.discriminator: nn.Module = discriminator()
         self.loss = loss
         self.ema = ema_with_warmup(self.vae, ema_decay) if ema_decay else None
         self.val_metrics: ReconstructionMetrics = metrics(lpips_model=loss.perceptual)

@@ -11,7 +11,7 @@ from ldm_lab.stages.autoencoder import AutoencoderStage
 
 
 def build_stage(model_cfg: DictConfig, disc_cfg: DictConfig) -> AutoencoderStage:
-    stage = instantiate(model_cfg, discriminator=instantiate(disc_cfg))
+    stage = instantiate(model_cfg, discriminator=instantiate(disc_cfg, _partial_=True))
     stage.run_config = {"model": OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True),
                         "disc": OmegaConf.to_container(disc_cfg, resolve=True, enum_to_str=True)}
     return stage

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -33,7 +34,7 @@ def export_autoencoder(stage: AutoencoderStage, datamodule: ImageDataModule, out
     datamodule.prepare_data()
     datamodule.setup("validate")
     vae = stage.eval_vae.eval()
-    batches = [b for _, b in zip(range(scale_batches), datamodule.val_dataloader())]
+    batches = list(itertools.islice(datamodule.val_dataloader(), scale_batches))
     scale = latent_scale(vae, batches, stage.device)
     vae.register_to_config(scaling_factor=scale)
     vae.save_pretrained(out_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +21,8 @@ def _format(metrics: dict[str, float]) -> str:
 
 def run(cfg: DictConfig) -> dict[str, float]:
     logging.getLogger("lightning.pytorch").handlers.clear()  # Hydra's root handler prints its messages once
+    # ImageDataModule.state_dict resumes a stopped epoch itself; Lightning cannot see that.
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     stage = build_stage(cfg.model, cfg.disc)
