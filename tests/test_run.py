@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ldm_lab.tasks import train
@@ -68,3 +69,28 @@ def test_multirun_sweep_gives_each_job_its_own_folder(tmp_path):
         assert list((job / "tensorboard").glob("events.out.tfevents.*"))
         assert (job / "checkpoints" / "last.ckpt").is_file()
     assert seen == {(1e-3, "spectral_group"), (1e-3, "none"), (1e-4, "spectral_group"), (1e-4, "none")}
+
+
+def test_4060ti_preset_trains_with_bf16_checkpointing_and_accumulation(compose_cfg, tmp_path):
+    cfg = compose_cfg(["precision=bf16_4060ti", "max_steps=1", "val_every_n_steps=1", "model.loss.disc_start=0",
+                       "trainer.log_every_n_steps=1"])
+    assert cfg.model.gradient_checkpointing and cfg.model.accumulate_grad_batches == 8
+    metrics = train.run(cfg)
+    assert all(v == v for v in metrics.values())  # finite, not NaN
+    losses = _scalars(tmp_path / "run", "train/g_adv")
+    assert [step for step, _ in losses] == [1]
+
+
+def test_export_task_writes_a_diffusers_folder_from_a_checkpoint(compose_cfg, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from ldm_lab.tasks import export
+
+    train.run(compose_cfg(["max_steps=2", "val_every_n_steps=2"]))
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    out = export.run(compose_cfg(["task=export", f"ckpt_path={checkpoint}", f"paths.output_dir={tmp_path / 'x'}"]))
+    exported = AutoencoderKL.from_pretrained(out)
+    trained = AutoencoderKL.from_pretrained(tmp_path / "run" / "export")
+    for a, b in zip(exported.parameters(), trained.parameters(), strict=True):
+        assert torch.equal(a, b)
+    assert exported.config.scaling_factor == pytest.approx(trained.config.scaling_factor, rel=1e-5)

@@ -22,8 +22,11 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def latent_scale(vae: torch.nn.Module, batches, device: torch.device) -> float:
     """1 / std of posterior samples over ``batches``: the ``scaling_factor`` that gives the diffusion
-    model unit-variance latents (LDM, sec. 4.3.2 and D.1; 0.18215 for SD's VAE)."""
-    latents = [vae.encode(batch["pixel_values"].to(device)).latent_dist.sample() for batch in batches]
+    model unit-variance latents (LDM, sec. 4.3.2 and D.1; 0.18215 for SD's VAE). The posterior noise
+    is seeded, so the same weights and data always give the same scale."""
+    generator = torch.Generator(device).manual_seed(0)
+    latents = [vae.encode(batch["pixel_values"].to(device)).latent_dist.sample(generator=generator)
+               for batch in batches]
     return float(1.0 / torch.cat([z.flatten() for z in latents]).float().std())
 
 
