@@ -82,7 +82,7 @@ class AutoencoderStage(L.LightningModule):
         # Within one accumulation cycle.
         self._consecutive_nonfinite = 0
         self._contributed = 0
-        self._log_sums: dict[str, float] = defaultdict(float)
+        self._log_sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self.last_val_metrics: dict[str, float] = {}
         self.run_config: dict | None = None  # the composed model/disc config, stored in checkpoints
 
@@ -141,8 +141,8 @@ class AutoencoderStage(L.LightningModule):
                 self.manual_backward(d_loss / self.accumulate_grad_batches)
             self._consecutive_nonfinite = 0
             self._contributed += 1
-            for name, value in logs.items():
-                self._log_sums[name] += float(value)
+            for name, value in logs.items():  # tensors: no device sync until they are logged
+                self._log_sums[name] = self._log_sums[name] + value
         else:
             self._skip_nonfinite(logs)
         if self.micro_step % self.accumulate_grad_batches == 0:
@@ -195,7 +195,7 @@ class AutoencoderStage(L.LightningModule):
         self._contributed, self._log_sums = 0, defaultdict(float)
         if self.logger is None or self.gen_step % self.trainer.log_every_n_steps:
             return
-        metrics = {f"train/{name}": value / count for name, value in sums.items()}
+        metrics = {f"train/{name}": float(value) / count for name, value in sums.items()}
         metrics.update({"train/lr": sch_g.get_last_lr()[0], "train/disc_lr": sch_d.get_last_lr()[0],
                         "train/nonfinite_skipped": self.nonfinite_skipped})
         self.logger.log_metrics(metrics, step=self.gen_step)

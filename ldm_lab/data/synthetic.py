@@ -1,0 +1,76 @@
+"""The embedded default data set: images drawn deterministically from a seed.
+
+Gradient backgrounds with ellipses, rectangles, polygons and lines in random colours, at a spread of
+sizes and aspect ratios, saved as PNG, JPEG and WebP so the same decoding path as real data runs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from ldm_lab.data.sources import FolderSource
+
+FORMATS = ("png", "jpg", "webp")
+
+
+def draw_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+    """One synthetic picture: a linear two-colour gradient and 3-8 filled shapes."""
+    c0, c1 = rng.integers(0, 256, size=(2, 3))
+    angle = rng.uniform(0, 2 * np.pi)
+    ys, xs = np.mgrid[0:height, 0:width]
+    t = (xs / max(width - 1, 1)) * np.cos(angle) + (ys / max(height - 1, 1)) * np.sin(angle)
+    t = (t - t.min()) / max(np.ptp(t), 1e-6)
+    pixels = c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]
+    image = Image.fromarray(pixels.astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for _ in range(int(rng.integers(3, 9))):
+        colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        x0, x1 = sorted(rng.uniform(-0.1, 1.1, size=2) * width)
+        y0, y1 = sorted(rng.uniform(-0.1, 1.1, size=2) * height)
+        kind = rng.integers(0, 4)
+        if kind == 0:
+            draw.ellipse((x0, y0, x1, y1), fill=colour)
+        elif kind == 1:
+            draw.rectangle((x0, y0, x1, y1), fill=colour)
+        elif kind == 2:
+            points = [(float(x), float(y)) for x, y in rng.uniform(0, 1, size=(int(rng.integers(3, 7)), 2))
+                      * (width, height)]
+            draw.polygon(points, fill=colour)
+        else:
+            draw.line((x0, y0, x1, y1), fill=colour, width=int(rng.integers(1, max(2, min(width, height) // 8))))
+    return image
+
+
+def image_size(rng: np.random.Generator, min_side: int, max_side: int) -> tuple[int, int]:
+    """(width, height) with the short side in [min_side, max_side] and aspect ratio in [1/2, 2]."""
+    short = int(rng.integers(min_side, max_side + 1))
+    long = int(round(short * np.exp(rng.uniform(0, np.log(2)))))
+    return (long, short) if rng.random() < 0.5 else (short, long)
+
+
+class SyntheticSource(FolderSource):
+    """``num_images`` synthetic images written once under ``root/<seed>-<num_images>-...`` and then read
+    like any folder. A finished set carries a manifest; an unfinished one is rewritten."""
+
+    def __init__(self, root: str | Path, num_images: int = 512, seed: int = 0, min_side: int = 64,
+                 max_side: int = 192):
+        self.spec = {"num_images": num_images, "seed": seed, "min_side": min_side, "max_side": max_side}
+        super().__init__(Path(root).expanduser() / f"seed{seed}-n{num_images}-side{min_side}-{max_side}")
+
+    def prepare(self) -> None:
+        manifest = self.root / "manifest.json"
+        if manifest.is_file() and json.loads(manifest.read_text()) == self.spec:
+            return
+        shutil.rmtree(self.root, ignore_errors=True)
+        self.root.mkdir(parents=True)
+        for index in range(self.spec["num_images"]):
+            rng = np.random.default_rng([self.spec["seed"], index])
+            width, height = image_size(rng, self.spec["min_side"], self.spec["max_side"])
+            fmt = FORMATS[index % len(FORMATS)]
+            draw_image(rng, width, height).save(self.root / f"{index:06d}.{fmt}", quality=95)
+        manifest.write_text(json.dumps(self.spec))  # written last: marks the set complete
