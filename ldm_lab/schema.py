@@ -48,7 +48,6 @@ class AutoencoderLossConfig:
     rec_loss: RecLoss = RecLoss.l1
     perceptual_weight: float = 0.5
     require_perceptual_weights: bool = True
-    kl_weight: float = 1.0e-6
     disc_weight: float = 0.5
     disc_start: int = 50001
     disc_factor: float = 1.0

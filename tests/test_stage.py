@@ -106,6 +106,16 @@ def test_export_loads_in_diffusers_and_reproduces_reconstructions(compose_cfg, t
     assert not torch.equal(loaded.decoder.conv_out.weight, stage.vae.decoder.conv_out.weight)
 
 
+def test_kl_term_is_the_weighted_batch_mean_of_the_posterior_kl(compose_cfg):
+    stage, _ = _stage(compose_cfg, "model.kl_weight=0.25")
+    inputs = random_batches(1)[0]["pixel_values"]
+    _, reg_loss, logs = stage.encode_decode(inputs)
+    expected = stage.vae.encode(inputs).latent_dist.kl()
+    assert expected.shape == (2,)
+    assert reg_loss.item() == pytest.approx(0.25 * expected.mean().item(), rel=1e-5)
+    assert logs["kl"].item() == pytest.approx(expected.mean().item(), rel=1e-5)
+
+
 def test_ema_update_follows_its_formula():
     model = torch.nn.Linear(3, 2)
     ema = ema_with_warmup(model, decay=0.9)

@@ -1,9 +1,8 @@
-"""The autoencoder objective of seed 001 / LDM: reconstruction + LPIPS + KL + adaptive adversarial.
+"""The autoencoder objective of seed 001 / LDM / VQGAN: reconstruction + LPIPS + the latent's
+regularisation (KL or codebook terms, weighted by the stage) + adaptive adversarial.
 
-Reductions (they set what ``kl_weight`` means): the reconstruction and LPIPS terms are means over
-pixels and images (seed 001); the KL is summed over latent elements and averaged over images
-(diffusers' ``DiagonalGaussianDistribution.kl``). LDM instead sums the reconstruction per image, so
-the same ``kl_weight`` weighs the KL about H*W*3 times more here than in LDM's configs.
+The reconstruction and LPIPS terms are means over pixels and images (seed 001); the stage's
+regularisation term is added as given, so its weight is relative to these per-pixel means.
 """
 
 from __future__ import annotations
@@ -34,7 +33,6 @@ class AutoencoderLoss(nn.Module):
         rec_loss: RecLoss | str = RecLoss.l1,
         perceptual_weight: float = 0.5,
         require_perceptual_weights: bool = True,
-        kl_weight: float = 1.0e-6,
         disc_weight: float = 0.5,
         disc_start: int = 50001,
         disc_factor: float = 1.0,
@@ -45,7 +43,6 @@ class AutoencoderLoss(nn.Module):
     ):
         super().__init__()
         self.rec_loss = RecLoss(rec_loss)
-        self.kl_weight = kl_weight
         self.disc_weight = disc_weight
         self.disc_start = disc_start
         self.disc_factor = disc_factor
@@ -72,12 +69,12 @@ class AutoencoderLoss(nn.Module):
         self,
         inputs: torch.Tensor,
         reconstructions: torch.Tensor,
-        kl: torch.Tensor,
+        reg_loss: torch.Tensor,
         discriminator: nn.Module,
         last_layer: torch.Tensor,
         gen_step: int,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Total generator loss and its detached parts; ``kl`` is per image, shape (N,)."""
+        """Total generator loss and its detached parts; ``reg_loss`` is the stage's weighted latent term."""
         if self.rec_loss is RecLoss.l1:
             rec = F.l1_loss(reconstructions, inputs)
         else:
@@ -88,9 +85,7 @@ class AutoencoderLoss(nn.Module):
             p_loss = self.perceptual.to(inputs.device)(reconstructions, inputs).mean()
             nll = nll + self.perceptual_weight * p_loss
             logs["lpips"] = p_loss.detach()
-        kl = kl.mean()
-        total = nll + self.kl_weight * kl
-        logs["kl"] = kl.detach()
+        total = nll + reg_loss
         if self.adversarial_active(gen_step):
             g_loss = generator_adversarial_loss(discriminator(reconstructions))
             d_weight = self.disc_weight * adaptive_weight(nll, g_loss, last_layer, self.max_adaptive_weight)

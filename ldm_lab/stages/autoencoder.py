@@ -1,4 +1,6 @@
-"""The autoencoder stage: a diffusers autoencoder trained against a PatchGAN (seed 001, LDM / VQGAN).
+"""The GAN machinery both autoencoder stages share: a diffusers autoencoder trained against a PatchGAN
+(seed 001, LDM / VQGAN). Subclasses say how the latent is regularised: KL (kl_autoencoder.py) or
+vector quantization (vq_autoencoder.py).
 
 Manual optimization, because two networks take turns: per micro-batch the generator loss and the
 discriminator loss (on detached reconstructions) are backpropagated, scaled by 1/accumulation; every
@@ -32,6 +34,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 class AutoencoderStage(L.LightningModule):
+    """Subclasses implement ``encode_decode`` (training), ``reconstruct`` (evaluation) and
+    ``sample_latents`` (what a latent diffusion model would be trained on)."""
+
     def __init__(
         self,
         vae: functools.partial,
@@ -113,22 +118,35 @@ class AutoencoderStage(L.LightningModule):
             raise ValueError("precision 16-mixed clips scaled gradients under manual optimization; "
                              "use precision=bf16 (bf16-mixed) or precision=fp32")
 
-    # ----------------------------------------------------------------------------- training
-    def _posterior_generator(self, device: torch.device) -> torch.Generator:
-        """Noise for z ~ q(z|x) from (seed, rank, micro-batch): repeatable, and unchanged by a resume."""
+    # ----------------------------------------------------------------------------- the family's part
+    def encode_decode(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Training forward pass: (reconstructions, weighted latent regularisation, its parts to log)."""
+        raise NotImplementedError
+
+    def reconstruct(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Deterministic reconstruction with the evaluation weights."""
+        raise NotImplementedError
+
+    def sample_latents(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The latents a diffusion model trains on, from the evaluation weights."""
+        raise NotImplementedError
+
+    def step_generator(self, device: torch.device) -> torch.Generator:
+        """Randomness for this micro-batch from (seed, rank, micro-batch): repeatable, unchanged by a resume."""
         seed = np.random.SeedSequence([self.seed, self.global_rank, self.micro_step]).generate_state(1)[0]
         return torch.Generator(device=device).manual_seed(int(seed))
 
+    # ----------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         inputs = batch["pixel_values"]
         adversarial = self.loss.adversarial_active(self.gen_step)
-        posterior = self.vae.encode(inputs).latent_dist
-        reconstructions = self.vae.decode(posterior.sample(generator=self._posterior_generator(inputs.device))).sample
+        reconstructions, reg_loss, reg_logs = self.encode_decode(inputs)
 
         self.discriminator.requires_grad_(False)  # the generator loss trains the VAE only
-        g_loss, logs = self.loss.generator_loss(inputs, reconstructions, posterior.kl(), self.discriminator,
+        g_loss, logs = self.loss.generator_loss(inputs, reconstructions, reg_loss, self.discriminator,
                                                 self.last_layer, self.gen_step)
         self.discriminator.requires_grad_(True)
+        logs.update(reg_logs)
         d_loss = None
         if adversarial:
             d_loss, d_logs = self.loss.discriminator_loss(self.discriminator, inputs, reconstructions)
@@ -201,12 +219,6 @@ class AutoencoderStage(L.LightningModule):
         self.logger.log_metrics(metrics, step=self.gen_step)
 
     # ----------------------------------------------------------------------------- validation
-    @torch.no_grad()
-    def reconstruct(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Deterministic reconstruction through the posterior's mode, with the evaluation weights."""
-        vae = self.eval_vae
-        return vae.decode(vae.encode(inputs).latent_dist.mode()).sample
-
     def on_validation_epoch_start(self) -> None:
         self.val_metrics.to(self.device).reset()
 
@@ -214,8 +226,12 @@ class AutoencoderStage(L.LightningModule):
         inputs = batch["pixel_values"]
         self.val_metrics.update(inputs, self.reconstruct(inputs))
 
+    def validation_values(self) -> dict[str, torch.Tensor]:
+        """The metrics of a validation pass; subclasses add their own."""
+        return self.val_metrics.compute()
+
     def on_validation_epoch_end(self) -> None:
-        values = self.val_metrics.compute()
+        values = self.validation_values()
         for name, value in values.items():  # for the progress bar and ModelCheckpoint's monitor
             self.log(f"val/{name}", value, prog_bar=name == "psnr", logger=False)
         self.last_val_metrics = {name: float(value) for name, value in values.items()}

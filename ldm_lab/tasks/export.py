@@ -20,13 +20,12 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def latent_scale(vae: torch.nn.Module, batches, device: torch.device) -> float:
-    """1 / std of posterior samples over ``batches``: the ``scaling_factor`` that gives the diffusion
-    model unit-variance latents (LDM, sec. 4.3.2 and D.1; 0.18215 for SD's VAE). The posterior noise
+def latent_scale(stage: AutoencoderStage, batches) -> float:
+    """1 / std of the stage's latents over ``batches``: the ``scaling_factor`` that gives the diffusion
+    model unit-variance latents (LDM, sec. 4.3.2 and D.1; 0.18215 for SD's VAE). Any sampling noise
     is seeded, so the same weights and data always give the same scale."""
-    generator = torch.Generator(device).manual_seed(0)
-    latents = [vae.encode(batch["pixel_values"].to(device)).latent_dist.sample(generator=generator)
-               for batch in batches]
+    generator = torch.Generator(stage.device).manual_seed(0)
+    latents = [stage.sample_latents(batch["pixel_values"].to(stage.device), generator) for batch in batches]
     return float(1.0 / torch.cat([z.flatten() for z in latents]).float().std())
 
 
@@ -36,9 +35,9 @@ def export_autoencoder(stage: AutoencoderStage, datamodule: ImageDataModule, out
     measured on up to ``scale_batches`` validation batches."""
     datamodule.prepare_data()
     datamodule.setup("validate")
-    vae = stage.eval_vae.eval()
-    batches = list(itertools.islice(datamodule.val_dataloader(), scale_batches))
-    scale = latent_scale(vae, batches, stage.device)
+    stage.eval()
+    vae = stage.eval_vae
+    scale = latent_scale(stage, itertools.islice(datamodule.val_dataloader(), scale_batches))
     vae.register_to_config(scaling_factor=scale)
     vae.save_pretrained(out_dir)
     log.info("exported %s with scaling_factor %.5f", out_dir, scale)
