@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, VQModel
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from ldm_lab.data.datamodule import ImageDataModule
@@ -32,7 +33,7 @@ def test_model_configs_instantiate(compose_cfg, option):
     cfg = compose_cfg([f"model={option}", "model.loss.perceptual_weight=0", "model.metrics.lpips=false"],
                       tiny=False)
     stage = build_stage(cfg.model, cfg.disc)
-    assert isinstance(stage.vae, AutoencoderKL)
+    assert isinstance(stage.vae, VQModel if option.startswith("vqvae") else AutoencoderKL)
     assert list(stage.vae.config.block_out_channels) == list(cfg.model.vae.block_out_channels)
 
 
@@ -84,9 +85,11 @@ def test_4060ti_preset_is_seed_001(compose_cfg):
 
 
 @pytest.mark.parametrize("option", GROUP_OPTIONS["experiment"])
-def test_experiments_compose_and_build(compose_cfg, option):
-    cfg = compose_cfg([f"experiment={option}", "model.loss.perceptual_weight=0", "model.metrics.lpips=false"],
-                      tiny=False)
+def test_experiments_compose_and_build(compose_cfg, tmp_path, option):
+    overrides = [f"experiment={option}", "model.loss.perceptual_weight=0", "model.metrics.lpips=false"]
+    cfg = compose_cfg(overrides, tiny=False)
+    if OmegaConf.is_missing(cfg.data.source, "root"):  # a folder the user names
+        cfg = compose_cfg([*overrides, f"data.source.root={tmp_path}"], tiny=False)
     stage = build_stage(cfg.model, cfg.disc)
     datamodule = build_datamodule(cfg, stage)
     assert datamodule.resolution % stage.downsample_factor == 0

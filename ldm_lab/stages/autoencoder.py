@@ -63,6 +63,9 @@ class AutoencoderStage(L.LightningModule):
         self.automatic_optimization = False
         self.vae = build_or_load(vae, pretrained, pretrained_subfolder)
         if gradient_checkpointing:
+            if not self.vae._supports_gradient_checkpointing:
+                raise ValueError(f"{type(self.vae).__name__} has no gradient checkpointing in diffusers; "
+                                 f"set model.gradient_checkpointing=false")
             self.vae.enable_gradient_checkpointing()
         if decoder_only:  # sd-vae-ft-mse: the latent space stays put, only the decoder learns
             self.vae.encoder.requires_grad_(False)
@@ -131,6 +134,9 @@ class AutoencoderStage(L.LightningModule):
         """The latents a diffusion model trains on, from the evaluation weights."""
         raise NotImplementedError
 
+    def on_generator_step(self) -> None:
+        """Called after every generator optimizer step (the VQ stage restarts dead codes here)."""
+
     def step_generator(self, device: torch.device) -> torch.Generator:
         """Randomness for this micro-batch from (seed, rank, micro-batch): repeatable, unchanged by a resume."""
         seed = np.random.SeedSequence([self.seed, self.global_rank, self.micro_step]).generate_state(1)[0]
@@ -197,6 +203,7 @@ class AutoencoderStage(L.LightningModule):
         self.gen_step += 1
         if self.ema is not None:
             self.ema.update_parameters(self.vae)
+        self.on_generator_step()
         self._log_train_scalars(sch_g, sch_d)
         if self.gen_step >= self.max_steps:
             self.trainer.should_stop = True

@@ -45,5 +45,5 @@ def run(cfg: DictConfig) -> dict[str, float]:
     log.info("checkpoints: %s (resume: python run.py ckpt_path=%s)", checkpoint_dir,
              checkpoint_dir / "last.ckpt" if checkpoint_dir else "<checkpoint>")
     log.info("image grids: %s", output_dir / "images")
-    log.info("diffusers folder: %s (AutoencoderKL.from_pretrained)", export_dir)
+    log.info("diffusers folder: %s (%s.from_pretrained)", export_dir, type(stage.eval_vae).__name__)
     return stage.last_val_metrics
