@@ -119,3 +119,13 @@ def test_exported_vq_folder_reproduces_the_reconstructions(compose_cfg, tmp_path
         got = loaded.decode(loaded.encode(inputs).latents).sample  # decode quantizes
     torch.testing.assert_close(got, stage.eval().reconstruct(inputs), rtol=1e-5, atol=1e-5)
     assert loaded.config.scaling_factor != 1.0
+
+
+@pytest.mark.parametrize("norm_type", ["spectral_group", "spectral", "batch", "none"])
+def test_vq_stage_trains_against_every_discriminator_norm(compose_cfg, norm_type):
+    stage, _ = _stage(compose_cfg, "model.max_steps=2", f"disc.norm_type={norm_type}",
+                      "model.scheduler.num_warmup_steps=0")
+    disc_before = [p.detach().clone() for p in stage.discriminator.parameters()]
+    fit(stage, random_batches(2))
+    assert stage.gen_step == 2
+    assert any(not torch.equal(a, b) for a, b in zip(disc_before, stage.discriminator.parameters(), strict=True))
