@@ -118,7 +118,7 @@ def test_bad_loss_choices_fail_at_compose(compose_cfg, override):
 def test_resolution_must_divide_by_the_downsampling_factor(compose_cfg):
     cfg = compose_cfg(["data.resolution=30"])
     stage = build_stage(cfg.model, cfg.disc)
-    with pytest.raises(InstantiationException, match="data.resolution=30 is not divisible"):
+    with pytest.raises(InstantiationException, match="data.resolution gives 30x30, not divisible"):
         build_datamodule(cfg, stage)
 
 

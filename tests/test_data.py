@@ -1,84 +1,170 @@
-"""The embedded synthetic set, the folder source and the datamodule, on files the tests write."""
+"""The data layer on files the tests write: synthetic set, index, decoding, datamodule."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from ldm_lab.data.datamodule import ImageDataModule, SeededShuffleSampler
-from ldm_lab.data.sources import FolderSource
+from ldm_lab.data import index as index_module
+from ldm_lab.data.datamodule import BucketConfig, ImageDataModule
+from ldm_lab.data.images import to_rgb
+from ldm_lab.data.index import index_folder
+from ldm_lab.data.sources import IMAGE_EXTENSIONS, FolderSource
 from ldm_lab.data.synthetic import SyntheticSource
 
 
 def _digest(files):
-    return [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    return [hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files]
 
 
 def test_synthetic_set_is_deterministic_and_varied(tmp_path):
-    a = SyntheticSource(tmp_path / "a", num_images=9, seed=3, min_side=32, max_side=64)
-    b = SyntheticSource(tmp_path / "b", num_images=9, seed=3, min_side=32, max_side=64)
-    c = SyntheticSource(tmp_path / "c", num_images=9, seed=4, min_side=32, max_side=64)
-    for source in (a, b, c):
+    sets = [SyntheticSource(tmp_path / name, num_images=9, seed=seed, min_side=32, max_side=64)
+            for name, seed in (("a", 3), ("b", 3), ("c", 4))]
+    for source in sets:
         source.prepare()
-    assert _digest(a.files()) == _digest(b.files())
-    assert _digest(a.files()) != _digest(c.files())
-    sizes = [Image.open(f).size for f in a.files()]
+    a, b, c = (source.index(None) for source in sets)
+    assert _digest(a.locations) == _digest(b.locations) != _digest(c.locations)
+    sizes = list(zip(a.widths.tolist(), a.heights.tolist(), strict=True))
     assert len(set(sizes)) > 3 and any(w > h for w, h in sizes) and any(h > w for w, h in sizes)
     assert all(32 <= min(s) <= 64 for s in sizes)
-    assert {f.suffix for f in a.files()} == {".png", ".jpg", ".webp"}
+    assert {os.path.splitext(p)[1] for p in a.locations} == {".png", ".jpg", ".webp"}
 
 
 def test_synthetic_set_is_written_once(tmp_path):
     source = SyntheticSource(tmp_path, num_images=3, seed=0, min_side=32, max_side=40)
     source.prepare()
-    mtimes = [f.stat().st_mtime_ns for f in source.files()]
+    mtimes = [os.stat(p).st_mtime_ns for p in source.index(None).locations]
     source.prepare()
-    assert [f.stat().st_mtime_ns for f in source.files()] == mtimes
+    assert [os.stat(p).st_mtime_ns for p in source.index(None).locations] == mtimes
 
 
-def test_folder_source_skips_and_counts_unreadable_files(tmp_path, caplog):
-    good = tmp_path / "nested" / "deeper"
-    good.mkdir(parents=True)
-    Image.new("RGB", (40, 30), "red").save(good / "a.png")
-    Image.new("L", (30, 40), 128).save(tmp_path / "b.jpg")
-    Image.new("RGBA", (32, 32), (0, 0, 255, 128)).save(tmp_path / "c.webp")
-    (tmp_path / "empty.png").write_bytes(b"")
-    (tmp_path / "text.jpg").write_text("not an image")
-    png = (good / "a.png").read_bytes()
-    (tmp_path / "truncated.png").write_bytes(png[: len(png) // 2])
-    (tmp_path / "notes.txt").write_text("ignored: not an image extension")
-    files = FolderSource(tmp_path).files()
-    assert sorted(f.name for f in files) == ["a.png", "b.jpg", "c.webp"]
-    assert "skipped 3 unreadable of 6 image files" in caplog.text
-    assert "empty file" in caplog.text and "not an image" in caplog.text and "corrupt" in caplog.text
+def _write_zoo(root):
+    """Valid images of every mode and orientation, and every kind of bad file."""
+    nested = root / "nested" / "deeper"
+    nested.mkdir(parents=True)
+    Image.new("RGB", (40, 30), "red").save(nested / "rgb.png")
+    Image.new("L", (30, 40), 128).save(root / "grey.jpg")
+    Image.new("LA", (32, 32), (10, 100)).save(root / "grey_alpha.png")
+    Image.new("RGBA", (32, 32), (0, 0, 255, 128)).save(root / "alpha.webp")
+    palette = Image.new("P", (32, 32), 0)
+    palette.putpalette([10, 20, 30] * 256)
+    palette.save(root / "palette.png", transparency=0)
+    Image.new("CMYK", (33, 33), (0, 255, 255, 0)).save(root / "cmyk.jpg")
+    Image.fromarray(np.full((34, 34), 40000, np.uint16)).save(root / "deep16.png")
+    rotated = Image.new("RGB", (60, 20), "green")
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # rotate 90: displayed as 20 x 60
+    rotated.save(root / "UPPER.JPG", exif=exif)
+    (root / "empty.png").write_bytes(b"")
+    (root / "text.jpg").write_text("not an image")
+    png = (nested / "rgb.png").read_bytes()
+    (root / "truncated.png").write_bytes(png[: len(png) // 2])
+    jpeg = (root / "grey.jpg").read_bytes()
+    (root / "truncated.jpg").write_bytes(jpeg[: len(jpeg) - 40])
+    (root / "notes.txt").write_text("not an image extension: not even looked at")
+
+
+VALID = {"rgb.png", "grey.jpg", "grey_alpha.png", "alpha.webp", "palette.png", "cmyk.jpg", "deep16.png", "UPPER.JPG"}
+
+
+def test_index_skips_every_bad_kind_with_its_reason_and_keeps_every_valid_image(tmp_path):
+    _write_zoo(tmp_path)
+    index = index_folder(tmp_path, IMAGE_EXTENSIONS, cache_dir=None)
+    assert {os.path.basename(p) for p in index.locations} == VALID
+    assert dict(index.skipped) == {"empty file": 1, "not an image": 1, "corrupt or truncated": 2}
+    sizes = dict(zip((os.path.basename(p) for p in index.locations),
+                     zip(index.widths.tolist(), index.heights.tolist(), strict=True), strict=True))
+    assert sizes["UPPER.JPG"] == (20, 60)  # EXIF orientation respected
+    assert sizes["rgb.png"] == (40, 30)
+    assert "4 of 12 images usable" not in index.report("zoo") and "8 of 12 images usable" in index.report("zoo")
+
+
+def test_every_mode_decodes_to_the_rgb_a_person_sees(tmp_path):
+    _write_zoo(tmp_path)
+    with Image.open(tmp_path / "alpha.webp") as image:
+        assert to_rgb(image).getpixel((0, 0)) == pytest.approx((127, 127, 255), abs=2)  # blue at 50% on white
+    with Image.open(tmp_path / "palette.png") as image:
+        assert to_rgb(image).getpixel((0, 0)) == (255, 255, 255)  # the transparent colour is white
+    with Image.open(tmp_path / "deep16.png") as image:
+        assert to_rgb(image).getpixel((0, 0)) == (156, 156, 156)  # 40000 / 65535 of full scale
+    with Image.open(tmp_path / "cmyk.jpg") as image:
+        red = to_rgb(image).getpixel((0, 0))
+        assert red[0] > 200 and red[1] < 60 and red[2] < 60
+    with Image.open(tmp_path / "UPPER.JPG") as image:
+        assert to_rgb(image).size == (20, 60)
+    for name in VALID:
+        with Image.open(next(tmp_path.rglob(name))) as image:
+            assert to_rgb(image).mode == "RGB"
+
+
+def test_index_is_reused_and_rebuilt_for_a_changed_file(tmp_path, monkeypatch):
+    images, cache = tmp_path / "images", tmp_path / "cache"
+    _write_zoo(images)
+    probed = []
+    real_probe = index_module.probe
+    monkeypatch.setattr(index_module, "probe", lambda path: probed.append(os.path.basename(path)) or real_probe(path))
+    first = index_folder(images, IMAGE_EXTENSIONS, cache)
+    assert len(probed) == 12
+    probed.clear()
+    second = index_folder(images, IMAGE_EXTENSIONS, cache)
+    assert probed == []
+    assert second.locations == first.locations and second.skipped == first.skipped
+    Image.new("RGB", (50, 70), "blue").save(images / "nested" / "deeper" / "rgb.png")  # changed
+    (images / "empty.png").write_bytes((images / "grey.jpg").read_bytes())  # repaired
+    third = index_folder(images, IMAGE_EXTENSIONS, cache)
+    assert sorted(probed) == ["empty.png", "rgb.png"]
+    sizes = dict(zip(third.locations, zip(third.widths.tolist(), third.heights.tolist(), strict=True), strict=True))
+    assert sizes[str((images / "nested" / "deeper" / "rgb.png").resolve())] == (50, 70)
+    assert "empty file" not in third.skipped and len(third) == 9
 
 
 def test_missing_folder_says_which_key_to_set(tmp_path):
     with pytest.raises(FileNotFoundError, match="data.source.root="):
-        FolderSource(tmp_path / "nowhere").files()
+        FolderSource(tmp_path / "nowhere").index(None)
 
 
-def test_datamodule_batches_are_square_rgb_in_range(tmp_path):
+def test_square_batches_are_rgb_in_range(tmp_path):
     source = SyntheticSource(tmp_path, num_images=10, seed=0, min_side=40, max_side=80)
     dm = ImageDataModule(source, resolution=32, batch_size=4, num_val=2, num_workers=0, downsample_factor=8)
     dm.prepare_data()
     dm.setup("fit")
-    assert len(dm.train_set) == 8 and len(dm.val_set) == 2
     batch = next(iter(dm.train_dataloader()))["pixel_values"]
     assert batch.shape == (4, 3, 32, 32) and batch.dtype == torch.float32
     assert batch.min() >= -1.0 and batch.max() <= 1.0 and batch.min() < -0.5 and batch.max() > 0.5
-    assert not set(dm.train_set.files) & set(dm.val_set.files)
+    assert len(dm.val_dataloader()) == 1 and dm.is_val.sum() == 2
 
 
-def test_sampler_order_depends_on_seed_and_epoch_only():
-    a, b = SeededShuffleSampler(50, seed=1), SeededShuffleSampler(50, seed=1)
-    assert list(a) == list(b) and sorted(a) == list(range(50))
-    first = list(a)
-    a.set_epoch(1)
-    assert list(a) != first
-    assert list(SeededShuffleSampler(50, seed=2)) != first
-    assert np.array_equal(list(a), list(a))
+def test_bucketed_batches_hold_one_resolution_near_each_image_shape(tmp_path):
+    root = tmp_path / "shapes"
+    root.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        wide = i % 2 == 0
+        size = (int(rng.integers(120, 160)), int(rng.integers(60, 80)))
+        Image.new("RGB", size if wide else size[::-1], tuple(int(c) for c in rng.integers(0, 255, 3))).save(
+            root / f"{i}.png")
+    Image.new("RGB", (400, 20)).save(root / "extreme.png")
+    Image.new("RGB", (10, 12)).save(root / "tiny.png")
+    buckets = BucketConfig(max_area=64 * 64, min_side=32, max_side=128, step=32, base_side=64, max_ar_error=0.6)
+    dm = ImageDataModule(FolderSource(root), buckets=buckets, batch_size=4, num_val=4, num_workers=0,
+                         min_image_side=16, downsample_factor=8)
+    dm.setup("fit")
+    assert dict(dm.index.skipped) == {
+        "too small (short side < 16 px or no bucket fits)": 1,
+        "too extreme (aspect > 0.60 from every bucket, in log units)": 1,
+    }
+    shapes = set()
+    for batch in dm.train_dataloader():
+        shapes.add(tuple(batch["pixel_values"].shape[2:]))
+    assert shapes <= {(h, w) for w, h in dm.resolutions}  # every batch at one bucket resolution
+    assert any(h > w for h, w in shapes) and any(w > h for h, w in shapes)  # tall and wide buckets both
+
+
+def test_resolution_must_divide_by_the_downsampling_factor(tmp_path):
+    with pytest.raises(ValueError, match="data.resolution=24"):
+        ImageDataModule(FolderSource(tmp_path), resolution=30, downsample_factor=8)

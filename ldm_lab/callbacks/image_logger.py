@@ -33,8 +33,7 @@ class ReconstructionLogger(L.Callback):
         if step == self._logged_step or not trainer.is_global_zero:
             return
         self._logged_step = step
-        val_set = trainer.datamodule.val_set
-        inputs = torch.stack([val_set[i]["pixel_values"] for i in range(min(self.num_images, len(val_set)))])
+        inputs = trainer.datamodule.preview_images(self.num_images)
         was_training = pl_module.training
         pl_module.eval()
         with trainer.precision_plugin.forward_context():

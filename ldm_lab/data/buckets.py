@@ -94,6 +94,7 @@ class BucketBatchSampler(Sampler[list[tuple[int, int, int]]]):
         rank: int = 0,
         seed: int = 0,
         shuffle: bool = True,
+        drop_last: bool = True,
     ):
         self.buckets = np.asarray(buckets, dtype=np.int64)
         self.resolutions = list(resolutions)
@@ -103,17 +104,20 @@ class BucketBatchSampler(Sampler[list[tuple[int, int, int]]]):
         self.rank = rank
         self.seed = seed
         self.shuffle = shuffle
+        self.drop_last = drop_last  # False (validation, one rank): keep every image, the last batch may be short
         self.epoch = 0
         self.start_batch = 0  # batches of `epoch` already taken (resume)
         self.kept = np.flatnonzero(self.buckets >= 0)
         per_step = batch_size * num_replicas
-        if len(self.kept) < per_step:
+        if not drop_last and num_replicas != 1:
+            raise ValueError("drop_last=False is for one rank (validation)")
+        if drop_last and len(self.kept) < per_step:
             raise ValueError(f"{len(self.kept)} images cannot fill one batch of {batch_size} on {num_replicas} "
                              f"rank(s); lower data.batch_size or add images")
-        self.num_batches = len(self.kept) // per_step
+        self.num_batches = len(self.kept) // per_step if drop_last else None
 
     def __len__(self) -> int:
-        return self.num_batches
+        return self.num_batches if self.drop_last else len(self.epoch_batches(0))
 
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
@@ -129,7 +133,9 @@ class BucketBatchSampler(Sampler[list[tuple[int, int, int]]]):
         """This rank's batches of ``epoch``, in order: (indices, (width, height))."""
         shared = np.random.default_rng([self.seed, epoch])  # the same on every rank
         order = shared.permutation(self.kept) if self.shuffle else self.kept
-        shard = order[: self.num_batches * self.batch_size * self.num_replicas][self.rank :: self.num_replicas]
+        if self.drop_last:
+            order = order[: self.num_batches * self.batch_size * self.num_replicas]
+        shard = order[self.rank :: self.num_replicas]
         by_bucket = np.argsort(self.buckets[shard], kind="stable")  # grouped, each in permutation order
         bucket_ids, counts = np.unique(self.buckets[shard], return_counts=True)
         groups, leftovers = [], []
@@ -138,11 +144,11 @@ class BucketBatchSampler(Sampler[list[tuple[int, int, int]]]):
             groups.append((members[:full], self.resolutions[bucket]))
             leftovers.append(members[full:])
         leftover = np.concatenate(leftovers)
-        if len(leftover):  # a multiple of batch_size, since the shard and every full group are
+        if len(leftover):  # with drop_last a multiple of batch_size, since the shard and every full group are
             groups.append((leftover, self.leftover_resolution))
         # Choosing a group with probability proportional to its batches left, until all are drawn, is
         # a uniform shuffle of the multiset of group labels.
-        labels = np.repeat(np.arange(len(groups)), [len(m) // self.batch_size for m, _ in groups])
+        labels = np.repeat(np.arange(len(groups)), [-(-len(m) // self.batch_size) for m, _ in groups])
         if self.shuffle:
             labels = np.random.default_rng([self.seed, epoch, self.rank]).permutation(labels)
         position = np.zeros(len(groups), dtype=np.int64)

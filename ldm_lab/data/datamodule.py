@@ -1,135 +1,156 @@
-"""Image files -> batches of ``{"pixel_values": (N, 3, H, W) in [-1, 1]}`` for the autoencoder stages."""
+"""Images -> batches of ``{"pixel_values": (N, 3, H, W) in [-1, 1]}``, one resolution per batch.
+
+Square training (``buckets: null``) is one bucket of ``resolution`` x ``resolution``; with ``buckets``
+every image trains at the aspect-ratio bucket nearest its own shape (seed 002).
+"""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
+import os
+from dataclasses import dataclass
 
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from ldm_lab.data.buckets import BucketBatchSampler, assign_buckets, bucket_resolutions
+from ldm_lab.data.images import to_rgb
+from ldm_lab.data.index import ImageIndex
 from ldm_lab.data.sources import FolderSource
-from ldm_lab.data.transforms import image_transform
+from ldm_lab.data.transforms import bucket_transform
 
 log = logging.getLogger(__name__)
 
 
-class ImageFiles(Dataset):
-    """Decodes one file per item, EXIF-rotated and converted to RGB. A file that fails to decode
-    (truncated after the header check) is logged and replaced by the next one."""
+@dataclass
+class BucketConfig:
+    """NovelAI's defaults: 512x768 area, sides 256-1024 in steps of 64, plus 512x512."""
 
-    def __init__(self, files: list[Path], transform):
-        self.files = files
-        self.transform = transform
+    max_area: int = 512 * 768
+    min_side: int = 256
+    max_side: int = 1024
+    step: int = 64
+    base_side: int | None = 512
+    max_ar_error: float = 0.25  # |log aspect| error; about 28% off at most
+    no_upscale: bool = False
+
+
+class BucketedImages(Dataset):
+    """Items are ``(index, width, height)``: image ``index`` of the index, at that size."""
+
+    def __init__(self, source: FolderSource, index: ImageIndex, random_crop: bool, random_flip: bool):
+        self.source = source
+        self.locations = index.locations
+        self.random_crop = random_crop
+        self.random_flip = random_flip
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.locations)
 
-    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        for offset in range(len(self.files)):
-            path = self.files[(index + offset) % len(self.files)]
+    def __getitem__(self, item: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        index, width, height = item
+        for offset in range(len(self.locations)):
+            location = self.locations[(index + offset) % len(self.locations)]
             try:
-                with Image.open(path) as image:
-                    image = ImageOps.exif_transpose(image).convert("RGB")
-            except OSError as error:
-                log.warning("skipping %s: cannot decode (%s)", path, error)
+                with self.source.open(location) as image:
+                    image = to_rgb(image)
+            except OSError as error:  # passed the header checks, failed to decode: use the next image
+                log.warning("skipping %s: cannot decode (%s)", location, error)
                 continue
-            return {"pixel_values": self.transform(image)}
-        raise RuntimeError("no file of the data set could be decoded")
-
-
-class SeededShuffleSampler(Sampler[int]):
-    """A permutation drawn from (seed, epoch) alone, so a resumed run sees the order a straight run
-    would. Lightning calls ``set_epoch`` at the start of every epoch. ``resume_epoch`` and
-    ``resume_offset`` drop the samples a stopped run had already used from that epoch; the length
-    stays the full epoch's, which is what Lightning's progress counters expect on a resume."""
-
-    def __init__(self, num_samples: int, seed: int, resume_epoch: int | None = None, resume_offset: int = 0):
-        self.num_samples = num_samples
-        self.seed = seed
-        self.epoch = 0
-        self.resume_epoch = resume_epoch
-        self.resume_offset = resume_offset
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self):
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples).tolist()
-        if self.epoch == self.resume_epoch:
-            order = order[self.resume_offset:]
-        return iter(order)
+            return {"pixel_values": bucket_transform(image, (width, height), self.random_crop, self.random_flip)}
+        raise RuntimeError("no image of the data set could be decoded")
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Square crops of ``resolution`` from ``source``; ``num_val`` images (a seeded choice) held out."""
+    """Indexes ``source``, assigns buckets, holds out ``num_val`` images (a seeded choice), and batches
+    each rank's share with :class:`~ldm_lab.data.buckets.BucketBatchSampler`."""
 
     def __init__(
         self,
         source: FolderSource,
         resolution: int = 256,
+        buckets: BucketConfig | dict | None = None,
         batch_size: int = 8,
         num_val: int = 64,
         random_crop: bool = True,
         random_flip: bool = True,
+        min_image_side: int = 0,
         num_workers: int = 4,
         seed: int = 0,
+        cache_dir: str | os.PathLike | None = None,
         downsample_factor: int = 1,
     ):
         super().__init__()
-        if resolution % downsample_factor:
-            raise ValueError(
-                f"data.resolution={resolution} is not divisible by the model's downsampling factor "
-                f"{downsample_factor}; use a multiple of it, e.g. "
-                f"data.resolution={max(downsample_factor, resolution // downsample_factor * downsample_factor)}"
-            )
         self.source = source
+        self.buckets = BucketConfig(**buckets) if isinstance(buckets, dict) else buckets
+        if self.buckets is None:
+            self.resolutions = [(resolution, resolution)]
+            self.leftover_resolution = (resolution, resolution)
+            self.max_ar_error = float("inf")
+        else:
+            b = self.buckets
+            self.resolutions = bucket_resolutions(b.max_area, b.min_side, b.max_side, b.step, b.base_side)
+            self.leftover_resolution = min(self.resolutions, key=lambda wh: (abs(np.log(wh[0] / wh[1])), -wh[0]))
+            self.max_ar_error = b.max_ar_error
+        bad = [wh for wh in self.resolutions if wh[0] % downsample_factor or wh[1] % downsample_factor]
+        if bad:
+            key = "data.resolution" if self.buckets is None else "data.buckets.step/min_side/max_side"
+            raise ValueError(
+                f"{key} gives {bad[0][0]}x{bad[0][1]}, not divisible by the model's downsampling factor "
+                f"{downsample_factor}; use multiples of it (e.g. data.resolution="
+                f"{max(downsample_factor, resolution // downsample_factor * downsample_factor)})"
+            )
         self.resolution = resolution
         self.batch_size = batch_size
         self.num_val = num_val
         self.random_crop = random_crop
         self.random_flip = random_flip
+        self.min_image_side = min_image_side
         self.num_workers = num_workers
         self.seed = seed
-        self.train_set: ImageFiles | None = None
-        self.val_set: ImageFiles | None = None
+        self.cache_dir = cache_dir
+        self.index: ImageIndex | None = None
         self._resume: dict[str, int] = {}
 
     def prepare_data(self) -> None:
         self.source.prepare()
 
     def setup(self, stage: str | None = None) -> None:
-        if self.train_set is not None:
+        if self.index is not None:
             return
-        files = self.source.files()
-        if len(files) <= self.num_val:
-            raise ValueError(f"{len(files)} images cannot spare data.num_val={self.num_val} for validation; "
-                             f"lower data.num_val or add images")
-        order = np.random.default_rng(self.seed).permutation(len(files))
-        val_files = [files[i] for i in sorted(order[: self.num_val])]
-        train_files = [files[i] for i in sorted(order[self.num_val:])]
-        self.train_set = ImageFiles(train_files, image_transform(self.resolution, self.random_crop, self.random_flip))
-        self.val_set = ImageFiles(val_files, image_transform(self.resolution, False, False))
-        log.info("data: %d train and %d validation images from %s at %dx%d", len(train_files), len(val_files),
-                 self.source.root, self.resolution, self.resolution)
+        index = self.source.index(self.cache_dir)
+        widths, heights = index.widths, index.heights
+        too_small = np.minimum(widths, heights) < self.min_image_side
+        assignment = assign_buckets(widths, heights, self.resolutions, self.max_ar_error,
+                                    self.buckets is not None and self.buckets.no_upscale)
+        too_small |= assignment.too_small
+        skipped = index.skipped.copy()
+        for reason, mask in ((f"too small (short side < {self.min_image_side} px or no bucket fits)", too_small),
+                             (f"too extreme (aspect > {self.max_ar_error:.2f} from every bucket, in log units)",
+                              assignment.too_extreme & ~too_small)):
+            if mask.any():
+                skipped[reason] += int(mask.sum())
+        keep = ~too_small & (assignment.bucket >= 0)
+        self.index = index.select(keep)
+        self.index.skipped = skipped
+        self.image_buckets = assignment.bucket[keep]
+        if len(self.index) <= self.num_val:
+            raise ValueError(f"{len(self.index)} usable images cannot spare data.num_val={self.num_val} for "
+                             f"validation; lower data.num_val or add images\n{self.index.report(self.source.name)}")
+        self.is_val = np.zeros(len(self.index), dtype=bool)
+        self.is_val[np.random.default_rng(self.seed).permutation(len(self.index))[: self.num_val]] = True
+        log.info("%s\n  %d train, %d validation; %s", self.index.report(self.source.name), (~self.is_val).sum(),
+                 self.num_val, self.describe_buckets())
 
-    def _loader(self, dataset: ImageFiles, sampler: Sampler | None, drop_last: bool) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            drop_last=drop_last,
-        )
+    def describe_buckets(self) -> str:
+        if self.buckets is None:
+            return f"square crops of {self.resolution}x{self.resolution}"
+        used = np.unique(self.image_buckets).size
+        return f"{used} of {len(self.resolutions)} aspect-ratio buckets in use"
 
+    # ---------------------------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, int]:
         """Where training stands in its epoch, saved in every checkpoint: a resumed run goes on with
         the batches the stopped one had left. (``processed`` also counts a batch whose checkpoint was
@@ -142,10 +163,31 @@ class ImageDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._resume = dict(state_dict)
 
+    # ---------------------------------------------------------------------------------- loaders
+    def _sampler(self, train: bool) -> BucketBatchSampler:
+        world, rank = (self.trainer.world_size, self.trainer.global_rank) if train and self.trainer else (1, 0)
+        return BucketBatchSampler(
+            np.where(self.is_val != train, self.image_buckets, -1), self.resolutions, self.batch_size,
+            self.leftover_resolution, num_replicas=world, rank=rank, seed=self.seed, shuffle=train, drop_last=train)
+
+    def _loader(self, train: bool) -> DataLoader:
+        sampler = self._sampler(train)
+        if train and self._resume:
+            sampler.load_state_dict({"epoch": self._resume["epoch"], "start_batch": self._resume["batches_done"]})
+        dataset = BucketedImages(self.source, self.index, train and self.random_crop, train and self.random_flip)
+        return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+
     def train_dataloader(self) -> DataLoader:
-        sampler = SeededShuffleSampler(len(self.train_set), self.seed, resume_epoch=self._resume.get("epoch"),
-                                       resume_offset=self._resume.get("batches_done", 0) * self.batch_size)
-        return self._loader(self.train_set, sampler, drop_last=True)
+        return self._loader(train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, None, drop_last=False)
+        return self._loader(train=False)
+
+    def preview_images(self, count: int) -> torch.Tensor:
+        """The first ``count`` validation images, center-cropped to the leftover (near-square)
+        resolution: the same pictures at every step, for image grids."""
+        dataset = BucketedImages(self.source, self.index, False, False)
+        width, height = self.leftover_resolution
+        return torch.stack([dataset[(int(i), width, height)]["pixel_values"]
+                            for i in np.flatnonzero(self.is_val)[:count]])

@@ -1,0 +1,143 @@
+"""The image index: each image's id, width, height and location, read from file headers without
+decoding pixels, and cached on disk so a second start on a large folder only stats its files.
+
+Files that cannot be used are skipped with a reason (empty, not an image, corrupt or truncated) and
+counted; the report is printed at start. Sizes are as displayed: EXIF orientations that rotate by 90
+degrees swap width and height.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+OK, EMPTY, NOT_IMAGE, CORRUPT = 0, 1, 2, 3
+REASONS = {EMPTY: "empty file", NOT_IMAGE: "not an image", CORRUPT: "corrupt or truncated"}
+EXIF_ORIENTATION = 0x0112
+ROTATED_ORIENTATIONS = {5, 6, 7, 8}  # transposed or rotated by 90/270 degrees
+CACHE_VERSION = 1
+
+
+@dataclass
+class ImageIndex:
+    """Usable images (parallel arrays) and what was skipped, by reason."""
+
+    locations: list[str]
+    widths: np.ndarray
+    heights: np.ndarray
+    skipped: Counter = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def select(self, keep: np.ndarray) -> ImageIndex:
+        """The images where ``keep`` (a boolean mask or indices) is set; skipped counts stay."""
+        keep = np.flatnonzero(keep) if keep.dtype == bool else keep
+        return ImageIndex([self.locations[i] for i in keep], self.widths[keep], self.heights[keep], self.skipped)
+
+    def report(self, name: str) -> str:
+        total = len(self) + sum(self.skipped.values())
+        lines = [f"{name}: {len(self)} of {total} images usable"]
+        lines += [f"  skipped {count:>8}  {reason}" for reason, count in self.skipped.most_common()]
+        return "\n".join(lines)
+
+
+def probe(source: str | os.PathLike | bytes) -> tuple[int, int, int]:
+    """(width, height, status) of an image file or encoded bytes, from its header and structure:
+    PNG chunks are checksummed, JPEG must end with its end-of-image marker; pixels are not decoded."""
+    raw = isinstance(source, bytes)
+    if (len(source) if raw else os.path.getsize(source)) == 0:
+        return 0, 0, EMPTY
+    try:
+        with Image.open(io.BytesIO(source) if raw else source) as image:
+            width, height = image.size
+            if image.getexif().get(EXIF_ORIENTATION) in ROTATED_ORIENTATIONS:
+                width, height = height, width
+            kind = image.format
+        if kind == "JPEG":  # PIL's verify checks nothing for JPEG; a complete one ends with EOI
+            if not _ends_with_eoi(source):
+                return width, height, CORRUPT
+        else:
+            with Image.open(io.BytesIO(source) if raw else source) as image:
+                image.verify()  # PNG: every chunk's CRC, without decoding
+    except UnidentifiedImageError:
+        return 0, 0, NOT_IMAGE
+    except (OSError, SyntaxError, ValueError, EOFError):
+        return 0, 0, CORRUPT
+    return width, height, OK
+
+
+def _ends_with_eoi(source: str | os.PathLike | bytes) -> bool:
+    if isinstance(source, bytes):
+        return source.rstrip(b"\0").endswith(b"\xff\xd9")
+    with open(source, "rb") as handle:
+        handle.seek(max(0, os.path.getsize(source) - 64))
+        return handle.read().rstrip(b"\0").endswith(b"\xff\xd9")
+
+
+def _probe_many(paths: list[str], num_workers: int) -> list[tuple[int, int, int]]:
+    if num_workers <= 1 or len(paths) < 2000:
+        return [probe(p) for p in tqdm(paths, desc="indexing", unit="img", disable=len(paths) < 2000)]
+    with ProcessPoolExecutor(num_workers) as pool:
+        return list(tqdm(pool.map(probe, paths, chunksize=256), total=len(paths), desc="indexing", unit="img"))
+
+
+def scan_folder(root: Path, extensions: tuple[str, ...]) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """Every file under ``root`` with one of ``extensions`` (any case): sorted paths, sizes, mtimes (ns)."""
+    paths, sizes, mtimes = [], [], []
+    for folder, _, names in os.walk(root):
+        for name in names:
+            if name.lower().endswith(extensions):
+                path = os.path.join(folder, name)
+                stat = os.stat(path)
+                paths.append(path)
+                sizes.append(stat.st_size)
+                mtimes.append(stat.st_mtime_ns)
+    order = np.argsort(paths, kind="stable")
+    return [paths[i] for i in order], np.array(sizes, np.int64)[order], np.array(mtimes, np.int64)[order]
+
+
+def index_folder(root: str | os.PathLike, extensions: tuple[str, ...], cache_dir: str | os.PathLike | None,
+                 num_workers: int = 0) -> ImageIndex:
+    """Index the images under ``root``, reusing ``cache_dir``'s record of every file whose path, size
+    and mtime are unchanged; only new or changed files are probed."""
+    root = Path(root).expanduser().resolve()
+    paths, sizes, mtimes = scan_folder(root, extensions)
+    widths = np.zeros(len(paths), np.int64)
+    heights = np.zeros(len(paths), np.int64)
+    status = np.full(len(paths), -1, np.int64)
+    cache = Path(cache_dir) / f"{hashlib.sha1(str(root).encode()).hexdigest()[:16]}.npz" if cache_dir else None
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as saved:
+            if int(saved["version"]) == CACHE_VERSION:
+                position = {p: i for i, p in enumerate(saved["paths"].tolist())}
+                for i, path in enumerate(paths):
+                    j = position.get(path)
+                    if j is not None and saved["sizes"][j] == sizes[i] and saved["mtimes"][j] == mtimes[i]:
+                        widths[i], heights[i], status[i] = saved["widths"][j], saved["heights"][j], saved["status"][j]
+    todo = np.flatnonzero(status < 0)
+    if len(todo):
+        log.info("indexing %d new or changed of %d files under %s", len(todo), len(paths), root)
+        for i, (width, height, code) in zip(todo, _probe_many([paths[i] for i in todo], num_workers), strict=True):
+            widths[i], heights[i], status[i] = width, height, code
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_suffix(".tmp.npz")
+            np.savez(partial, version=CACHE_VERSION, paths=np.array(paths, dtype=str), sizes=sizes, mtimes=mtimes,
+                     widths=widths, heights=heights, status=status)
+            os.replace(partial, cache)
+    good = status == OK
+    skipped = Counter({REASONS[code]: int((status == code).sum()) for code in REASONS if (status == code).any()})
+    return ImageIndex([p for p, g in zip(paths, good, strict=True) if g], widths[good], heights[good], skipped)
