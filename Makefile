@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install quickstart test lint weights clean
+.PHONY: help install quickstart test lint bench weights clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -26,8 +26,11 @@ quickstart: install ## train the tiny VAE on the embedded synthetic data (a few 
 test: install ## run the test suite (CPU, tiny models)
 	$(BIN)/python -m pytest -q
 
+bench: install ## benchmarks; results as markdown under experiments/bench/results/
+	$(BIN)/python experiments/bench/bench_data.py
+
 lint: install ## ruff
-	$(BIN)/ruff check run.py ldm_lab tests
+	$(BIN)/ruff check run.py ldm_lab tests experiments
 
 weights: install ## download the LPIPS (VGG16) and Inception weights into TORCH_HOME/hub/checkpoints
 	$(BIN)/python -m ldm_lab.weights

@@ -112,3 +112,14 @@ def test_restored_sampler_yields_exactly_the_batches_left():
     rest = list(restored)
     assert taken + rest == expected
     assert list(restored) == expected  # the skip applies to the resumed epoch's first pass only
+
+
+def test_fast_assignment_equals_brute_force_nearest():
+    rng = np.random.default_rng(1)
+    widths, heights = rng.integers(50, 5000, 20000), rng.integers(50, 5000, 20000)
+    resolutions = bucket_resolutions(512 * 768, 256, 1024, 64, base_side=512)
+    aspects = np.log(np.array([w / h for w, h in resolutions]))
+    brute = np.abs(np.log(widths / heights)[:, None] - aspects[None, :]).argmin(axis=1)
+    a = assign_buckets(widths, heights, resolutions, max_ar_error=10.0)
+    np.testing.assert_array_equal(a.bucket, brute)
+    np.testing.assert_allclose(a.error, np.abs(np.log(widths / heights) - aspects[brute]))

@@ -94,3 +94,16 @@ def test_export_task_writes_a_diffusers_folder_from_a_checkpoint(compose_cfg, tm
     for a, b in zip(exported.parameters(), trained.parameters(), strict=True):
         assert torch.equal(a, b)
     assert exported.config.scaling_factor == pytest.approx(trained.config.scaling_factor, rel=1e-5)
+
+
+def test_buckets_task_writes_the_table_and_histogram(compose_cfg, tmp_path):
+    from ldm_lab.tasks import buckets
+
+    cfg = compose_cfg(["task=buckets", "+data/buckets=novelai", "data.source.min_side=256", "data.source.max_side=400",
+                       "data.source.num_images=24"])
+    png = buckets.run(cfg)
+    table = (png.parent / "buckets.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "x" in line.split("|")[1]]
+    assert len(rows) == 19  # NovelAI's buckets
+    assert sum(int(row.split("|")[3]) for row in rows) == 24
+    assert png.stat().st_size > 10_000

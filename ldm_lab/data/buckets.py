@@ -42,6 +42,7 @@ class Assignment:
     """Per image: its bucket (-1 when pruned) and the |log aspect| error to that bucket."""
 
     bucket: np.ndarray  # int64, (N,)
+    nearest: np.ndarray  # int64, (N,): the nearest bucket, pruned or not (-1 when none fits)
     error: np.ndarray  # float64, (N,)
     too_small: np.ndarray  # bool, (N,): no bucket fits inside it (no-upscale mode)
     too_extreme: np.ndarray  # bool, (N,): the nearest bucket's aspect is further than max_ar_error
@@ -57,19 +58,30 @@ def assign_buckets(
     same aspect, the larger wins."""
     widths = np.asarray(widths, dtype=np.float64)
     heights = np.asarray(heights, dtype=np.float64)
-    by_area = np.argsort([-w * h for w, h in resolutions], kind="stable")  # argmin keeps the first of ties
-    res = np.asarray(resolutions, dtype=np.float64)[by_area]
-    image_aspect = np.log(widths / heights)[:, None]
-    distance = np.abs(image_aspect - np.log(res[:, 0] / res[:, 1])[None, :])  # (N, buckets)
-    if no_upscale:
-        fits = (res[None, :, 0] <= widths[:, None]) & (res[None, :, 1] <= heights[:, None])
-        distance = np.where(fits, distance, np.inf)
-    bucket = distance.argmin(axis=1)
-    error = distance[np.arange(len(bucket)), bucket]
+    image_aspect = np.log(widths / heights)
+    res = np.asarray(resolutions, dtype=np.float64)
+    bucket_aspect = np.log(res[:, 0] / res[:, 1])
+    if no_upscale:  # candidates differ per image: compare with every bucket, larger ones first for ties
+        by_area = np.argsort(-res[:, 0] * res[:, 1], kind="stable")
+        fits = (res[None, by_area, 0] <= widths[:, None]) & (res[None, by_area, 1] <= heights[:, None])
+        distance = np.where(fits, np.abs(image_aspect[:, None] - bucket_aspect[None, by_area]), np.inf)
+        bucket = by_area[distance.argmin(axis=1)]
+        error = distance.min(axis=1)
+    else:  # nearest of the two neighbours in the sorted aspects: O(N log buckets)
+        order = np.lexsort((-res[:, 0] * res[:, 1], bucket_aspect))  # by aspect, then larger area first
+        first_of_aspect = np.r_[True, np.diff(bucket_aspect[order]) != 0]
+        candidates = order[first_of_aspect]
+        sorted_aspect = bucket_aspect[candidates]
+        right = np.clip(np.searchsorted(sorted_aspect, image_aspect), 0, len(candidates) - 1)
+        left = np.clip(right - 1, 0, len(candidates) - 1)
+        take_left = np.abs(image_aspect - sorted_aspect[left]) <= np.abs(image_aspect - sorted_aspect[right])
+        bucket = candidates[np.where(take_left, left, right)]
+        error = np.abs(image_aspect - bucket_aspect[bucket])
     too_small = np.isinf(error)
     too_extreme = ~too_small & (error > max_ar_error)
-    bucket = np.where(too_small | too_extreme, -1, by_area[bucket])
-    return Assignment(bucket=bucket.astype(np.int64), error=error, too_small=too_small, too_extreme=too_extreme)
+    nearest = np.where(too_small, -1, bucket).astype(np.int64)
+    return Assignment(bucket=np.where(too_extreme, -1, nearest), nearest=nearest, error=error, too_small=too_small,
+                      too_extreme=too_extreme)
 
 
 class BucketBatchSampler(Sampler[list[tuple[int, int, int]]]):

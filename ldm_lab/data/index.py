@@ -94,6 +94,32 @@ def _probe_many(paths: list[str], num_workers: int) -> list[tuple[int, int, int]
         return list(tqdm(pool.map(probe, paths, chunksize=256), total=len(paths), desc="indexing", unit="img"))
 
 
+def _status_index(locations: list[str], widths, heights, status) -> ImageIndex:
+    good = status == OK
+    skipped = Counter({REASONS[code]: int((status == code).sum()) for code in REASONS if (status == code).any()})
+    return ImageIndex([p for p, g in zip(locations, good, strict=True) if g], widths[good], heights[good], skipped)
+
+
+def index_records(encoded, count: int, key: str, cache_dir: str | os.PathLike | None) -> ImageIndex:
+    """Index ``count`` records whose encoded image (bytes or a path) ``encoded(row)`` gives; the locations
+    are the row numbers. The result is cached under ``key`` (a data-set fingerprint: it changes with
+    the data)."""
+    cache = Path(cache_dir) / f"{key}.npz" if cache_dir else None
+    if cache is not None and cache.is_file():
+        with np.load(cache, allow_pickle=False) as saved:
+            if int(saved["version"]) == CACHE_VERSION and len(saved["status"]) == count:
+                return _status_index([str(i) for i in range(count)], saved["widths"], saved["heights"],
+                                     saved["status"])
+    probes = [probe(encoded(row)) for row in tqdm(range(count), desc="indexing", unit="img", disable=count < 2000)]
+    widths, heights, status = (np.array(column, np.int64) for column in zip(*probes, strict=True))
+    if cache is not None:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        partial = cache.with_suffix(".tmp.npz")
+        np.savez(partial, version=CACHE_VERSION, widths=widths, heights=heights, status=status)
+        os.replace(partial, cache)
+    return _status_index([str(i) for i in range(count)], widths, heights, status)
+
+
 def scan_folder(root: Path, extensions: tuple[str, ...]) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Every file under ``root`` with one of ``extensions`` (any case): sorted paths, sizes, mtimes (ns)."""
     paths, sizes, mtimes = [], [], []
@@ -138,6 +164,4 @@ def index_folder(root: str | os.PathLike, extensions: tuple[str, ...], cache_dir
             np.savez(partial, version=CACHE_VERSION, paths=np.array(paths, dtype=str), sizes=sizes, mtimes=mtimes,
                      widths=widths, heights=heights, status=status)
             os.replace(partial, cache)
-    good = status == OK
-    skipped = Counter({REASONS[code]: int((status == code).sum()) for code in REASONS if (status == code).any()})
-    return ImageIndex([p for p, g in zip(paths, good, strict=True) if g], widths[good], heights[good], skipped)
+    return _status_index(paths, widths, heights, status)
