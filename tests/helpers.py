@@ -25,3 +25,14 @@ def fit(stage: AutoencoderStage, data: list[dict[str, torch.Tensor]] | L.Lightni
 def random_batches(n: int, batch_size: int = 2, size: int = 32, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [{"pixel_values": torch.rand(batch_size, 3, size, size, generator=g) * 2 - 1} for _ in range(n)]
+
+
+class RecordSeenImages(L.Callback):
+    """Appends the dataset index of every training image to ``<dirpath>/seen_rank<rank>.txt``."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = dirpath
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        with open(f"{self.dirpath}/seen_rank{trainer.global_rank}.txt", "a") as handle:
+            handle.write("".join(f"{int(i)} {tuple(batch['pixel_values'].shape[2:])}\n" for i in batch["index"]))

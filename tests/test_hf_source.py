@@ -73,3 +73,17 @@ def test_unreachable_hub_data_set_says_how_to_use_a_local_copy(tmp_path):
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "clane9/imagenet-100" in result.stderr and "data.source.path=" in result.stderr
+
+
+def test_validation_can_come_from_the_data_set_split(tmp_path):
+    splits = datasets.DatasetDict({"train": _dataset(), "validation": _dataset().select(range(3))})
+    splits.save_to_disk(str(tmp_path / "copy"))
+    dm = ImageDataModule(HFSource(str(tmp_path / "copy"), split="train"), resolution=16, batch_size=2, num_val=2,
+                         num_workers=0, downsample_factor=8,
+                         val_source=HFSource(str(tmp_path / "copy"), split="validation"))
+    dm.prepare_data()
+    dm.setup("fit")
+    assert (~dm.is_val).sum() == 6 and dm.is_val.sum() == 2  # all usable train rows; 2 of 3 validation rows
+    val = [b["index"].tolist() for b in dm.val_dataloader()]
+    assert all(i >= 6 for batch in val for i in batch)
+    assert sum(len(b["index"]) for b in dm.train_dataloader()) == 6

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ldm_lab.tasks import train
@@ -107,3 +108,26 @@ def test_buckets_task_writes_the_table_and_histogram(compose_cfg, tmp_path):
     assert len(rows) == 19  # NovelAI's buckets
     assert sum(int(row.split("|")[3]) for row in rows) == 24
     assert png.stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_two_process_ddp_trains_on_buckets_with_disjoint_images_per_rank(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(36):
+        size = (48, 32) if i % 3 == 0 else (32, 48) if i % 3 == 1 else (40, 40)
+        Image.new("RGB", size, (i * 7, 100, 200 - i * 5)).save(images / f"{i}.png")
+    buckets = "{max_area: 2048, min_side: 16, max_side: 64, step: 16, base_side: 32, max_ar_error: 0.5}"
+    tiny = [o for o in TINY if not o.startswith(("data.source", "data.resolution"))]
+    result = _run(*tiny, "trainer.devices=2", "trainer.strategy=ddp_find_unused_parameters_true", "data=folder",
+                  f"data.source.root={images}", "data.source.index_workers=0", f"data.buckets={buckets}",
+                  "data.num_val=4", "max_steps=4", "val_every_n_steps=4", "model.loss.disc_start=2",
+                  f"+callbacks.seen={{_target_: tests.helpers.RecordSeenImages, dirpath: '{tmp_path}'}}",
+                  f"paths.root_dir={tmp_path}", cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-4000:]
+    seen = [(tmp_path / f"seen_rank{rank}.txt").read_text().split("\n")[:-1] for rank in (0, 1)]
+    indices = [{line.split()[0] for line in lines} for lines in seen]
+    assert len(seen[0]) == len(seen[1]) == 4 * 2  # 4 steps of batch 2 on each rank
+    assert not indices[0] & indices[1]
+    shapes = {line.split(" ", 1)[1] for lines in seen for line in lines}
+    assert len(shapes) > 1  # bucketed: more than one resolution

@@ -1,4 +1,5 @@
-"""Images -> batches of ``{"pixel_values": (N, 3, H, W) in [-1, 1]}``, one resolution per batch.
+"""Images -> batches of ``{"pixel_values": (N, 3, H, W) in [-1, 1], "index": (N,)}``, one resolution
+per batch; ``index`` is each image's position in the datamodule's index.
 
 Square training (``buckets: null``) is one bucket of ``resolution`` x ``resolution``; with ``buckets``
 every image trains at the aspect-ratio bucket nearest its own shape (seed 002).
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import lightning as L
@@ -38,10 +40,13 @@ class BucketConfig:
 
 
 class BucketedImages(Dataset):
-    """Items are ``(index, width, height)``: image ``index`` of the index, at that size."""
+    """Items are ``(index, width, height)``: image ``index`` of the index, at that size. Images from
+    ``boundary`` on come from ``val_source`` when there is one (a data set's own validation split)."""
 
-    def __init__(self, source: FolderSource, index: ImageIndex, random_crop: bool, random_flip: bool):
-        self.source = source
+    def __init__(self, source: FolderSource, index: ImageIndex, random_crop: bool, random_flip: bool,
+                 val_source: FolderSource | None = None, boundary: int | None = None):
+        self.sources = (source, val_source)
+        self.boundary = len(index) if boundary is None else boundary
         self.locations = index.locations
         self.random_crop = random_crop
         self.random_flip = random_flip
@@ -52,14 +57,16 @@ class BucketedImages(Dataset):
     def __getitem__(self, item: tuple[int, int, int]) -> dict[str, torch.Tensor]:
         index, width, height = item
         for offset in range(len(self.locations)):
-            location = self.locations[(index + offset) % len(self.locations)]
+            position = (index + offset) % len(self.locations)
+            location = self.locations[position]
             try:
-                with self.source.open(location) as image:
+                with self.sources[position >= self.boundary].open(location) as image:
                     image = to_rgb(image)
             except OSError as error:  # passed the header checks, failed to decode: use the next image
                 log.warning("skipping %s: cannot decode (%s)", location, error)
                 continue
-            return {"pixel_values": bucket_transform(image, (width, height), self.random_crop, self.random_flip)}
+            return {"pixel_values": bucket_transform(image, (width, height), self.random_crop, self.random_flip),
+                    "index": index}
         raise RuntimeError("no image of the data set could be decoded")
 
 
@@ -70,6 +77,7 @@ class ImageDataModule(L.LightningDataModule):
     def __init__(
         self,
         source: FolderSource,
+        val_source: FolderSource | None = None,
         resolution: int = 256,
         buckets: BucketConfig | dict | None = None,
         batch_size: int = 8,
@@ -84,7 +92,8 @@ class ImageDataModule(L.LightningDataModule):
     ):
         super().__init__()
         self.source = source
-        self.buckets = BucketConfig(**buckets) if isinstance(buckets, dict) else buckets
+        self.val_source = val_source
+        self.buckets = BucketConfig(**buckets) if isinstance(buckets, Mapping) else buckets  # unset keys: defaults
         if self.buckets is None:
             self.resolutions = [(resolution, resolution)]
             self.leftover_resolution = (resolution, resolution)
@@ -116,14 +125,14 @@ class ImageDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         self.source.prepare()
+        if self.val_source is not None:
+            self.val_source.prepare()
 
-    def setup(self, stage: str | None = None) -> None:
-        if self.index is not None:
-            return
-        index = self.source.index(self.cache_dir)
-        widths, heights = index.widths, index.heights
-        too_small = np.minimum(widths, heights) < self.min_image_side
-        assignment = assign_buckets(widths, heights, self.resolutions, self.max_ar_error,
+    def _usable(self, source: FolderSource) -> tuple[ImageIndex, np.ndarray]:
+        """The source's images that fit a bucket (with the skipped ones counted by reason), and their buckets."""
+        index = source.index(self.cache_dir)
+        too_small = np.minimum(index.widths, index.heights) < self.min_image_side
+        assignment = assign_buckets(index.widths, index.heights, self.resolutions, self.max_ar_error,
                                     self.buckets is not None and self.buckets.no_upscale)
         too_small |= assignment.too_small
         skipped = index.skipped.copy()
@@ -133,16 +142,34 @@ class ImageDataModule(L.LightningDataModule):
             if mask.any():
                 skipped[reason] += int(mask.sum())
         keep = ~too_small & (assignment.bucket >= 0)
-        self.index = index.select(keep)
-        self.index.skipped = skipped
-        self.image_buckets = assignment.bucket[keep]
-        if len(self.index) <= self.num_val:
-            raise ValueError(f"{len(self.index)} usable images cannot spare data.num_val={self.num_val} for "
-                             f"validation; lower data.num_val or add images\n{self.index.report(self.source.name)}")
-        self.is_val = np.zeros(len(self.index), dtype=bool)
-        self.is_val[np.random.default_rng(self.seed).permutation(len(self.index))[: self.num_val]] = True
-        log.info("%s\n  %d train, %d validation; %s", self.index.report(self.source.name), (~self.is_val).sum(),
-                 self.num_val, self.describe_buckets())
+        usable = index.select(keep)
+        usable.skipped = skipped
+        log.info("%s", usable.report(source.name))
+        return usable, assignment.bucket[keep]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.index is not None:
+            return
+        train, train_buckets = self._usable(self.source)
+        rng = np.random.default_rng(self.seed)
+        if self.val_source is None:  # a seeded hold-out of the source
+            if len(train) <= self.num_val:
+                raise ValueError(f"{len(train)} usable images cannot spare data.num_val={self.num_val} for "
+                                 f"validation; lower data.num_val or add images")
+            self.index, self.image_buckets, self.boundary = train, train_buckets, len(train)
+            self.is_val = np.zeros(len(train), dtype=bool)
+            self.is_val[rng.permutation(len(train))[: self.num_val]] = True
+        else:  # the data set's own validation split: up to num_val of it, a seeded choice
+            val, val_buckets = self._usable(self.val_source)
+            chosen = np.sort(rng.permutation(len(val))[: self.num_val])
+            val = val.select(chosen)
+            self.index = ImageIndex(train.locations + val.locations, np.concatenate([train.widths, val.widths]),
+                                    np.concatenate([train.heights, val.heights]), train.skipped)
+            self.image_buckets = np.concatenate([train_buckets, val_buckets[chosen]])
+            self.boundary = len(train)
+            self.is_val = np.arange(len(self.index)) >= len(train)
+        log.info("%d train, %d validation images; %s", (~self.is_val).sum(), self.is_val.sum(),
+                 self.describe_buckets())
 
     def describe_buckets(self) -> str:
         if self.buckets is None:
@@ -170,11 +197,14 @@ class ImageDataModule(L.LightningDataModule):
             np.where(self.is_val != train, self.image_buckets, -1), self.resolutions, self.batch_size,
             self.leftover_resolution, num_replicas=world, rank=rank, seed=self.seed, shuffle=train, drop_last=train)
 
+    def _dataset(self, random_crop: bool, random_flip: bool) -> BucketedImages:
+        return BucketedImages(self.source, self.index, random_crop, random_flip, self.val_source, self.boundary)
+
     def _loader(self, train: bool) -> DataLoader:
         sampler = self._sampler(train)
         if train and self._resume:
             sampler.load_state_dict({"epoch": self._resume["epoch"], "start_batch": self._resume["batches_done"]})
-        dataset = BucketedImages(self.source, self.index, train and self.random_crop, train and self.random_flip)
+        dataset = self._dataset(train and self.random_crop, train and self.random_flip)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
 
@@ -187,7 +217,7 @@ class ImageDataModule(L.LightningDataModule):
     def preview_images(self, count: int) -> torch.Tensor:
         """The first ``count`` validation images, center-cropped to the leftover (near-square)
         resolution: the same pictures at every step, for image grids."""
-        dataset = BucketedImages(self.source, self.index, False, False)
+        dataset = self._dataset(False, False)
         width, height = self.leftover_resolution
         return torch.stack([dataset[(int(i), width, height)]["pixel_values"]
                             for i in np.flatnonzero(self.is_val)[:count]])

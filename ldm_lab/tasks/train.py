@@ -40,6 +40,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if stage.nonfinite_skipped:
         log.warning("%d micro-batches were skipped for a non-finite loss", stage.nonfinite_skipped)
 
+    if not trainer.is_global_zero:  # under DDP every rank runs this function; one exports
+        return stage.last_val_metrics
     export_dir = export_autoencoder(stage, datamodule, output_dir / "export")
     checkpoint_dir = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else None
     log.info("checkpoints: %s (resume: python run.py ckpt_path=%s)", checkpoint_dir,
