@@ -168,3 +168,11 @@ def test_bucketed_batches_hold_one_resolution_near_each_image_shape(tmp_path):
 def test_resolution_must_divide_by_the_downsampling_factor(tmp_path):
     with pytest.raises(ValueError, match="data.resolution=24"):
         ImageDataModule(FolderSource(tmp_path), resolution=30, downsample_factor=8)
+
+
+def test_validation_can_be_a_seeded_fraction(tmp_path):
+    source = SyntheticSource(tmp_path, num_images=20, seed=0, min_side=40, max_side=80)
+    dm = ImageDataModule(source, resolution=32, batch_size=2, num_val=0.25, num_workers=0)
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.is_val.sum() == 5 and len(dm.train_dataloader()) == 7

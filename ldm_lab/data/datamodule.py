@@ -71,8 +71,9 @@ class BucketedImages(Dataset):
 
 
 class ImageDataModule(L.LightningDataModule):
-    """Indexes ``source``, assigns buckets, holds out ``num_val`` images (a seeded choice), and batches
-    each rank's share with :class:`~ldm_lab.data.buckets.BucketBatchSampler`."""
+    """Indexes ``source``, assigns buckets, holds out ``num_val`` images (a seeded choice; below 1, a
+    fraction of the usable images) or takes them from ``val_source``, and batches each rank's share
+    with :class:`~ldm_lab.data.buckets.BucketBatchSampler`."""
 
     def __init__(
         self,
@@ -81,7 +82,7 @@ class ImageDataModule(L.LightningDataModule):
         resolution: int = 256,
         buckets: BucketConfig | dict | None = None,
         batch_size: int = 8,
-        num_val: int = 64,
+        num_val: float = 64,
         random_crop: bool = True,
         random_flip: bool = True,
         min_image_side: int = 0,
@@ -152,6 +153,9 @@ class ImageDataModule(L.LightningDataModule):
             return
         train, train_buckets = self._usable(self.source)
         rng = np.random.default_rng(self.seed)
+        if 0 < self.num_val < 1:  # a fraction
+            self.num_val = max(1, round(self.num_val * len(train)))
+        self.num_val = int(self.num_val)
         if self.val_source is None:  # a seeded hold-out of the source
             if len(train) <= self.num_val:
                 raise ValueError(f"{len(train)} usable images cannot spare data.num_val={self.num_val} for "
