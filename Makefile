@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install quickstart test lint bench weights clean
+.PHONY: help install quickstart test lint bench sweep-vae weights clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -25,6 +25,13 @@ quickstart: install ## train the tiny VAE on the embedded synthetic data (a few 
 
 test: install ## run the test suite (CPU, tiny models)
 	$(BIN)/python -m pytest -q
+
+# The design card's sweep (lr x disc norm type, 8 jobs) on a short CPU budget: the tiny VAE, 60 steps each.
+SWEEP_DIR := multirun/sweep-vae-$(shell date +%Y%m%d-%H%M%S)
+sweep-vae: install ## 8-job lr x disc-norm sweep of the tiny VAE (short budget), then its report (table + plots)
+	$(BIN)/python run.py sweep=vae model=vae_tiny max_steps=60 val_every_n_steps=20 model.loss.disc_start=30 \
+		model.loss.require_perceptual_weights=false hydra.sweep.dir=$(SWEEP_DIR)
+	$(BIN)/python run.py task=report sweep_dir=$(SWEEP_DIR)
 
 bench: install ## benchmarks; results as markdown under experiments/bench/results/
 	$(BIN)/python experiments/bench/bench_data.py

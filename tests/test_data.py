@@ -176,3 +176,24 @@ def test_validation_can_be_a_seeded_fraction(tmp_path):
     dm.prepare_data()
     dm.setup("fit")
     assert dm.is_val.sum() == 5 and len(dm.train_dataloader()) == 7
+
+
+def test_ranks_indexing_at_once_do_not_trip_over_the_cache(tmp_path, monkeypatch):
+    """DDP ranks write the index cache of the same folder at the same moment: here a second writer runs
+    start to finish between the first one's write and its rename."""
+    images, cache = tmp_path / "images", tmp_path / "cache"
+    _write_zoo(images)
+    real_replace = os.replace
+    interleaved = []
+
+    def replace_after_a_rival(source, target):
+        if not interleaved:
+            interleaved.append(True)
+            index_folder(images, IMAGE_EXTENSIONS, cache)  # the other rank
+        real_replace(source, target)
+
+    monkeypatch.setattr(index_module.os, "replace", replace_after_a_rival)
+    first = index_folder(images, IMAGE_EXTENSIONS, cache)
+    assert interleaved and len(first) == len(VALID)
+    assert not list(cache.glob("*.tmp.npz"))
+    assert index_folder(images, IMAGE_EXTENSIONS, cache).locations == first.locations

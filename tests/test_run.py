@@ -40,6 +40,37 @@ def test_train_task_end_to_end_and_same_seed_same_losses(compose_cfg, tmp_path):
     assert "train/g_adv" in EventAccumulator(str(run_dir / "tensorboard")).Reload().Tags()["scalars"]
 
 
+def _hydra_config(overrides, tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from ldm_lab.schema import register_configs
+    from tests.conftest import CONF
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"paths.root_dir={tmp_path}"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.mark.parametrize("preset,model", [("vae", "ldm_lab.stages.kl_autoencoder.KLAutoencoderStage"),
+                                          ("vqvae", "ldm_lab.stages.vq_autoencoder.VQAutoencoderStage")])
+def test_sweep_presets_are_the_design_cards_2x4(tmp_path, preset, model):
+    cfg = _hydra_config([f"sweep={preset}"], tmp_path)
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    params = cfg.hydra.sweeper.params
+    assert params["model.lr"].split(",") == ["1e-4", "4.5e-6"]
+    assert params["disc.norm_type"].split(",") == ["spectral_group", "spectral", "batch", "none"]
+    assert cfg.model._target_ == model
+
+
+def test_slurm_launcher_composes(tmp_path):
+    cfg = _hydra_config(["hydra/launcher=submitit_slurm", "hydra.launcher.gpus_per_node=1"], tmp_path)
+    assert "submitit" in cfg.hydra.launcher._target_.lower() and cfg.hydra.launcher.gpus_per_node == 1
+
+
 def _run(*args, cwd):
     return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, capture_output=True, text=True,
                           timeout=600)
@@ -70,6 +101,22 @@ def test_multirun_sweep_gives_each_job_its_own_folder(tmp_path):
         assert list((job / "tensorboard").glob("events.out.tfevents.*"))
         assert (job / "checkpoints" / "last.ckpt").is_file()
     assert seen == {(1e-3, "spectral_group"), (1e-3, "none"), (1e-4, "spectral_group"), (1e-4, "none")}
+
+    # The report reads the sweep; a crashed job is a row that says why.
+    sweep_dir = jobs[0].parent
+    crashed = sweep_dir / "4"
+    (crashed / ".hydra").mkdir(parents=True)
+    (crashed / ".hydra" / "overrides.yaml").write_text("- model.lr=1e-2\n- disc.norm_type=batch\n")
+    (crashed / "run.log").write_text("[2026-01-01 10:00:00,000][ldm_lab][INFO] - run folder\n"
+                                     "[2026-01-01 10:00:05,000][ldm_lab][ERROR] - RuntimeError: out of memory\n")
+    result = _run("task=report", f"sweep_dir={sweep_dir}", f"paths.root_dir={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in (sweep_dir / "report.md").read_text().splitlines() if line[:3] in {f"| {i}" for i in range(5)}]
+    assert len(rows) == 5
+    assert sum(" ok |" in row for row in rows) == 4
+    assert "FAILED" in rows[4] and "out of memory" in rows[4] and "model.lr=1e-2" in rows[4]
+    assert (sweep_dir / "val_psnr.png").stat().st_size > 10_000
+    assert (sweep_dir / "final_psnr_by_lr.png").stat().st_size > 10_000
 
 
 def test_4060ti_preset_trains_with_bf16_checkpointing_and_accumulation(compose_cfg, tmp_path):

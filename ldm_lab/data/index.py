@@ -12,6 +12,7 @@ import hashlib
 import io
 import logging
 import os
+import tempfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -94,6 +95,16 @@ def _probe_many(paths: list[str], num_workers: int) -> list[tuple[int, int, int]
         return list(tqdm(pool.map(probe, paths, chunksize=256), total=len(paths), desc="indexing", unit="img"))
 
 
+def _save_atomically(cache: Path, **arrays: np.ndarray) -> None:
+    """Write the cache through a temporary file of its own, then rename it into place: DDP ranks index
+    at the same time, and a reader never sees half a file."""
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=cache.parent, prefix=cache.stem, suffix=".tmp.npz")
+    with os.fdopen(handle, "wb") as file:
+        np.savez(file, version=CACHE_VERSION, **arrays)
+    os.replace(partial, cache)
+
+
 def _status_index(locations: list[str], widths, heights, status) -> ImageIndex:
     good = status == OK
     skipped = Counter({REASONS[code]: int((status == code).sum()) for code in REASONS if (status == code).any()})
@@ -113,10 +124,7 @@ def index_records(encoded, count: int, key: str, cache_dir: str | os.PathLike | 
     probes = [probe(encoded(row)) for row in tqdm(range(count), desc="indexing", unit="img", disable=count < 2000)]
     widths, heights, status = (np.array(column, np.int64) for column in zip(*probes, strict=True))
     if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache.with_suffix(".tmp.npz")
-        np.savez(partial, version=CACHE_VERSION, widths=widths, heights=heights, status=status)
-        os.replace(partial, cache)
+        _save_atomically(cache, widths=widths, heights=heights, status=status)
     return _status_index([str(i) for i in range(count)], widths, heights, status)
 
 
@@ -159,9 +167,6 @@ def index_folder(root: str | os.PathLike, extensions: tuple[str, ...], cache_dir
         for i, (width, height, code) in zip(todo, _probe_many([paths[i] for i in todo], num_workers), strict=True):
             widths[i], heights[i], status[i] = width, height, code
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            partial = cache.with_suffix(".tmp.npz")
-            np.savez(partial, version=CACHE_VERSION, paths=np.array(paths, dtype=str), sizes=sizes, mtimes=mtimes,
-                     widths=widths, heights=heights, status=status)
-            os.replace(partial, cache)
+            _save_atomically(cache, paths=np.array(paths, dtype=str), sizes=sizes, mtimes=mtimes, widths=widths,
+                             heights=heights, status=status)
     return _status_index(paths, widths, heights, status)
