@@ -78,7 +78,15 @@ def _best(curve: list[tuple[int, float]], metric: str) -> float:
     return max(values) if HIGHER_IS_BETTER.get(metric, True) else min(values)
 
 
+def common_overrides(jobs: list[Job]) -> list[str]:
+    """The overrides every job shares (the sweep's fixed settings), in the first job's order."""
+    shared = set.intersection(*(set(job.overrides) for job in jobs)) if len(jobs) > 1 else set()
+    return [o for o in jobs[0].overrides if o in shared]
+
+
 def report_table(jobs: list[Job]) -> str:
+    """One row per job with its own overrides; the shared ones are listed above the table."""
+    common = set(common_overrides(jobs))
     metrics = [m for m in METRICS if any(m in job.curves for job in jobs)]
     header = ["job", "overrides", *[f"final {m}" for m in metrics], *[f"best {m}" for m in metrics], "steps",
               "wall time", "status"]
@@ -88,17 +96,19 @@ def report_table(jobs: list[Job]) -> str:
         bests = [f"{_best(job.curves[m], m):.4g}" if m in job.curves else "-" for m in metrics]
         wall = f"{job.seconds / 60:.1f} min" if job.seconds is not None else "-"
         status = "ok" if job.error is None else "FAILED: " + job.error.replace("|", "/")
-        lines.append("| " + " | ".join([str(job.number), " ".join(job.overrides), *finals, *bests, str(job.steps),
+        lines.append("| " + " | ".join([str(job.number), " ".join(o for o in job.overrides if o not in common), *finals, *bests, str(job.steps),
                                         wall, status]) + " |")
     return "\n".join(lines)
 
 
 def plot_curves(jobs: list[Job], metric: str, path: Path) -> None:
+    common = set(common_overrides(jobs))
     figure, axes = plt.subplots(figsize=(8, 5))
     for job in jobs:
         if metric in job.curves:
             steps, values = zip(*job.curves[metric], strict=True)
-            axes.plot(steps, values, marker="o", markersize=3, label=f"{job.number}: {' '.join(job.overrides)}")
+            own = " ".join(o for o in job.overrides if o not in common)
+            axes.plot(steps, values, marker="o", markersize=3, label=f"{job.number}: {own}")
     axes.set_xlabel("generator step")
     axes.set_ylabel(f"validation {metric}")
     axes.legend(fontsize=7)
@@ -135,7 +145,8 @@ def run(cfg: DictConfig) -> Path:
     sweep_dir = Path(cfg.sweep_dir)
     jobs = read_sweep(sweep_dir)
     table = report_table(jobs)
-    (sweep_dir / "report.md").write_text(f"# Sweep report: {sweep_dir}\n\n{table}\n")
+    shared = " ".join(common_overrides(jobs)) or "none"
+    (sweep_dir / "report.md").write_text(f"# Sweep report: {sweep_dir}\n\nEvery job: `{shared}`\n\n{table}\n")
     plot_curves(jobs, "psnr", sweep_dir / "val_psnr.png")
     plot_final_by_lr(jobs, "psnr", sweep_dir / "final_psnr_by_lr.png")
     failed = sum(job.error is not None for job in jobs)
