@@ -91,7 +91,7 @@ def test_experiments_compose_and_build(compose_cfg, tmp_path, option):
     if OmegaConf.is_missing(cfg.data.source, "root"):  # a folder the user names
         cfg = compose_cfg([*overrides, f"data.source.root={tmp_path}"], tiny=False)
     stage = build_stage(cfg.model, cfg.disc)
-    datamodule = build_datamodule(cfg, stage)
+    datamodule = build_datamodule(cfg, stage.downsample_factor)
     assert datamodule.resolution % stage.downsample_factor == 0
     build_trainer(cfg, stage.accumulate_grad_batches)
 
@@ -119,7 +119,7 @@ def test_resolution_must_divide_by_the_downsampling_factor(compose_cfg):
     cfg = compose_cfg(["data.resolution=30"])
     stage = build_stage(cfg.model, cfg.disc)
     with pytest.raises(InstantiationException, match="data.resolution gives 30x30, not divisible"):
-        build_datamodule(cfg, stage)
+        build_datamodule(cfg, stage.downsample_factor)
 
 
 def test_sd_vae_one_training_step_runs(compose_cfg):

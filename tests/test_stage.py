@@ -68,7 +68,7 @@ def test_resumed_run_ends_where_a_straight_run_ends(compose_cfg, tmp_path, stop_
 
     def run(callbacks=(), ckpt_path=None):
         stage, cfg = _stage(compose_cfg, *overrides)
-        trainer = fit(stage, build_datamodule(cfg, stage), callbacks, ckpt_path)
+        trainer = fit(stage, build_datamodule(cfg, stage.downsample_factor), callbacks, ckpt_path)
         return stage, trainer
 
     straight, straight_trainer = run()
@@ -91,7 +91,7 @@ def test_resumed_run_ends_where_a_straight_run_ends(compose_cfg, tmp_path, stop_
 
 def test_export_loads_in_diffusers_and_reproduces_reconstructions(compose_cfg, tmp_path):
     stage, cfg = _stage(compose_cfg, "model.max_steps=2")
-    datamodule = build_datamodule(cfg, stage)
+    datamodule = build_datamodule(cfg, stage.downsample_factor)
     fit(stage, datamodule)
     out = export_autoencoder(stage, datamodule, tmp_path / "export")
     loaded = AutoencoderKL.from_pretrained(out).eval()

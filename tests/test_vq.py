@@ -110,7 +110,7 @@ def test_tiny_vq_training_reports_codebook_health(compose_cfg, tmp_path):
 
 def test_exported_vq_folder_reproduces_the_reconstructions(compose_cfg, tmp_path):
     stage, cfg = _stage(compose_cfg, "model.max_steps=2")
-    datamodule = build_datamodule(cfg, stage)
+    datamodule = build_datamodule(cfg, stage.downsample_factor)
     fit(stage, datamodule)
     out = export_autoencoder(stage, datamodule, tmp_path / "export")
     loaded = VQModel.from_pretrained(out).eval()

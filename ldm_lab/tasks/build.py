@@ -17,8 +17,9 @@ def build_stage(model_cfg: DictConfig, disc_cfg: DictConfig) -> AutoencoderStage
     return stage
 
 
-def build_datamodule(cfg: DictConfig, stage: AutoencoderStage) -> ImageDataModule:
-    return instantiate(cfg.data, downsample_factor=stage.downsample_factor)
+def build_datamodule(cfg: DictConfig, downsample_factor: int) -> ImageDataModule:
+    """The configured data, checked against the model's downsampling factor."""
+    return instantiate(cfg.data, downsample_factor=downsample_factor)
 
 
 def build_trainer(cfg: DictConfig, accumulate_grad_batches: int) -> L.Trainer:

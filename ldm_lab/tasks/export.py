@@ -51,5 +51,5 @@ def run(cfg: DictConfig) -> Path:
     saved = checkpoint["ldm_lab"]["config"]
     stage = build_stage(OmegaConf.create(saved["model"]), OmegaConf.create(saved["disc"]))
     stage.load_state_dict(checkpoint["state_dict"])
-    datamodule = build_datamodule(cfg, stage)
+    datamodule = build_datamodule(cfg, stage.downsample_factor)
     return export_autoencoder(stage, datamodule, Path(cfg.paths.output_dir) / "export")

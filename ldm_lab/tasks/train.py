@@ -26,7 +26,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     stage = build_stage(cfg.model, cfg.disc)
-    datamodule = build_datamodule(cfg, stage)
+    datamodule = build_datamodule(cfg, stage.downsample_factor)
     trainer = build_trainer(cfg, stage.accumulate_grad_batches)
     log.info("run folder: %s", output_dir)
     log.info("TensorBoard: tensorboard --logdir %s", output_dir / "tensorboard")

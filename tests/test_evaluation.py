@@ -1,0 +1,84 @@
+"""Offline evaluation: PSNR/SSIM on known images, FID behaviour with a stand-in feature network,
+reference statistics reused from the cache, and task=evaluate end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ldm_lab.evaluation import evaluate_reconstructions, make_fid, per_image_psnr
+
+
+def test_per_image_psnr_matches_hand_computed_values():
+    inputs = torch.zeros(2, 3, 8, 8)
+    reconstructions = torch.stack([torch.full((3, 8, 8), 0.1), torch.full((3, 8, 8), -0.2)])
+    expected = [10 * math.log10(4 / 0.01), 10 * math.log10(4 / 0.04)]
+    assert per_image_psnr(inputs, reconstructions).tolist() == pytest.approx(expected, rel=1e-5)
+
+
+class StandIn(nn.Module):
+    """A small random feature network standing in for Inception: images in [0, 1] -> (N, 16)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.calls = 0
+
+    def forward(self, images):
+        self.calls += 1
+        return self.net(images)
+
+
+def _batches(n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"pixel_values": torch.rand(8, 3, 32, 32, generator=g) * 2 - 1} for _ in range(n)]
+
+
+def test_fid_of_a_set_against_itself_is_about_zero_and_grows_with_noise():
+    values = []
+    for noise in (0.0, 0.2, 0.6):
+        def reconstruct(x, noise=noise):
+            return (x + noise * torch.randn(x.shape, generator=torch.Generator().manual_seed(1))).clamp(-1, 1)
+        fid = make_fid(StandIn())
+        values.append(evaluate_reconstructions(reconstruct, _batches(), torch.device("cpu"), fid=fid)["rfid"])
+    assert abs(values[0]) < 1e-3
+    assert values[0] < values[1] < values[2]
+
+
+def test_reference_statistics_are_computed_once_and_reused(tmp_path):
+    reference = tmp_path / "ref.npz"
+    extractor = StandIn()
+    fid = make_fid(extractor)
+    extractor.calls = 0  # torchmetrics probes the network once to size its features
+    first = evaluate_reconstructions(lambda x: x * 0.9, _batches(), torch.device("cpu"), fid=fid, reference=reference)
+    assert reference.is_file() and extractor.calls == 12  # real and reconstructed batches
+    extractor = StandIn()
+    fid = make_fid(extractor)
+    extractor.calls = 0
+    second = evaluate_reconstructions(lambda x: x * 0.9, _batches(), torch.device("cpu"), fid=fid, reference=reference)
+    assert extractor.calls == 6  # reconstructions only: the real statistics came from the cache
+    assert second["rfid"] == pytest.approx(first["rfid"], rel=1e-5)
+
+
+def test_evaluate_task_on_an_export_reports_what_needs_no_weights(compose_cfg, tmp_path, monkeypatch):
+    from ldm_lab.tasks import evaluate, train
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    train.run(compose_cfg(["max_steps=2", "val_every_n_steps=2"]))
+    cfg = compose_cfg(["task=evaluate", f"evaluate.model={tmp_path / 'run' / 'export'}",
+                       f"paths.output_dir={tmp_path / 'eval'}"])
+    results = evaluate.run(cfg)
+    assert results["images"] == 4 and results["psnr"] > 0 and "rfid" not in results and "lpips" not in results
+    saved = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert saved["psnr"] == pytest.approx(results["psnr"])
+    assert any("weights-inception-2015-12-05-6726825d.pth" in note for note in saved["notes"])
+    from_checkpoint = evaluate.run(compose_cfg([
+        "task=evaluate", f"evaluate.model={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
+        f"paths.output_dir={tmp_path / 'eval2'}"]))
+    assert from_checkpoint["psnr"] == pytest.approx(results["psnr"], rel=1e-4)  # the export is the EMA weights
