@@ -82,3 +82,12 @@ def test_evaluate_task_on_an_export_reports_what_needs_no_weights(compose_cfg, t
         "task=evaluate", f"evaluate.model={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}",
         f"paths.output_dir={tmp_path / 'eval2'}"]))
     assert from_checkpoint["psnr"] == pytest.approx(results["psnr"], rel=1e-4)  # the export is the EMA weights
+
+
+def test_ssim_matches_its_formula_on_flat_images():
+    """Flat images have no variance, so SSIM = (2 mx my + C1) / (mx^2 + my^2 + C1), C1 = (0.01 x 2)^2."""
+    results = evaluate_reconstructions(lambda x: torch.full_like(x, -0.5),
+                                       [{"pixel_values": torch.full((2, 3, 32, 32), 0.5)}], torch.device("cpu"))
+    c1 = (0.01 * 2.0) ** 2
+    assert results["ssim"] == pytest.approx((2 * 0.5 * -0.5 + c1) / (0.25 + 0.25 + c1), rel=1e-4)
+    assert results["psnr"] == pytest.approx(10 * math.log10(4 / 1.0), rel=1e-6) and results["psnr_std"] == 0
