@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -14,6 +17,18 @@ def build_stage(model_cfg: DictConfig, disc_cfg: DictConfig) -> AutoencoderStage
     stage = instantiate(model_cfg, discriminator=instantiate(disc_cfg, _partial_=True))
     stage.run_config = {"model": OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True),
                         "disc": OmegaConf.to_container(disc_cfg, resolve=True, enum_to_str=True)}
+    return stage
+
+
+def load_stage(ckpt_path: str | Path) -> AutoencoderStage:
+    """The stage a training checkpoint holds, rebuilt from the config stored in it, for inference
+    (export, evaluation): without the LPIPS loss and validation metrics, whose weights it needs not."""
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    saved = checkpoint["ldm_lab"]["config"]
+    saved["model"]["loss"]["perceptual_weight"] = 0.0
+    saved["model"]["metrics"].update(lpips=False, rfid=False)
+    stage = build_stage(OmegaConf.create(saved["model"]), OmegaConf.create(saved["disc"]))
+    stage.load_state_dict(checkpoint["state_dict"])
     return stage
 
 

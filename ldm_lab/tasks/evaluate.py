@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, VQModel
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ldm_lab.evaluation import evaluate_reconstructions, make_fid
 from ldm_lab.losses.perceptual import LPIPS
-from ldm_lab.tasks.build import build_datamodule, build_stage
+from ldm_lab.tasks.build import build_datamodule, load_stage
 from ldm_lab.weights import MissingWeightsError, find_weights, missing_message
 
 log = logging.getLogger(__name__)
@@ -29,10 +29,7 @@ log = logging.getLogger(__name__)
 def load_autoencoder(path: Path):
     """(reconstruct function, downsample factor, name) for a Lightning checkpoint or a diffusers folder."""
     if path.is_file():
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        saved = checkpoint["ldm_lab"]["config"]
-        stage = build_stage(OmegaConf.create(saved["model"]), OmegaConf.create(saved["disc"]))
-        stage.load_state_dict(checkpoint["state_dict"])
+        stage = load_stage(path)
         return stage.eval().reconstruct, stage.downsample_factor, stage.eval_vae
     config = json.loads((path / "config.json").read_text())
     model = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}[config["_class_name"]].from_pretrained(path).eval()

@@ -10,11 +10,11 @@ import logging
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.stages.autoencoder import AutoencoderStage
-from ldm_lab.tasks.build import build_datamodule, build_stage
+from ldm_lab.tasks.build import build_datamodule, load_stage
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +47,6 @@ def export_autoencoder(stage: AutoencoderStage, datamodule: ImageDataModule, out
 def run(cfg: DictConfig) -> Path:
     if cfg.ckpt_path is None:
         raise ValueError("task=export needs ckpt_path=/path/to/checkpoint.ckpt")
-    checkpoint = torch.load(cfg.ckpt_path, map_location="cpu", weights_only=False)
-    saved = checkpoint["ldm_lab"]["config"]
-    stage = build_stage(OmegaConf.create(saved["model"]), OmegaConf.create(saved["disc"]))
-    stage.load_state_dict(checkpoint["state_dict"])
+    stage = load_stage(cfg.ckpt_path)
     datamodule = build_datamodule(cfg, stage.downsample_factor)
     return export_autoencoder(stage, datamodule, Path(cfg.paths.output_dir) / "export")
