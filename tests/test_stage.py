@@ -187,3 +187,21 @@ def test_training_starts_from_a_pretrained_diffusers_folder(compose_cfg, tmp_pat
 def test_unloadable_pretrained_model_says_how_to_get_it(compose_cfg, tmp_path):
     with pytest.raises(Exception, match="model.pretrained=/path/to/that/folder"):
         _stage(compose_cfg, f"model.pretrained={tmp_path / 'missing' / 'sd-vae-ft-mse'}")
+
+
+def test_inference_loading_needs_no_lpips_weights(compose_cfg, tmp_path, monkeypatch):
+    from torchvision.models import vgg16
+
+    from ldm_lab.tasks.build import load_stage
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    weights = tmp_path / "torch" / "hub" / "checkpoints" / "vgg16-397923af.pth"
+    weights.parent.mkdir(parents=True)
+    torch.save(vgg16().state_dict(), weights)
+    stage, _ = _stage(compose_cfg, "model.loss.perceptual_weight=0.5", "model.max_steps=1")
+    assert stage.loss.perceptual is not None
+    trainer = fit(stage, random_batches(1))
+    trainer.save_checkpoint(tmp_path / "trained.ckpt")
+    weights.unlink()  # an export or evaluation machine without the VGG16 weights
+    loaded = load_stage(tmp_path / "trained.ckpt")
+    assert torch.equal(loaded.vae.decoder.conv_out.weight, stage.vae.decoder.conv_out.weight)
