@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from ldm_lab.data.buckets import assign_buckets
 from ldm_lab.data.datamodule import ImageDataModule
+from ldm_lab.data.index import ImageIndex
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -22,9 +23,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 log = logging.getLogger(__name__)
 
 
-def bucket_table(datamodule: ImageDataModule) -> tuple[str, list[dict]]:
+def bucket_table(datamodule: ImageDataModule, index: ImageIndex) -> tuple[str, list[dict]]:
     """Per bucket: resolution, aspect, images, share, mean |log aspect| error, images pruned near it."""
-    index = datamodule.source.index(datamodule.cache_dir)
     a = assign_buckets(index.widths, index.heights, datamodule.resolutions, datamodule.max_ar_error,
                        datamodule.buckets is not None and datamodule.buckets.no_upscale)
     kept = a.bucket >= 0
@@ -65,8 +65,8 @@ def run(cfg: DictConfig) -> Path:
     downsample_factor = 2 ** (len(cfg.model.vae.block_out_channels) - 1)
     datamodule: ImageDataModule = instantiate(cfg.data, downsample_factor=downsample_factor)
     datamodule.prepare_data()
-    table, rows = bucket_table(datamodule)
     index = datamodule.source.index(datamodule.cache_dir)
+    table, rows = bucket_table(datamodule, index)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "buckets.md").write_text(table + "\n")
