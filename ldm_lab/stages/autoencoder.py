@@ -159,7 +159,7 @@ class AutoencoderStage(L.LightningModule):
             logs.update(d_logs)
 
         self.micro_step += 1
-        if torch.isfinite(g_loss if d_loss is None else g_loss + d_loss):
+        if self._all_ranks_finite(g_loss if d_loss is None else g_loss + d_loss):
             self.manual_backward(g_loss / self.accumulate_grad_batches)
             if d_loss is not None:
                 self.manual_backward(d_loss / self.accumulate_grad_batches)
@@ -173,6 +173,12 @@ class AutoencoderStage(L.LightningModule):
             self._optimizer_step(adversarial)
         self.log("loss", logs["total"], prog_bar=True, logger=False)
         self.log("step", float(self.gen_step), prog_bar=True, logger=False)
+
+    def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank: under DDP all ranks must skip a micro-batch together,
+        or the ones that backpropagate wait forever for the gradients of the ones that do not."""
+        nonfinite = (~torch.isfinite(loss.detach())).float()
+        return not bool(self.trainer.strategy.reduce(nonfinite, reduce_op="sum") > 0)
 
     def _skip_nonfinite(self, logs: dict[str, torch.Tensor]) -> None:
         self.nonfinite_skipped += 1
