@@ -129,3 +129,15 @@ def test_vq_stage_trains_against_every_discriminator_norm(compose_cfg, norm_type
     fit(stage, random_batches(2))
     assert stage.gen_step == 2
     assert any(not torch.equal(a, b) for a, b in zip(disc_before, stage.discriminator.parameters(), strict=True))
+
+
+def test_resume_keeps_the_code_counts_since_the_last_restart(compose_cfg, tmp_path):
+    stage, _ = _stage(compose_cfg, "model.max_steps=2", "model.dead_code_restart_every=100")
+    trainer = fit(stage, random_batches(2))
+    counts = stage.train_code_counts.clone()
+    assert counts.sum() == 2 * 2 * 8 * 8  # 2 batches of 2 images, 8x8 latents at f4 from 32 px
+    trainer.save_checkpoint(tmp_path / "vq.ckpt")
+    resumed, _ = _stage(compose_cfg, "model.max_steps=2", "model.dead_code_restart_every=100")
+    resumed.on_load_checkpoint(torch.load(tmp_path / "vq.ckpt", weights_only=False))
+    assert torch.equal(resumed.train_code_counts, counts)
+    assert "train_code_counts" not in resumed.state_dict()  # not a buffer: DDP would broadcast rank 0's

@@ -33,8 +33,9 @@ class VQAutoencoderStage(AutoencoderStage):
         self.dead_code_restart_every = dead_code_restart_every
         self.dead_code_threshold = dead_code_threshold
         num_codes = self.vae.config.num_vq_embeddings
-        # Code use since the last restart (training) and in the current validation pass.
-        self.register_buffer("train_code_counts", torch.zeros(num_codes, dtype=torch.long))
+        # Code use since the last restart (training) and in the current validation pass. Plain tensors,
+        # not buffers: DDP would overwrite every rank's counts with rank 0's at each forward.
+        self.train_code_counts = torch.zeros(num_codes, dtype=torch.long)
         self.val_code_counts = torch.zeros(num_codes, dtype=torch.long)
         self._recent_latents: torch.Tensor | None = None
 
@@ -52,6 +53,7 @@ class VQAutoencoderStage(AutoencoderStage):
         reconstructions = self.vae.decode(quantized, force_not_quantize=True).sample
         vq_loss, codebook, _ = vq_losses(latents, codes, self.beta, self.legacy_beta)
         if self.dead_code_restart_every:
+            self.train_code_counts = self.train_code_counts.to(indices.device)
             self.train_code_counts += torch.bincount(indices, minlength=self.train_code_counts.numel())
             self._recent_latents = latents.detach().permute(0, 2, 3, 1).reshape(-1, latents.shape[1]).float()
         # The codebook and commitment terms share their value ||h - e||^2; only their gradients differ.
@@ -71,6 +73,14 @@ class VQAutoencoderStage(AutoencoderStage):
         if self.logger is not None:
             self.logger.log_metrics({"train/dead_codes_restarted": int(dead.sum())}, step=self.gen_step)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["ldm_lab"]["train_code_counts"] = self.train_code_counts.cpu()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.train_code_counts = checkpoint["ldm_lab"]["train_code_counts"]
+
     @torch.no_grad()
     def _reconstruct_with_indices(self, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         vae = self.eval_vae
@@ -87,7 +97,7 @@ class VQAutoencoderStage(AutoencoderStage):
 
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
-        self.val_code_counts = torch.zeros_like(self.train_code_counts)
+        self.val_code_counts = torch.zeros_like(self.train_code_counts, device=self.device)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         inputs = batch["pixel_values"]
