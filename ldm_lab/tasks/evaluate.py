@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def load_autoencoder(path: Path):
-    """(reconstruct function, downsample factor, name) for a Lightning checkpoint or a diffusers folder."""
+    """(reconstruct function, downsample factor, the module to move to the device) for a Lightning
+    checkpoint or a diffusers folder."""
     if path.is_file():
         stage = load_stage(path)
         return stage.eval().reconstruct, stage.downsample_factor, stage.eval_vae
