@@ -20,8 +20,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]' 2>&1 | { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 	touch $(STAMP)
 
-quickstart: install ## train the tiny VAE on the embedded synthetic data (a few minutes on a CPU)
-	$(BIN)/python run.py experiment=quickstart
+# The whole chain on the embedded synthetic data: first stage, latent cache, LDM, samples.
+QUICKSTART_DIR := outputs/quickstart-$(shell date +%Y%m%d-%H%M%S)
+quickstart: install ## tiny KL autoencoder -> latent cache -> tiny LDM -> sample grid, on the synthetic data (CPU, ~10 min)
+	$(BIN)/python run.py experiment=quickstart hydra.run.dir=$(QUICKSTART_DIR)/autoencoder
+	$(BIN)/python run.py experiment=quickstart_ldm hydra.run.dir=$(QUICKSTART_DIR)/ldm \
+		model.first_stage=$(QUICKSTART_DIR)/autoencoder/checkpoints/last.ckpt
+	@echo "sample grid: $(QUICKSTART_DIR)/ldm/samples/grid.png"
 
 test: install ## run the test suite (CPU, tiny models)
 	$(BIN)/python -m pytest -q
@@ -30,7 +35,7 @@ test: install ## run the test suite (CPU, tiny models)
 SWEEP_DIR := multirun/sweep-vae-$(shell date +%Y%m%d-%H%M%S)
 sweep-vae: install ## 8-job lr x disc-norm sweep of the tiny VAE (short budget), then its report (table + plots)
 	$(BIN)/python run.py sweep=vae model=vae_tiny max_steps=60 val_every_n_steps=20 model.loss.disc_start=30 \
-		model.loss.require_perceptual_weights=false hydra.sweep.dir=$(SWEEP_DIR)
+		require_weights=false hydra.sweep.dir=$(SWEEP_DIR)
 	$(BIN)/python run.py task=report sweep_dir=$(SWEEP_DIR)
 
 bench: install ## benchmarks; results as markdown under experiments/bench/results/

@@ -1,6 +1,7 @@
-"""Reconstruction evaluation by the published protocol: PSNR as the mean (and spread) of per-image
-values, SSIM, LPIPS, and rFID with torch-fidelity's Inception and resizing, its reference statistics
-of the real images cached per (data set, split, resolution)."""
+"""Evaluation by the published protocols. Autoencoders: PSNR as the mean (and spread) of per-image
+values, SSIM, LPIPS, and rFID with torch-fidelity's Inception and resizing. Diffusion models: FID of
+N samples against the real images. The real images' statistics are cached per (data set, split,
+resolution)."""
 
 from __future__ import annotations
 
@@ -91,3 +92,25 @@ def evaluate_reconstructions(
             save_reference(fid, reference)
         results["rfid"] = float(fid.compute())
     return results
+
+
+@torch.no_grad()
+def evaluate_samples(
+    generate: Callable[[int], torch.Tensor],
+    num_samples: int,
+    batch_size: int,
+    real_batches: Iterable[dict[str, torch.Tensor]],
+    fid: FrechetInceptionDistance,
+    reference: Path | None = None,
+) -> dict[str, float]:
+    """FID of ``num_samples`` images from ``generate(n)`` (n images in [-1, 1]) against the real images of
+    ``real_batches``, whose statistics come from ``reference`` when it exists and are written there when not."""
+    if not (reference is not None and load_reference(fid, reference)):
+        for batch in tqdm(real_batches, desc="real images", unit="batch"):
+            fid.update((batch["pixel_values"].to(fid.device) + 1) / 2, real=True)
+        if reference is not None:
+            save_reference(fid, reference)
+    for start in tqdm(range(0, num_samples, batch_size), desc="samples", unit="batch"):
+        images = generate(min(batch_size, num_samples - start)).to(fid.device).float().clamp(-1, 1)
+        fid.update((images + 1) / 2, real=False)
+    return {"samples": num_samples, "real_images": int(fid.real_features_num_samples), "fid": float(fid.compute())}

@@ -30,7 +30,7 @@ WEIGHT_FILES = {
         used_for="the LPIPS loss and metric (torchvision's VGG16 backbone)",
         config_key="paths.weights.vgg16",
         switch_off="model.loss.perceptual_weight=0 model.metrics.lpips=false "
-        "(or model.loss.require_perceptual_weights=false to warn and go on)",
+        "(or require_weights=false to warn and go on without LPIPS)",
     ),
     "inception": WeightFile(
         filename="weights-inception-2015-12-05-6726825d.pth",

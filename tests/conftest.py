@@ -36,6 +36,26 @@ TINY = [
     "trainer.enable_model_summary=false",
 ]
 
+# The tiny UNet on 32 px synthetic images in the latent space of a tiny f4 first stage (8x8 latents);
+# model.first_stage is added by the test.
+LDM_TINY = [
+    "model=unet_tiny",
+    "model.ema_decay=0.9",
+    "model.scale_lr=false",
+    "model.lr=1e-3",
+    "sample.num_inference_steps=2",
+    "data.resolution=32",
+    "data.batch_size=2",
+    "data.num_val=4",
+    "data.num_workers=0",
+    "data.source.num_images=12",
+    "data.source.min_side=32",
+    "data.source.max_side=48",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+]
+
 
 @pytest.fixture
 def compose_cfg(tmp_path):

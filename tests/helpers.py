@@ -36,3 +36,29 @@ class RecordSeenImages(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         with open(f"{self.dirpath}/seen_rank{trainer.global_rank}.txt", "a") as handle:
             handle.write("".join(f"{int(i)} {tuple(batch['pixel_values'].shape[2:])}\n" for i in batch["index"]))
+
+
+class StopAt(L.Callback):
+    """Kills the run after ``step`` optimizer steps, leaving a checkpoint behind."""
+
+    def __init__(self, step: int, path):
+        self.at, self.path = step, path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.step == self.at and not self.path.exists():
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def save_tiny_first_stage(kind: str, path, seed: int = 0):
+    """A randomly initialised f4 first stage (``kind`` kl: 4 channels, vq: 3 channels and 64 codes) saved
+    as a diffusers folder: enough for the LDM machinery, which never trains it."""
+    from diffusers import AutoencoderKL, VQModel
+
+    torch.manual_seed(seed)
+    common = dict(block_out_channels=(16, 16, 16), down_block_types=("DownEncoderBlock2D",) * 3,
+                  up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, norm_num_groups=8)
+    vae = (AutoencoderKL(latent_channels=4, **common) if kind == "kl"
+           else VQModel(latent_channels=3, vq_embed_dim=3, num_vq_embeddings=64, **common))
+    vae.save_pretrained(path)
+    return path

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, VQModel
+from diffusers import AutoencoderKL, UNet2DModel, VQModel
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -14,6 +14,7 @@ from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.nn.discriminator import NLayerDiscriminator
 from ldm_lab.tasks.build import build_datamodule, build_stage, build_trainer
 from tests.conftest import CONF
+from tests.helpers import save_tiny_first_stage
 
 GROUP_OPTIONS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
@@ -22,17 +23,27 @@ GROUP_OPTIONS = {
 
 
 def test_every_group_has_its_options():
-    assert {"vae", "vae_tiny"} <= set(GROUP_OPTIONS["model"])
+    assert {"vae", "vae_tiny", "vqvae", "vqvae_tiny", "unet", "unet_tiny"} <= set(GROUP_OPTIONS["model"])
     assert {"fp32", "bf16", "bf16_4060ti"} <= set(GROUP_OPTIONS["precision"])
-    assert {"quickstart", "sd_vae_4060ti"} <= set(GROUP_OPTIONS["experiment"])
+    assert {"quickstart", "sd_vae_4060ti", "celebahq_vqvae_f4", "celebahq_ldm_vq4"} <= set(GROUP_OPTIONS["experiment"])
     assert "patchgan" in GROUP_OPTIONS["disc"] and "short" in GROUP_OPTIONS["debug"]
 
 
+def _offline_overrides(option: str, tmp_path) -> list[str]:
+    """What a model config needs to build here: no LPIPS weights (autoencoders), a first stage (the LDM)."""
+    if option.startswith("unet") or option.endswith("_ldm_vq4"):
+        return [f"model.first_stage={save_tiny_first_stage('vq', tmp_path / 'first_stage')}"]
+    return ["model.loss.perceptual_weight=0", "model.metrics.lpips=false"]
+
+
 @pytest.mark.parametrize("option", GROUP_OPTIONS["model"])
-def test_model_configs_instantiate(compose_cfg, option):
-    cfg = compose_cfg([f"model={option}", "model.loss.perceptual_weight=0", "model.metrics.lpips=false"],
-                      tiny=False)
+def test_model_configs_instantiate(compose_cfg, option, tmp_path):
+    cfg = compose_cfg([f"model={option}", *_offline_overrides(option, tmp_path)], tiny=False)
     stage = build_stage(cfg.model, cfg.disc)
+    if option.startswith("unet"):
+        assert isinstance(stage.unet, UNet2DModel) and stage.unet.config.in_channels == 3  # the VQ's channels
+        assert list(stage.unet.config.block_out_channels) == list(cfg.model.unet.block_out_channels)
+        return
     assert isinstance(stage.vae, VQModel if option.startswith("vqvae") else AutoencoderKL)
     assert list(stage.vae.config.block_out_channels) == list(cfg.model.vae.block_out_channels)
 
@@ -73,7 +84,7 @@ def test_data_configs_instantiate(compose_cfg, tmp_path, option):
 @pytest.mark.parametrize("option", GROUP_OPTIONS["precision"])
 def test_precision_configs_make_a_trainer(compose_cfg, option):
     cfg = compose_cfg([f"precision={option}"])
-    trainer = build_trainer(cfg, accumulate_grad_batches=cfg.model.accumulate_grad_batches)
+    trainer = build_trainer(cfg, build_stage(cfg.model, cfg.disc))
     assert trainer.precision == cfg.trainer.precision
 
 
@@ -86,14 +97,14 @@ def test_4060ti_preset_is_seed_001(compose_cfg):
 
 @pytest.mark.parametrize("option", GROUP_OPTIONS["experiment"])
 def test_experiments_compose_and_build(compose_cfg, tmp_path, option):
-    overrides = [f"experiment={option}", "model.loss.perceptual_weight=0", "model.metrics.lpips=false"]
+    overrides = [f"experiment={option}", *_offline_overrides(option, tmp_path)]
     cfg = compose_cfg(overrides, tiny=False)
     if OmegaConf.is_missing(cfg.data.source, "root"):  # a folder the user names
         cfg = compose_cfg([*overrides, f"data.source.root={tmp_path}"], tiny=False)
     stage = build_stage(cfg.model, cfg.disc)
     datamodule = build_datamodule(cfg, stage.downsample_factor)
     assert datamodule.resolution % stage.downsample_factor == 0
-    build_trainer(cfg, stage.accumulate_grad_batches)
+    build_trainer(cfg, stage)
 
 
 def test_debug_short_shrinks_the_run(compose_cfg):
@@ -132,6 +143,6 @@ def test_sd_vae_one_training_step_runs(compose_cfg):
     vae_before = stage.vae.decoder.conv_out.weight.detach().clone()
     disc_before = [p.detach().clone() for p in stage.discriminator.parameters()]
     fit(stage, [{"pixel_values": torch.rand(1, 3, 64, 64) * 2 - 1}])
-    assert stage.gen_step == 1
+    assert stage.step == 1
     assert not torch.equal(vae_before, stage.vae.decoder.conv_out.weight)
     assert any(not torch.equal(a, b) for a, b in zip(disc_before, stage.discriminator.parameters(), strict=True))

@@ -9,10 +9,10 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from ldm_lab.nn.ema import ema_with_warmup
-from ldm_lab.stages.autoencoder import NonFiniteLossError
+from ldm_lab.stages.base import NonFiniteLossError
 from ldm_lab.tasks.build import build_datamodule, build_stage
 from ldm_lab.tasks.export import export_autoencoder
-from tests.helpers import fit, random_batches
+from tests.helpers import StopAt, fit, random_batches
 
 
 def _stage(compose_cfg, *overrides):
@@ -38,7 +38,7 @@ def test_accumulation_matches_one_larger_batch(compose_cfg, monkeypatch):
     batches = random_batches(2, batch_size=2)
     fit(accumulated, batches)
     fit(large, [{"pixel_values": torch.cat([b["pixel_values"] for b in batches])}])
-    assert accumulated.gen_step == large.gen_step == 1 and accumulated.micro_step == 2
+    assert accumulated.step == large.step == 1 and accumulated.micro_step == 2
     for (name, p0), a, b in zip(initial.vae.named_parameters(), accumulated.vae.parameters(),
                                 large.vae.parameters(), strict=True):
         torch.testing.assert_close(a - p0, b - p0, rtol=1e-3, atol=1e-7, msg=name)
@@ -46,18 +46,6 @@ def test_accumulation_matches_one_larger_batch(compose_cfg, monkeypatch):
     half, _ = _stage(compose_cfg, *common)
     fit(half, batches[:1])
     assert not torch.allclose(half.vae.decoder.conv_out.weight, large.vae.decoder.conv_out.weight, atol=1e-5)
-
-
-class StopAt(L.Callback):
-    """Kills the run after ``step`` generator steps, leaving a checkpoint behind."""
-
-    def __init__(self, step: int, path):
-        self.step, self.path = step, path
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if pl_module.gen_step == self.step and not self.path.exists():
-            trainer.save_checkpoint(self.path)
-            trainer.should_stop = True
 
 
 @pytest.mark.parametrize("stop_at", [1, 2], ids=["mid-epoch", "epoch-end"])
@@ -73,10 +61,10 @@ def test_resumed_run_ends_where_a_straight_run_ends(compose_cfg, tmp_path, stop_
 
     straight, straight_trainer = run()
     stopped, _ = run(callbacks=[StopAt(stop_at, ckpt)])  # an epoch is 4 micro-batches = 2 steps
-    assert stopped.gen_step == stop_at and ckpt.exists()
+    assert stopped.step == stop_at and ckpt.exists()
     resumed, resumed_trainer = run(ckpt_path=str(ckpt))
 
-    assert (resumed.gen_step, resumed.micro_step) == (straight.gen_step, straight.micro_step) == (4, 8)
+    assert (resumed.step, resumed.micro_step) == (straight.step, straight.micro_step) == (4, 8)
     for key, value in _params(straight).items():  # VAE, discriminator (spectral-norm vectors too), EMA
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
     for a, b in zip(straight_trainer.optimizers, resumed_trainer.optimizers, strict=True):
@@ -149,7 +137,7 @@ def test_non_finite_loss_is_skipped_and_counted(compose_cfg):
     batches = random_batches(4)
     batches[1] = {"pixel_values": torch.full_like(batches[1]["pixel_values"], float("nan"))}
     fit(stage, batches)
-    assert stage.nonfinite_skipped == 1 and stage.gen_step == 3 and stage.micro_step == 4
+    assert stage.nonfinite_skipped == 1 and stage.step == 3 and stage.micro_step == 4
     assert all(torch.isfinite(p).all() for p in stage.parameters())
 
 

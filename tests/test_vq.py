@@ -127,7 +127,7 @@ def test_vq_stage_trains_against_every_discriminator_norm(compose_cfg, norm_type
                       "model.scheduler.num_warmup_steps=0")
     disc_before = [p.detach().clone() for p in stage.discriminator.parameters()]
     fit(stage, random_batches(2))
-    assert stage.gen_step == 2
+    assert stage.step == 2
     assert any(not torch.equal(a, b) for a, b in zip(disc_before, stage.discriminator.parameters(), strict=True))
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ldm_lab.data.buckets import BucketBatchSampler, assign_buckets, bucket_resolutions
 from ldm_lab.data.images import to_rgb
 from ldm_lab.data.index import ImageIndex
+from ldm_lab.data.latent_cache import CachedLatents, LatentCache, data_fingerprint, encode_missing
 from ldm_lab.data.sources import FolderSource
 from ldm_lab.data.transforms import bucket_transform
 
@@ -86,6 +87,7 @@ class ImageDataModule(L.LightningDataModule):
         random_crop: bool = True,
         random_flip: bool = True,
         min_image_side: int = 0,
+        max_images: int | None = None,
         num_workers: int = 4,
         seed: int = 0,
         cache_dir: str | os.PathLike | None = None,
@@ -118,16 +120,60 @@ class ImageDataModule(L.LightningDataModule):
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.min_image_side = min_image_side
+        self.max_images = max_images
         self.num_workers = num_workers
         self.seed = seed
         self.cache_dir = cache_dir
         self.index: ImageIndex | None = None
         self._resume: dict[str, int] = {}
+        self.first_stage = None  # set by use_latent_cache: batches then carry cached latents
+        self.latent_cache: LatentCache | None = None
+        self.latent_keys: list[dict[str, str]] | None = None
+        self.latent_scale: float | None = None
 
     def prepare_data(self) -> None:
         self.source.prepare()
         if self.val_source is not None:
             self.val_source.prepare()
+        if self.first_stage is not None and self.latent_keys is None:  # once per process (validate, then fit)
+            self.encode_latents()
+
+    # ---------------------------------------------------------------------------------- latent cache
+    def use_latent_cache(self, first_stage, cache_dir: str | os.PathLike) -> None:
+        """Serve ``{"latents": moments, "index"}`` batches from a cache of ``first_stage``'s encodings
+        under ``cache_dir``, encoding what is missing in ``prepare_data`` (once, on one process)."""
+        self.first_stage = first_stage
+        self.latent_cache = LatentCache(cache_dir, first_stage.fingerprint())
+
+    def _data_key(self) -> str:
+        sizes = np.asarray(self.resolutions)[self.image_buckets]
+        return data_fingerprint(self.index.locations, np.concatenate([sizes, [self.leftover_resolution]]))
+
+    def encode_latents(self) -> dict:
+        """Encode every image the cache lacks, at its bucket resolution (center crop, no flip) and, with
+        buckets, at the leftover resolution too; write and return the manifest."""
+        self._setup_index()
+        batches = []
+        for bucket, (width, height) in enumerate(self.resolutions):
+            members = np.flatnonzero(self.image_buckets == bucket).tolist()
+            batches += [[(i, width, height) for i in members[s : s + self.batch_size]]
+                        for s in range(0, len(members), self.batch_size)]
+        if self.buckets is not None:
+            width, height = self.leftover_resolution
+            others = [i for i in range(len(self.index)) if self.resolutions[self.image_buckets[i]]
+                      != self.leftover_resolution]
+            batches += [[(i, width, height) for i in others[s : s + self.batch_size]]
+                        for s in range(0, len(others), self.batch_size)]
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        original = next(self.first_stage.parameters()).device
+        self.first_stage.to(device)
+        try:
+            manifest = encode_missing(self.first_stage, self.latent_cache, self._dataset(False, False, pixels=True),
+                                      batches, self.is_val, self._data_key(), self.num_workers)
+        finally:
+            self.first_stage.to(original)
+        self.latent_keys, self.latent_scale = manifest["keys"], manifest["scaling_factor"]
+        return manifest
 
     def _usable(self, source: FolderSource) -> tuple[ImageIndex, np.ndarray]:
         """The source's images that fit a bucket (with the skipped ones counted by reason), and their buckets."""
@@ -149,9 +195,18 @@ class ImageDataModule(L.LightningDataModule):
         return usable, assignment.bucket[keep]
 
     def setup(self, stage: str | None = None) -> None:
+        self._setup_index()
+        if self.latent_cache is not None and self.latent_keys is None:  # encoded by another process
+            manifest = self.latent_cache.read_manifest(self._data_key())
+            self.latent_keys, self.latent_scale = manifest["keys"], manifest["scaling_factor"]
+
+    def _setup_index(self) -> None:
         if self.index is not None:
             return
         train, train_buckets = self._usable(self.source)
+        if self.max_images is not None and len(train) > self.max_images:  # a quick trial on a subset
+            train, train_buckets = train.select(np.arange(self.max_images)), train_buckets[: self.max_images]
+            log.info("data.max_images=%d: using the first %d usable images", self.max_images, self.max_images)
         rng = np.random.default_rng(self.seed)
         if 0 < self.num_val < 1:  # a fraction
             self.num_val = max(1, round(self.num_val * len(train)))
@@ -201,7 +256,9 @@ class ImageDataModule(L.LightningDataModule):
             np.where(self.is_val != train, self.image_buckets, -1), self.resolutions, self.batch_size,
             self.leftover_resolution, num_replicas=world, rank=rank, seed=self.seed, shuffle=train, drop_last=train)
 
-    def _dataset(self, random_crop: bool, random_flip: bool) -> BucketedImages:
+    def _dataset(self, random_crop: bool, random_flip: bool, pixels: bool = False) -> Dataset:
+        if self.latent_keys is not None and not pixels:
+            return CachedLatents(self.latent_cache, self.latent_keys)
         return BucketedImages(self.source, self.index, random_crop, random_flip, self.val_source, self.boundary)
 
     def _loader(self, train: bool) -> DataLoader:
@@ -218,10 +275,18 @@ class ImageDataModule(L.LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         return self._loader(train=False)
 
+    def reference_dataloader(self) -> DataLoader:
+        """Every training image, center-cropped and unflipped, in index order on one process: the real
+        images a generative model's FID compares with."""
+        sampler = BucketBatchSampler(np.where(self.is_val, -1, self.image_buckets), self.resolutions, self.batch_size,
+                                     self.leftover_resolution, shuffle=False, drop_last=False)
+        return DataLoader(self._dataset(False, False, pixels=True), batch_sampler=sampler,
+                          num_workers=self.num_workers)
+
     def preview_images(self, count: int) -> torch.Tensor:
         """The first ``count`` validation images, center-cropped to the leftover (near-square)
         resolution: the same pictures at every step, for image grids."""
-        dataset = self._dataset(False, False)
+        dataset = self._dataset(False, False, pixels=True)
         width, height = self.leftover_resolution
         return torch.stack([dataset[(int(i), width, height)]["pixel_values"]
                             for i in np.flatnonzero(self.is_val)[:count]])

@@ -59,8 +59,9 @@ class VQAutoencoderStage(AutoencoderStage):
         # The codebook and commitment terms share their value ||h - e||^2; only their gradients differ.
         return reconstructions, self.codebook_weight * vq_loss, {"quantization_mse": codebook.detach()}
 
-    def on_generator_step(self) -> None:
-        if not self.dead_code_restart_every or self.gen_step % self.dead_code_restart_every:
+    def on_optimizer_step(self) -> None:
+        super().on_optimizer_step()
+        if not self.dead_code_restart_every or self.step % self.dead_code_restart_every:
             return
         counts = self.trainer.strategy.reduce(self.train_code_counts.clone(), reduce_op="sum")
         embedding = self.vae.quantize.embedding.weight
@@ -71,7 +72,7 @@ class VQAutoencoderStage(AutoencoderStage):
             self.ema.module.quantize.embedding.weight.data[dead] = embedding.data[dead]
         self.train_code_counts.zero_()
         if self.logger is not None:
-            self.logger.log_metrics({"train/dead_codes_restarted": int(dead.sum())}, step=self.gen_step)
+            self.logger.log_metrics({"train/dead_codes_restarted": int(dead.sum())}, step=self.step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -6,30 +6,44 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.stages.autoencoder import AutoencoderStage
+from ldm_lab.stages.base import TrainingStage
 
 
-def build_stage(model_cfg: DictConfig, disc_cfg: DictConfig) -> AutoencoderStage:
-    stage = instantiate(model_cfg, discriminator=instantiate(disc_cfg, _partial_=True))
-    stage.run_config = {"model": OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True),
-                        "disc": OmegaConf.to_container(disc_cfg, resolve=True, enum_to_str=True)}
+def build_stage(model_cfg: DictConfig, disc_cfg: DictConfig | None) -> TrainingStage:
+    """The stage ``model`` names; autoencoders get the ``disc`` discriminator, the LDM ignores it."""
+    adversarial = issubclass(get_class(model_cfg._target_), AutoencoderStage)
+    config = {"model": OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True)}
+    if adversarial:
+        stage = instantiate(model_cfg, discriminator=instantiate(disc_cfg, _partial_=True))
+        config["disc"] = OmegaConf.to_container(disc_cfg, resolve=True, enum_to_str=True)
+    else:
+        stage = instantiate(model_cfg)
+    stage.run_config = config
     return stage
 
 
-def load_stage(ckpt_path: str | Path) -> AutoencoderStage:
+def load_stage(ckpt_path: str | Path) -> TrainingStage:
     """The stage a training checkpoint holds, rebuilt from the config stored in it, for inference
-    (export, evaluation): without the LPIPS loss and validation metrics, whose weights it needs not."""
+    (export, evaluation, sampling): autoencoders without the LPIPS loss and validation metrics, whose
+    weights they need not; the LDM with its first stage rebuilt from the checkpoint, not its source."""
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    saved = checkpoint["ldm_lab"]["config"]
-    saved["model"]["loss"]["perceptual_weight"] = 0.0
-    saved["model"]["metrics"].update(lpips=False, rfid=False)
-    stage = build_stage(OmegaConf.create(saved["model"]), OmegaConf.create(saved["disc"]))
+    state = checkpoint["ldm_lab"]
+    saved = state["config"]
+    if "first_stage" in state:
+        saved["model"]["first_stage"] = state["first_stage"]
+    else:
+        saved["model"]["loss"]["perceptual_weight"] = 0.0
+        saved["model"]["metrics"].update(lpips=False, rfid=False)
+    stage = build_stage(OmegaConf.create(saved["model"]), OmegaConf.create(saved.get("disc")))
     stage.load_state_dict(checkpoint["state_dict"])
-    return stage
+    stage.run_config = saved
+    return stage.eval()
 
 
 def build_datamodule(cfg: DictConfig, downsample_factor: int) -> ImageDataModule:
@@ -37,14 +51,22 @@ def build_datamodule(cfg: DictConfig, downsample_factor: int) -> ImageDataModule
     return instantiate(cfg.data, downsample_factor=downsample_factor)
 
 
-def build_trainer(cfg: DictConfig, accumulate_grad_batches: int) -> L.Trainer:
-    callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
+def build_trainer(cfg: DictConfig, stage: TrainingStage) -> L.Trainer:
+    """The Trainer; the checkpoint callback monitors what the stage names (``stage.monitor``)."""
+    callbacks = []
+    for c in cfg.callbacks.values():
+        if c is None:
+            continue
+        if issubclass(get_class(c._target_), ModelCheckpoint) and "monitor" not in c:
+            callbacks.append(instantiate(c, monitor=stage.monitor, mode=stage.monitor_mode))
+        else:
+            callbacks.append(instantiate(c))
     return instantiate(
         cfg.trainer,
         callbacks=callbacks,
         logger=instantiate(cfg.logger),
         default_root_dir=cfg.paths.output_dir,
         # Validation (and so checkpoints) on accumulation boundaries, counted in micro-batches.
-        val_check_interval=cfg.val_every_n_steps * accumulate_grad_batches,
+        val_check_interval=cfg.val_every_n_steps * stage.accumulate_grad_batches,
         check_val_every_n_epoch=None,
     )

@@ -1,6 +1,8 @@
-"""task=evaluate: an autoencoder checkpoint or exported folder, measured on a data split.
+"""task=evaluate: an autoencoder (PSNR, SSIM, LPIPS, rFID on a data split) or a latent diffusion model
+(FID of N samples against the training images), from a checkpoint or an exported folder.
 
     python run.py task=evaluate evaluate.model=outputs/.../export data=imagenet100 data.resolution=256
+    python run.py task=evaluate evaluate.model=outputs/.../checkpoints/best.ckpt data=celebahq evaluate.num_samples=50000
 
 Images are resized on the short side and center-cropped (the datamodule's validation images: the
 held-out ones, or the data set's own split with ``data.val_source``). Writes evaluation.json and
@@ -18,9 +20,11 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 from omegaconf import DictConfig
 
-from ldm_lab.evaluation import evaluate_reconstructions, make_fid
+from ldm_lab.diffusion.sampling import generate_images
+from ldm_lab.evaluation import evaluate_reconstructions, evaluate_samples, make_fid
 from ldm_lab.losses.perceptual import LPIPS
 from ldm_lab.tasks.build import build_datamodule, load_stage
+from ldm_lab.tasks.sample import load_sampler_parts
 from ldm_lab.weights import MissingWeightsError, find_weights, missing_message
 
 log = logging.getLogger(__name__)
@@ -43,15 +47,29 @@ def load_autoencoder(path: Path):
     return reconstruct, 2 ** (len(model.config.block_out_channels) - 1), model
 
 
-def run(cfg: DictConfig) -> dict[str, float]:
-    if cfg.evaluate.model is None:
-        raise ValueError("task=evaluate needs evaluate.model=<a .ckpt or an exported diffusers folder>")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reconstruct, factor, model = load_autoencoder(Path(cfg.evaluate.model))
-    model.to(device)
-    datamodule = build_datamodule(cfg, factor)
+def _datamodule(cfg: DictConfig, downsample_factor: int):
+    datamodule = build_datamodule(cfg, downsample_factor)
     datamodule.prepare_data()
     datamodule.setup("validate")
+    return datamodule
+
+
+def _reference_path(cfg: DictConfig, datamodule, split: str, count: int) -> Path:
+    name = "".join(c if c.isalnum() else "_" for c in datamodule.source.name)
+    return Path(cfg.evaluate.reference_dir) / f"{name}-{split}{count}-{datamodule.resolution}px-inception2048.npz"
+
+
+def _is_diffusion_model(path: Path) -> bool:
+    if path.is_dir():
+        return (path / "model_index.json").is_file()
+    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return "first_stage" in checkpoint.get("ldm_lab", {})
+
+
+def evaluate_autoencoder(cfg: DictConfig, device: torch.device) -> tuple[dict, list[str], str]:
+    reconstruct, factor, model = load_autoencoder(Path(cfg.evaluate.model))
+    model.to(device)
+    datamodule = _datamodule(cfg, factor)
     notes = []
     lpips = None
     if cfg.evaluate.lpips:
@@ -66,11 +84,44 @@ def run(cfg: DictConfig) -> dict[str, float]:
             notes.append(f"rFID skipped: {missing_message('inception', cfg.paths.weights.inception)}")
         else:
             fid = make_fid(2048, str(weights)).to(device)
-            name = "".join(c if c.isalnum() else "_" for c in datamodule.source.name)
-            reference = (Path(cfg.evaluate.reference_dir) /
-                         f"{name}-val{int(datamodule.is_val.sum())}-{datamodule.resolution}px-inception2048.npz")
+            reference = _reference_path(cfg, datamodule, "val", int(datamodule.is_val.sum()))
     results = evaluate_reconstructions(reconstruct, datamodule.val_dataloader(), device, lpips, fid, reference)
-    results.update(model=str(cfg.evaluate.model), data=datamodule.source.name, resolution=datamodule.resolution)
+    results.update(resolution=datamodule.resolution)
+    return results, notes, datamodule.source.name
+
+
+def evaluate_diffusion(cfg: DictConfig, device: torch.device) -> tuple[dict, list[str], str]:
+    """FID of ``evaluate.num_samples`` samples (drawn as ``sample.*`` says) against the training images."""
+    weights = find_weights("inception", cfg.paths.weights.inception)
+    if weights is None:  # FID is the only metric of a generative model here
+        raise MissingWeightsError(missing_message("inception", cfg.paths.weights.inception))
+    unet, first_stage, latent_scale, noise_scheduler = load_sampler_parts(Path(cfg.evaluate.model))
+    unet.to(device)
+    first_stage.to(device)
+    datamodule = _datamodule(cfg, first_stage.downsample_factor * 2 ** (len(unet.config.block_out_channels) - 1))
+    options = cfg.sample
+    height, width = options.height or datamodule.resolution, options.width or datamodule.resolution
+    generator = torch.Generator().manual_seed(options.seed)
+
+    def generate(n: int) -> torch.Tensor:
+        return generate_images(unet, first_stage, latent_scale, noise_scheduler, n, height, width, options.sampler,
+                               options.num_inference_steps, options.eta, n, generator)
+
+    fid = make_fid(2048, str(weights)).to(device)
+    reference = _reference_path(cfg, datamodule, "train", int((~datamodule.is_val).sum()))
+    results = evaluate_samples(generate, cfg.evaluate.num_samples, options.batch_size,
+                               datamodule.reference_dataloader(), fid, reference)
+    results.update(resolution=f"{width}x{height}", sampler=options.sampler, steps=options.num_inference_steps)
+    return results, [], datamodule.source.name
+
+
+def run(cfg: DictConfig) -> dict[str, float]:
+    if cfg.evaluate.model is None:
+        raise ValueError("task=evaluate needs evaluate.model=<a .ckpt or an exported diffusers folder>")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    evaluate = evaluate_diffusion if _is_diffusion_model(Path(cfg.evaluate.model)) else evaluate_autoencoder
+    results, notes, data_name = evaluate(cfg, device)
+    results.update(model=str(cfg.evaluate.model), data=data_name)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps({**results, "notes": notes}, indent=2))
@@ -79,6 +130,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
                                        + "".join(f"\n{note}\n" for note in notes))
     for note in notes:
         log.warning(note)
-    log.info("evaluation of %s on %s:\n%s", cfg.evaluate.model, datamodule.source.name, "\n".join(rows))
+    log.info("evaluation of %s on %s:\n%s", cfg.evaluate.model, data_name, "\n".join(rows))
     log.info("written: %s, %s", out / "evaluation.json", out / "evaluation.md")
     return results

@@ -1,19 +1,23 @@
-"""task=export: a trained autoencoder as a diffusers folder, with its latent scale measured.
+"""task=export: a trained stage as a diffusers folder. An autoencoder gets its latent scale measured;
+a latent diffusion model becomes an ``LDMPipeline`` folder (vqvae, unet, DDIM scheduler).
 
     python run.py task=export ckpt_path=outputs/.../checkpoints/last.ckpt
 """
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 from pathlib import Path
 
 import torch
+from diffusers import DDIMScheduler, LDMPipeline
 from omegaconf import DictConfig
 
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.stages.autoencoder import AutoencoderStage
+from ldm_lab.stages.latent_diffusion import LatentDiffusionStage
 from ldm_lab.tasks.build import build_datamodule, load_stage
 
 log = logging.getLogger(__name__)
@@ -44,9 +48,23 @@ def export_autoencoder(stage: AutoencoderStage, datamodule: ImageDataModule, out
     return out_dir
 
 
+def export_pipeline(stage: LatentDiffusionStage, out_dir: Path) -> Path:
+    """An ``LDMPipeline`` folder: the first stage (as ``vqvae``, with ``scaling_factor`` = the stage's
+    latent scale), the evaluation UNet (EMA when on) and a DDIM scheduler with the training betas.
+    LDMPipeline samples square latents of ``unet.config.sample_size`` and divides by ``scaling_factor``."""
+    vae = copy.deepcopy(stage.first_stage.vae)
+    vae.register_to_config(scaling_factor=float(stage.latent_scale))
+    scheduler = DDIMScheduler.from_config(stage.noise_scheduler.config)
+    LDMPipeline(vqvae=vae, unet=stage.eval_unet, scheduler=scheduler).save_pretrained(out_dir)
+    log.info("exported %s (LDMPipeline) with scaling_factor %.5f", out_dir, float(stage.latent_scale))
+    return out_dir
+
+
 def run(cfg: DictConfig) -> Path:
     if cfg.ckpt_path is None:
         raise ValueError("task=export needs ckpt_path=/path/to/checkpoint.ckpt")
     stage = load_stage(cfg.ckpt_path)
+    if isinstance(stage, LatentDiffusionStage):
+        return export_pipeline(stage, Path(cfg.paths.output_dir) / "export")
     datamodule = build_datamodule(cfg, stage.downsample_factor)
     return export_autoencoder(stage, datamodule, Path(cfg.paths.output_dir) / "export")

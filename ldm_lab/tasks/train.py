@@ -1,4 +1,5 @@
-"""task=train: fit the stage, validate before and after, export a diffusers folder."""
+"""task=train: fit the stage, validate before and after, export a diffusers folder (and, for the LDM,
+draw a grid of samples)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
+from ldm_lab.stages.latent_diffusion import LatentDiffusionStage
 from ldm_lab.tasks.build import build_datamodule, build_stage, build_trainer
-from ldm_lab.tasks.export import export_autoencoder
+from ldm_lab.tasks.export import export_autoencoder, export_pipeline
+from ldm_lab.tasks.sample import sample
 
 log = logging.getLogger(__name__)
 
@@ -23,11 +26,15 @@ def run(cfg: DictConfig) -> dict[str, float]:
     logging.getLogger("lightning.pytorch").handlers.clear()  # Hydra's root handler prints its messages once
     # ImageDataModule.state_dict resumes a stopped epoch itself; Lightning cannot see that.
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode")  # the LDM's frozen first stage
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     stage = build_stage(cfg.model, cfg.disc)
     datamodule = build_datamodule(cfg, stage.downsample_factor)
-    trainer = build_trainer(cfg, stage.accumulate_grad_batches)
+    diffusion = isinstance(stage, LatentDiffusionStage)
+    if diffusion and stage.latent_cache:  # encoded (what is missing) in prepare_data, before training
+        datamodule.use_latent_cache(stage.first_stage, cfg.paths.latent_cache)
+    trainer = build_trainer(cfg, stage)
     log.info("run folder: %s", output_dir)
     log.info("TensorBoard: tensorboard --logdir %s", output_dir / "tensorboard")
 
@@ -36,16 +43,25 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("validation before training (step 0): %s", _format(stage.last_val_metrics))
     trainer.fit(stage, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     trainer.validate(stage, datamodule=datamodule, verbose=False)
-    log.info("validation after training (step %d): %s", stage.gen_step, _format(stage.last_val_metrics))
+    log.info("validation after training (step %d): %s", stage.step, _format(stage.last_val_metrics))
     if stage.nonfinite_skipped:
         log.warning("%d micro-batches were skipped for a non-finite loss", stage.nonfinite_skipped)
 
     if not trainer.is_global_zero:  # under DDP every rank runs this function; one exports
         return stage.last_val_metrics
-    export_dir = export_autoencoder(stage, datamodule, output_dir / "export")
     checkpoint_dir = Path(trainer.checkpoint_callback.dirpath) if trainer.checkpoint_callback else None
     log.info("checkpoints: %s (resume: python run.py ckpt_path=%s)", checkpoint_dir,
              checkpoint_dir / "last.ckpt" if checkpoint_dir else "<checkpoint>")
     log.info("image grids: %s", output_dir / "images")
-    log.info("diffusers folder: %s (%s.from_pretrained)", export_dir, type(stage.eval_vae).__name__)
+    if diffusion:
+        export_dir = export_pipeline(stage, output_dir / "export")
+        log.info("diffusers folder: %s (LDMPipeline.from_pretrained)", export_dir)
+        stage.to("cpu")
+        height, width = datamodule.leftover_resolution[1], datamodule.leftover_resolution[0]
+        grid = sample(cfg, stage.eval_unet, stage.first_stage, float(stage.latent_scale), stage.noise_scheduler,
+                      output_dir / "samples", (height, width))
+        log.info("sample grid: %s", grid)
+    else:
+        export_dir = export_autoencoder(stage, datamodule, output_dir / "export")
+        log.info("diffusers folder: %s (%s.from_pretrained)", export_dir, type(stage.eval_vae).__name__)
     return stage.last_val_metrics

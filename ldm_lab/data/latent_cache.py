@@ -1,0 +1,195 @@
+"""The latent cache: a data set encoded once by a frozen first stage, so the diffusion model trains on
+latents instead of running the encoder every step.
+
+Layout: ``<root>/<first-stage fingerprint>/shard-<uuid>.safetensors`` holds one tensor per image (the
+first stage's moments at the image's bucket resolution, center crop, no flip), named by the SHA-1 of the
+image's pixels at that resolution: a changed image or first stage gets a new key and is encoded again,
+an unchanged one is skipped. With aspect-ratio buckets an image is also stored at the leftover
+resolution, which the bucket sampler gives the remainders of each epoch. ``manifest-<data key>.json`` lists, for one data configuration, each
+image's key in index order and the latent scale, 1 / std of the training images' latents (LDM, sec.
+4.3.2 and D.1; for KL moments the std of a posterior sample, computed exactly from means and variances).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from ldm_lab.stages.first_stage import FirstStage
+
+log = logging.getLogger(__name__)
+
+
+def pixel_key(pixel_values: torch.Tensor) -> str:
+    """The cache key of one transformed image: a hash of its shape and pixels."""
+    digest = hashlib.sha1(str(tuple(pixel_values.shape)).encode())
+    digest.update(pixel_values.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class KeyedImages(Dataset):
+    """Wraps a dataset of ``{"pixel_values", "index"}`` items, adding each image's :func:`pixel_key`."""
+
+    def __init__(self, images: Dataset):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item):
+        sample = self.images[item]
+        sample["key"] = pixel_key(sample["pixel_values"])
+        return sample
+
+
+class LatentCache:
+    """The shards of one first stage: a key -> shard map read from the shard headers, written to in shards
+    of ``shard_size`` tensors (each written whole, atomically: a killed run keeps what it finished)."""
+
+    def __init__(self, root: str | os.PathLike, fingerprint: str, shard_size: int = 1024):
+        self.dir = Path(root) / fingerprint[:16]
+        self.shard_size = shard_size
+        self.shards: dict[str, Path] = {}
+        self._pending: dict[str, torch.Tensor] = {}
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the shard headers again (another process may have written shards)."""
+        for shard in sorted(self.dir.glob("shard-*.safetensors")):
+            with safe_open(shard, "pt") as handle:
+                self.shards.update(dict.fromkeys(handle.keys(), shard))
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.shards or key in self._pending
+
+    def get(self, key: str) -> torch.Tensor:
+        if key in self._pending:
+            return self._pending[key]
+        with safe_open(self.shards[key], "pt") as handle:
+            return handle.get_tensor(key)
+
+    def add(self, key: str, moments: torch.Tensor) -> None:
+        self._pending[key] = moments.detach().float().cpu().contiguous()
+        if len(self._pending) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"shard-{uuid.uuid4().hex}.safetensors"  # unique: processes on several nodes may write
+        handle, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
+        os.close(handle)
+        save_file(self._pending, tmp)
+        os.replace(tmp, path)
+        self.shards.update(dict.fromkeys(self._pending, path))
+        self._pending = {}
+
+    def manifest_path(self, data_key: str) -> Path:
+        return self.dir / f"manifest-{data_key}.json"
+
+    def read_manifest(self, data_key: str) -> dict:
+        self.refresh()
+        path = self.manifest_path(data_key)
+        if not path.is_file():
+            raise FileNotFoundError(f"no latent cache manifest {path} for this data and first stage; "
+                                    f"run python run.py task=cache_latents with the same model.first_stage and data")
+        return json.loads(path.read_text())
+
+
+class LatentScale:
+    """Running sums for the std of latents drawn from moments (float64)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.count, self.total, self.squares, self.variance = 0, 0.0, 0.0, 0.0
+
+    def update(self, moments: torch.Tensor) -> None:
+        moments = moments.double()
+        if self.kind == "kl":  # z = mean + std * eps: E[z^2] = mean^2 + var
+            mean, logvar = moments.chunk(2, dim=0)
+            self.variance += float(logvar.clamp(-30.0, 20.0).exp().sum())
+        else:
+            mean = moments
+        self.count += mean.numel()
+        self.total += float(mean.sum())
+        self.squares += float(mean.square().sum())
+
+    @property
+    def scaling_factor(self) -> float:
+        mean = self.total / self.count
+        return float(1.0 / np.sqrt((self.squares + self.variance) / self.count - mean**2))
+
+
+def data_fingerprint(locations: list[str], sizes: np.ndarray) -> str:
+    """Names the manifest of one data configuration: its images and the resolution each is encoded at."""
+    digest = hashlib.sha1("\n".join(locations).encode())
+    digest.update(np.ascontiguousarray(sizes, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()
+def encode_missing(first_stage: FirstStage, cache: LatentCache, images: Dataset, batches: list[list[tuple[int, int, int]]],
+                   is_val: np.ndarray, data_key: str, num_workers: int = 0) -> dict:
+    """Encode every ``(index, width, height)`` of ``batches`` whose key the cache lacks; write the manifest
+    (per image, its key at each resolution it appears at; the latent scale over the training images at
+    their first resolution, their bucket) and return it."""
+    device = next(first_stage.parameters()).device
+    keys: list[dict[str, str]] = [{} for _ in range(len(is_val))]
+    scale = LatentScale(first_stage.kind)
+    encoded = seen = 0
+    loader = DataLoader(KeyedImages(images), batch_sampler=batches, num_workers=num_workers)
+    for batch in tqdm(loader, desc="latent cache", unit="batch", dynamic_ncols=True):
+        missing = [i for i, key in enumerate(batch["key"]) if key not in cache]
+        if missing:
+            moments = first_stage.moments(batch["pixel_values"][missing].to(device)).float().cpu()
+            for row, i in enumerate(missing):
+                cache.add(batch["key"][i], moments[row])
+            encoded += len(missing)
+        height, width = batch["pixel_values"].shape[2:]
+        for key, index in zip(batch["key"], batch["index"].tolist(), strict=True):
+            if not keys[index] and not is_val[index]:
+                scale.update(cache.get(key))
+            keys[index][f"{width}x{height}"] = key
+            seen += 1
+    cache.flush()
+    manifest = {"kind": first_stage.kind, "scaling_factor": scale.scaling_factor, "keys": keys}
+    path = cache.manifest_path(data_key)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, path)
+    log.info("latent cache %s: %d latents encoded, %d already there; latent scale 1/std = %.5f", cache.dir,
+             encoded, seen - encoded, manifest["scaling_factor"])
+    return manifest
+
+
+class CachedLatents(Dataset):
+    """Items ``(index, width, height)`` -> ``{"latents": moments, "index"}``: the image's moments at that resolution."""
+
+    def __init__(self, cache: LatentCache, keys: list[dict[str, str]]):
+        self.shards = cache.shards
+        self.keys = keys
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, item: tuple[int, int, int]) -> dict[str, torch.Tensor]:
+        index, width, height = item
+        key = self.keys[index].get(f"{width}x{height}")
+        if key is None:
+            raise KeyError(f"image {index} has no cached latents at {width}x{height}; the cache does not match "
+                           f"the data configuration: run task=cache_latents again")
+        with safe_open(self.shards[key], "pt") as handle:
+            return {"latents": handle.get_tensor(key), "index": index}

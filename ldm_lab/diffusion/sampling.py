@@ -1,0 +1,64 @@
+"""Sampling the reverse process with diffusers schedulers: DDPM (Ho et al. 2020, ancestral, up to the
+training steps) or DDIM (Song et al. 2021, ``eta`` = 0 deterministic, 1 DDPM-like), both with the
+training schedule's betas."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils.torch_utils import randn_tensor
+from torch import nn
+from tqdm import tqdm
+
+SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+
+
+def inference_scheduler(train_scheduler: SchedulerMixin, sampler: str) -> SchedulerMixin:
+    """A ``sampler`` (ddim | ddpm) scheduler with the training scheduler's betas and prediction type."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is not one of {sorted(SAMPLERS)}")
+    return SAMPLERS[sampler].from_config(train_scheduler.config)
+
+
+@torch.no_grad()
+def denoise(unet: nn.Module, scheduler: SchedulerMixin, noise: torch.Tensor, num_inference_steps: int,
+            eta: float = 0.0, generator: torch.Generator | None = None, progress: bool = True) -> torch.Tensor:
+    """Latents from Gaussian ``noise`` after ``num_inference_steps`` reverse steps: the loop of diffusers'
+    ``LDMPipeline`` (same operations, same order), with ``generator`` also seeding the steps' noise."""
+    scheduler.set_timesteps(num_inference_steps)
+    latents = noise * scheduler.init_noise_sigma
+    extra = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
+    for t in tqdm(scheduler.timesteps, desc="denoising", unit="step", disable=not progress, leave=False,
+                  dynamic_ncols=True):
+        prediction = unet(scheduler.scale_model_input(latents, t), t).sample
+        latents = scheduler.step(prediction, t, latents, generator=generator, **extra).prev_sample
+    return latents
+
+
+@torch.no_grad()
+def generate_images(unet: nn.Module, first_stage: nn.Module, latent_scale: float, train_scheduler: SchedulerMixin,
+                    num_images: int, height: int, width: int, sampler: str = "ddim", num_inference_steps: int = 50,
+                    eta: float = 0.0, batch_size: int | None = None, generator: torch.Generator | None = None,
+                    progress: bool = False) -> torch.Tensor:
+    """``num_images`` images of ``height`` x ``width`` pixels in [-1, 1]: noise drawn on the CPU from
+    ``generator`` batch after batch (as ``LDMPipeline`` draws it), denoised by ``unet``, divided by the
+    latent scale and decoded by the first stage (:class:`~ldm_lab.stages.first_stage.FirstStage`)."""
+    factor = first_stage.downsample_factor
+    multiple = factor * 2 ** (len(unet.config.block_out_channels) - 1)
+    if height % multiple or width % multiple:
+        raise ValueError(f"{height}x{width} px: both sides must be multiples of {multiple} "
+                         f"(first stage x UNet downsampling); e.g. sample.height={max(multiple, height // multiple * multiple)}")
+    scheduler = inference_scheduler(train_scheduler, sampler)
+    device = next(unet.parameters()).device
+    batch_size = batch_size or num_images
+    images = []
+    for start in tqdm(range(0, num_images, batch_size), desc="sampling", unit="batch", disable=not progress,
+                      dynamic_ncols=True):
+        shape = (min(batch_size, num_images - start), unet.config.in_channels, height // factor, width // factor)
+        noise = randn_tensor(shape, generator=generator).to(device)
+        latents = denoise(unet, scheduler, noise, num_inference_steps, eta, generator, progress)
+        images.append(first_stage.decode(latents / latent_scale).float().cpu())
+    return torch.cat(images)

@@ -1,0 +1,171 @@
+"""The training loop every stage shares: manual optimization with gradient accumulation, clipping,
+non-finite skipping, seeded per-micro-batch randomness and progress counters that survive a resume.
+
+Per micro-batch a stage computes one loss per optimizer (``None`` for an optimizer that sits this one
+out) and hands them to :meth:`TrainingStage.backward_and_step`. Everything that counts progress
+(schedules, EMA, logging, stopping, disc_start) counts *optimizer steps* of the first optimizer,
+``self.step``, not Lightning's ``global_step``, which moves once per optimizer (twice per batch for a GAN).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row; a checkpoint was written before stopping."""
+
+
+class TrainingStage(L.LightningModule):
+    """Subclasses build their networks, optimizers (first one: the model the stage is named after) and
+    ``training_step``; they may extend :meth:`on_optimizer_step` and :meth:`train_scalars`.
+    ``monitor`` / ``monitor_mode`` name the validation value the best checkpoint is chosen on."""
+
+    monitor: str
+    monitor_mode: str
+
+    def __init__(self, max_steps: int, accumulate_grad_batches: int = 1, gradient_clip_val: float | None = 1.0,
+                 max_consecutive_nonfinite: int = 5, seed: int = 0):
+        super().__init__()
+        self.automatic_optimization = False
+        self.max_steps = max_steps
+        self.accumulate_grad_batches = accumulate_grad_batches
+        self.gradient_clip_val = gradient_clip_val
+        self.max_consecutive_nonfinite = max_consecutive_nonfinite
+        self.seed = seed
+        # Progress, saved in and restored from checkpoints.
+        self.step = 0  # optimizer steps
+        self.micro_step = 0  # micro-batches seen
+        self.nonfinite_skipped = 0  # micro-batches skipped for a non-finite loss
+        # Within one accumulation cycle.
+        self._consecutive_nonfinite = 0
+        self._contributed = 0
+        self._log_sums: dict[str, torch.Tensor | float] = defaultdict(float)
+        self.last_val_metrics: dict[str, float] = {}
+        self.run_config: dict | None = None  # the composed config this stage was built from, stored in checkpoints
+
+    def on_fit_start(self) -> None:
+        if self.trainer.precision == "16-mixed":
+            raise ValueError("precision 16-mixed clips scaled gradients under manual optimization; "
+                             "use precision=bf16 (bf16-mixed) or precision=fp32")
+
+    def step_generator(self, device: torch.device | str) -> torch.Generator:
+        """Randomness for this micro-batch from (seed, rank, micro-batch): repeatable, unchanged by a resume."""
+        seed = np.random.SeedSequence([self.seed, self.global_rank, self.micro_step]).generate_state(1)[0]
+        return torch.Generator(device=device).manual_seed(int(seed))
+
+    # ----------------------------------------------------------------------------- the loop
+    def backward_and_step(self, losses: list[torch.Tensor | None], logs: dict[str, torch.Tensor]) -> None:
+        """Backpropagate ``losses[i] / accumulation`` for optimizer i and, every ``accumulate_grad_batches``
+        micro-batches, clip and step the optimizers whose loss was given. A micro-batch whose losses are
+        not all finite (on any rank) is skipped and counted."""
+        given = [loss for loss in losses if loss is not None]
+        self.micro_step += 1
+        if self._all_ranks_finite(torch.stack([loss.detach().float() for loss in given]).sum()):
+            for loss in given:
+                self.manual_backward(loss / self.accumulate_grad_batches)
+            self._consecutive_nonfinite = 0
+            self._contributed += 1
+            for name, value in logs.items():  # tensors: no device sync until they are logged
+                self._log_sums[name] = self._log_sums[name] + value
+        else:
+            self._skip_nonfinite(logs)
+        if self.micro_step % self.accumulate_grad_batches == 0:
+            self._optimizer_step([loss is not None for loss in losses])
+        self.log("loss", losses[0].detach(), prog_bar=True, logger=False)
+        self.log("step", float(self.step), prog_bar=True, logger=False)
+
+    def _all_ranks_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank: under DDP all ranks must skip a micro-batch together,
+        or the ones that backpropagate wait forever for the gradients of the ones that do not."""
+        nonfinite = (~torch.isfinite(loss)).float()
+        return not bool(self.trainer.strategy.reduce(nonfinite, reduce_op="sum") > 0)
+
+    def _skip_nonfinite(self, logs: dict[str, torch.Tensor]) -> None:
+        self.nonfinite_skipped += 1
+        self._consecutive_nonfinite += 1
+        parts = ", ".join(f"{k}={float(v):.4g}" for k, v in logs.items())
+        log.warning("non-finite loss at step %d skipped (%d so far): %s", self.step, self.nonfinite_skipped, parts)
+        if self._consecutive_nonfinite >= self.max_consecutive_nonfinite:
+            callback = self.trainer.checkpoint_callback
+            folder = Path(callback.dirpath) if callback is not None else Path(self.trainer.default_root_dir)
+            path = folder / "nonfinite.ckpt"
+            self.trainer.save_checkpoint(path)
+            raise NonFiniteLossError(
+                f"{self._consecutive_nonfinite} non-finite losses in a row at step {self.step} "
+                f"({parts}); state saved to {path}. Lower model.lr, check the data, or use precision=fp32."
+            )
+
+    def _optimizer_step(self, active: list[bool]) -> None:
+        optimizers, schedulers = _as_list(self.optimizers()), _as_list(self.lr_schedulers())
+        if self._contributed == 0:  # every micro-batch of this cycle was skipped: nothing to apply
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
+            return
+        for optimizer, scheduler, is_active in zip(optimizers, schedulers, active, strict=True):
+            if is_active:
+                if self.gradient_clip_val:
+                    self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val,
+                                        gradient_clip_algorithm="norm")
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+        self.step += 1
+        self.on_optimizer_step()
+        self._log_train_scalars()
+        if self.step >= self.max_steps:
+            self.trainer.should_stop = True
+
+    def on_optimizer_step(self) -> None:
+        """Called after every optimizer step (EMA updates, dead-code restarts)."""
+
+    def train_scalars(self) -> dict[str, float]:
+        """Scalars logged with the averaged training losses: the learning rate(s)."""
+        return {"train/lr": _as_list(self.lr_schedulers())[0].get_last_lr()[0]}
+
+    def _log_train_scalars(self) -> None:
+        count, sums = self._contributed, self._log_sums
+        self._contributed, self._log_sums = 0, defaultdict(float)
+        if self.logger is None or self.step % self.trainer.log_every_n_steps:
+            return
+        metrics = {f"train/{name}": float(value) / count for name, value in sums.items()}
+        metrics.update(self.train_scalars())
+        metrics["train/nonfinite_skipped"] = self.nonfinite_skipped
+        self.logger.log_metrics(metrics, step=self.step)
+
+    # ----------------------------------------------------------------------------- validation logging
+    def log_validation(self, values: dict[str, torch.Tensor]) -> None:
+        """Values of a validation pass: to the progress bar, ModelCheckpoint's monitor and the logger."""
+        for name, value in values.items():
+            self.log(f"val/{name}", value, prog_bar=f"val/{name}" == self.monitor, logger=False)
+        self.last_val_metrics = {name: float(value) for name, value in values.items()}
+        if self.logger is not None:
+            self.logger.log_metrics({f"val/{k}": v for k, v in self.last_val_metrics.items()}, step=self.step)
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["ldm_lab"] = {
+            "step": self.step,
+            "micro_step": self.micro_step,
+            "nonfinite_skipped": self.nonfinite_skipped,
+            "config": self.run_config,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint["ldm_lab"]
+        self.step = state["step"]
+        self.micro_step = state["micro_step"]
+        self.nonfinite_skipped = state["nonfinite_skipped"]
+
+
+def _as_list(value) -> list:
+    """Lightning returns a lone optimizer (scheduler) bare, several as a list."""
+    return list(value) if isinstance(value, list | tuple) else [value]

@@ -1,0 +1,184 @@
+"""The latent diffusion stage (LDM, Rombach et al. 2022; LDM-VQ-4, seed 000): an unconditional
+diffusers UNet2DModel learns to predict the noise added to scaled first-stage latents (DDPM, Ho et al.
+2020: ``loss_simple`` = MSE between the UNet's prediction and the noise at a uniform random timestep).
+
+The first stage is frozen. Latents come from the latent cache (moments stored per image) or are encoded
+on the fly; either way ``latent_scale`` (1 / std of the training latents) multiplies them. It is set
+once, saved with the checkpoint (a buffer) and never recomputed on resume. An EMA of the UNet (only the
+UNet) is updated after every optimizer step and is what validation's ``loss_simple_ema``, the image
+logger, sampling and export use.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from torch import nn
+
+from ldm_lab.data.latent_cache import LatentScale
+from ldm_lab.diffusion.sampling import generate_images
+from ldm_lab.nn.ema import ema_with_warmup
+from ldm_lab.stages.base import TrainingStage
+from ldm_lab.stages.first_stage import describe, load_first_stage
+
+log = logging.getLogger(__name__)
+
+
+class LatentDiffusionStage(TrainingStage):
+    """``lr`` is per sample when ``scale_lr`` is set: the optimizer gets lr x batch x accumulation x
+    devices (LDM's main.py: 2e-6 x 48 = 9.6e-5 for LDM-VQ-4); otherwise it is used as given."""
+
+    monitor, monitor_mode = "val/loss_simple_ema", "min"
+
+    def __init__(
+        self,
+        unet: functools.partial,
+        noise_scheduler: SchedulerMixin,
+        first_stage: str | dict | None,
+        optimizer: functools.partial,
+        scheduler: functools.partial,
+        lr: float,
+        max_steps: int,
+        scale_lr: bool = True,
+        accumulate_grad_batches: int = 1,
+        gradient_clip_val: float | None = None,
+        gradient_checkpointing: bool = False,
+        ema_decay: float | None = 0.9999,
+        latent_cache: bool = True,
+        preview: dict | None = None,
+        max_consecutive_nonfinite: int = 5,
+        seed: int = 0,
+    ):
+        super().__init__(max_steps, accumulate_grad_batches, gradient_clip_val, max_consecutive_nonfinite, seed)
+        if first_stage is None:
+            raise ValueError("model=unet trains in the latent space of a first stage: set model.first_stage to a "
+                             "first-stage checkpoint (.ckpt) or exported folder, e.g. from python run.py "
+                             "experiment=quickstart: model.first_stage=outputs/<date>/<time>/checkpoints/last.ckpt")
+        self.first_stage = load_first_stage(first_stage)
+        channels = self.first_stage.latent_channels
+        self.unet: nn.Module = unet(in_channels=channels, out_channels=channels)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.noise_scheduler = noise_scheduler
+        self.register_buffer("latent_scale", torch.tensor(float("nan")))  # set once, then from checkpoints
+        self.ema = ema_with_warmup(self.unet, ema_decay) if ema_decay else None
+        self.make_optimizer, self.make_scheduler = optimizer, scheduler
+        self.lr, self.scale_lr = lr, scale_lr
+        self.latent_cache = latent_cache
+        self.preview = dict(preview or {})  # generate_images' keyword arguments
+        self._val_sums: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent of the first stage, times the UNet's own downsampling: image sides must divide by it."""
+        return self.first_stage.downsample_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+
+    @property
+    def eval_unet(self) -> nn.Module:
+        """The weights validation's loss_simple_ema, image logging, sampling and export use: the EMA when on."""
+        return self.ema.module if self.ema is not None else self.unet
+
+    # ----------------------------------------------------------------------------- optimizers
+    def configure_optimizers(self):
+        lr = self.lr
+        if self.scale_lr:
+            batch_size, devices = self.trainer.datamodule.batch_size, self.trainer.world_size
+            lr = self.lr * batch_size * self.accumulate_grad_batches * devices
+            log.info("learning rate %.3g = %.3g (model.lr) x batch %d x accumulation %d x devices %d", lr, self.lr,
+                     batch_size, self.accumulate_grad_batches, devices)
+        optimizer = self.make_optimizer(self.unet.parameters(), lr=lr)
+        return [optimizer], [self.make_scheduler(optimizer)]
+
+    # ----------------------------------------------------------------------------- latents
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self._ensure_latent_scale()
+
+    def on_validation_start(self) -> None:
+        self._ensure_latent_scale()
+
+    def _ensure_latent_scale(self, num_batches: int = 4) -> None:
+        if not math.isnan(self.latent_scale.item()):
+            return  # set before, or restored from a checkpoint: never recomputed
+        datamodule = self.trainer.datamodule
+        if datamodule.latent_scale is not None:
+            scale, where = datamodule.latent_scale, "the latent cache"
+        else:  # encoding on the fly: measure on the first training batches
+            measured = LatentScale(self.first_stage.kind)
+            for batch in itertools.islice(datamodule.train_dataloader(), num_batches):
+                for moments in self.first_stage.moments(batch["pixel_values"].to(self.device)):
+                    measured.update(moments)
+            scale, where = measured.scaling_factor, f"{num_batches} training batches"
+        scale = float(self.trainer.strategy.broadcast(scale))
+        self.latent_scale.fill_(scale)
+        log.info("latent scale 1/std = %.5f (from %s)", scale, where)
+
+    def latents(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
+        """Scaled latents of a batch: cached moments, or pixels encoded now; KL latents are drawn from the posterior."""
+        moments = batch["latents"] if "latents" in batch else self.first_stage.moments(batch["pixel_values"])
+        return self.first_stage.sample(moments, generator) * self.latent_scale
+
+    # ----------------------------------------------------------------------------- the objective
+    def loss_simple(self, unet: nn.Module, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """MSE between the UNet's prediction and its target (the noise for epsilon prediction) at uniform timesteps."""
+        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
+                                  generator=generator, device=latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        prediction = unet(noisy, timesteps).sample
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return F.mse_loss(prediction.float(), target.float())
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        generator = self.step_generator(self.device)
+        loss = self.loss_simple(self.unet, self.latents(batch, generator), generator)
+        self.backward_and_step([loss], {"loss_simple": loss.detach()})
+
+    def on_optimizer_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.unet)
+
+    # ----------------------------------------------------------------------------- validation
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+
+    def _val_generator(self, batch_idx: int, purpose: int) -> torch.Generator:
+        """The same randomness for a validation batch at every validation, so losses compare over steps;
+        ``purpose`` keeps the posterior sample's noise apart from the diffusion noise."""
+        seed = np.random.SeedSequence([self.seed, batch_idx, purpose]).generate_state(1)[0]
+        return torch.Generator(self.device).manual_seed(int(seed))
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        latents = self.latents(batch, self._val_generator(batch_idx, 0))
+        loss = self.loss_simple(self.unet, latents, self._val_generator(batch_idx, 1))
+        loss_ema = self.loss_simple(self.eval_unet, latents, self._val_generator(batch_idx, 1))
+        self._val_sums += torch.stack([loss.double(), loss_ema.double(), torch.ones((), device=self.device)]) * len(latents)
+
+    def on_validation_epoch_end(self) -> None:
+        loss, loss_ema, count = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
+        self.log_validation({"loss_simple": torch.tensor(loss / count), "loss_simple_ema": torch.tensor(loss_ema / count)})
+
+    # ----------------------------------------------------------------------------- sampling
+    def preview_images(self, datamodule, num_images: int) -> tuple[str, torch.Tensor, int]:
+        """For :class:`~ldm_lab.callbacks.image_logger.ImageLogger`: samples from the same noise every time."""
+        width, height = datamodule.leftover_resolution
+        generator = torch.Generator().manual_seed(self.seed)
+        images = generate_images(self.eval_unet, self.first_stage, float(self.latent_scale), self.noise_scheduler,
+                                 num_images, height, width, generator=generator, **self.preview)
+        return "samples", images, math.ceil(math.sqrt(num_images))
+
+    # ----------------------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["ldm_lab"]["first_stage"] = describe(self.first_stage.vae)  # rebuilds it without its source
