@@ -38,8 +38,9 @@ sweep-vae: install ## 8-job lr x disc-norm sweep of the tiny VAE (short budget),
 		require_weights=false hydra.sweep.dir=$(SWEEP_DIR)
 	$(BIN)/python run.py task=report sweep_dir=$(SWEEP_DIR)
 
-bench: install ## benchmarks; results as markdown under experiments/bench/results/
+bench: install ## benchmarks (data layer, stages, speed options); markdown tables in experiments/bench/results/
 	$(BIN)/python experiments/bench/bench_data.py
+	$(BIN)/python experiments/bench/bench_stages.py
 
 lint: install ## ruff
 	$(BIN)/ruff check run.py ldm_lab tests experiments

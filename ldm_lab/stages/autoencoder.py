@@ -19,6 +19,7 @@ from ldm_lab.losses.autoencoder import AutoencoderLoss
 from ldm_lab.metrics import ReconstructionMetrics
 from ldm_lab.nn.ema import ema_with_warmup
 from ldm_lab.nn.pretrained import build_or_load
+from ldm_lab.speed import optimizer_options
 from ldm_lab.stages.base import TrainingStage
 
 
@@ -75,6 +76,10 @@ class AutoencoderStage(TrainingStage):
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
+    def trained_network(self) -> nn.Module:
+        return self.vae
+
+    @property
     def eval_vae(self) -> nn.Module:
         """The weights validation, image logging and export use: the EMA when there is one."""
         return self.ema.module if self.ema is not None else self.vae
@@ -85,8 +90,10 @@ class AutoencoderStage(TrainingStage):
 
     # ----------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):
-        opt_g = self.make_optimizer([p for p in self.vae.parameters() if p.requires_grad], lr=self.lr)
-        opt_d = self.make_disc_optimizer(self.discriminator.parameters(), lr=self.disc_lr)
+        opt_g = self.make_optimizer([p for p in self.vae.parameters() if p.requires_grad], lr=self.lr,
+                                    **optimizer_options(self.make_optimizer, self.fused_optimizer))
+        opt_d = self.make_disc_optimizer(self.discriminator.parameters(), lr=self.disc_lr,
+                                         **optimizer_options(self.make_disc_optimizer, self.fused_optimizer))
         disc_steps = max(1, self.max_steps - self.loss.disc_start)
         return [opt_g, opt_d], [self.make_scheduler(opt_g, num_training_steps=self.max_steps),
                                 self.make_scheduler(opt_d, num_training_steps=disc_steps)]
@@ -112,7 +119,7 @@ class AutoencoderStage(TrainingStage):
 
     # ----------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        inputs = batch["pixel_values"]
+        inputs = self.memory_format(batch["pixel_values"])
         adversarial = self.loss.adversarial_active(self.step)
         reconstructions, reg_loss, reg_logs = self.encode_decode(inputs)
 

@@ -51,11 +51,22 @@ class TrainingStage(L.LightningModule):
         self._log_sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self.last_val_metrics: dict[str, float] = {}
         self.run_config: dict | None = None  # the composed config this stage was built from, stored in checkpoints
+        self.channels_last = False  # speed options (ldm_lab/speed.py)
+        self.fused_optimizer = False
 
     def on_fit_start(self) -> None:
         if self.trainer.precision == "16-mixed":
             raise ValueError("precision 16-mixed clips scaled gradients under manual optimization; "
                              "use precision=bf16 (bf16-mixed) or precision=fp32")
+
+    @property
+    def trained_network(self) -> torch.nn.Module:
+        """The network the stage is named after (what ``speed.compile`` compiles)."""
+        raise NotImplementedError
+
+    def memory_format(self, batch: torch.Tensor) -> torch.Tensor:
+        """A batch in the networks' memory format (channels-last when ``speed.channels_last``)."""
+        return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch
 
     def step_generator(self, device: torch.device | str) -> torch.Generator:
         """Randomness for this micro-batch from (seed, rank, micro-batch): repeatable, unchanged by a resume."""

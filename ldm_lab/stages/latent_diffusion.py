@@ -25,6 +25,7 @@ from torch import nn
 from ldm_lab.data.latent_cache import LatentScale
 from ldm_lab.diffusion.sampling import generate_images
 from ldm_lab.nn.ema import ema_with_warmup
+from ldm_lab.speed import optimizer_options
 from ldm_lab.stages.base import TrainingStage
 from ldm_lab.stages.first_stage import describe, load_first_stage
 
@@ -82,6 +83,10 @@ class LatentDiffusionStage(TrainingStage):
         return self.first_stage.downsample_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
 
     @property
+    def trained_network(self) -> nn.Module:
+        return self.unet
+
+    @property
     def eval_unet(self) -> nn.Module:
         """The weights validation's loss_simple_ema, image logging, sampling and export use: the EMA when on."""
         return self.ema.module if self.ema is not None else self.unet
@@ -94,7 +99,8 @@ class LatentDiffusionStage(TrainingStage):
             lr = self.lr * batch_size * self.accumulate_grad_batches * devices
             log.info("learning rate %.3g = %.3g (model.lr) x batch %d x accumulation %d x devices %d", lr, self.lr,
                      batch_size, self.accumulate_grad_batches, devices)
-        optimizer = self.make_optimizer(self.unet.parameters(), lr=lr)
+        optimizer = self.make_optimizer(self.unet.parameters(), lr=lr,
+                                        **optimizer_options(self.make_optimizer, self.fused_optimizer))
         return [optimizer], [self.make_scheduler(optimizer)]
 
     # ----------------------------------------------------------------------------- latents
@@ -123,8 +129,11 @@ class LatentDiffusionStage(TrainingStage):
 
     def latents(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None) -> torch.Tensor:
         """Scaled latents of a batch: cached moments, or pixels encoded now; KL latents are drawn from the posterior."""
-        moments = batch["latents"] if "latents" in batch else self.first_stage.moments(batch["pixel_values"])
-        return self.first_stage.sample(moments, generator) * self.latent_scale
+        if "latents" in batch:
+            moments = batch["latents"]
+        else:
+            moments = self.first_stage.moments(self.memory_format(batch["pixel_values"]))
+        return self.memory_format(self.first_stage.sample(moments, generator) * self.latent_scale)
 
     # ----------------------------------------------------------------------------- the objective
     def loss_simple(self, unet: nn.Module, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

@@ -11,12 +11,14 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_lab.data.datamodule import ImageDataModule
+from ldm_lab.speed import apply_speed_options
 from ldm_lab.stages.autoencoder import AutoencoderStage
 from ldm_lab.stages.base import TrainingStage
 
 
-def build_stage(model_cfg: DictConfig, disc_cfg: DictConfig | None) -> TrainingStage:
-    """The stage ``model`` names; autoencoders get the ``disc`` discriminator, the LDM ignores it."""
+def build_stage(model_cfg: DictConfig, disc_cfg: DictConfig | None, speed_cfg: DictConfig | None = None) -> TrainingStage:
+    """The stage ``model`` names, with the ``speed`` options applied when given; autoencoders get the
+    ``disc`` discriminator, the LDM ignores it."""
     adversarial = issubclass(get_class(model_cfg._target_), AutoencoderStage)
     config = {"model": OmegaConf.to_container(model_cfg, resolve=True, enum_to_str=True)}
     if adversarial:
@@ -24,6 +26,8 @@ def build_stage(model_cfg: DictConfig, disc_cfg: DictConfig | None) -> TrainingS
         config["disc"] = OmegaConf.to_container(disc_cfg, resolve=True, enum_to_str=True)
     else:
         stage = instantiate(model_cfg)
+    if speed_cfg is not None:
+        apply_speed_options(stage, **speed_cfg)
     stage.run_config = config
     return stage
 

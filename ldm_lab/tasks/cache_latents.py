@@ -15,7 +15,7 @@ from ldm_lab.tasks.build import build_datamodule, build_stage
 
 
 def run(cfg: DictConfig) -> Path:
-    stage = build_stage(cfg.model, cfg.disc)
+    stage = build_stage(cfg.model, cfg.disc, cfg.speed)
     if not isinstance(stage, LatentDiffusionStage):
         raise ValueError("task=cache_latents needs a latent diffusion model: model=unet (or unet_tiny) "
                          "model.first_stage=<first-stage checkpoint or export folder>")

@@ -29,7 +29,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode")  # the LDM's frozen first stage
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    stage = build_stage(cfg.model, cfg.disc)
+    stage = build_stage(cfg.model, cfg.disc, cfg.speed)
     datamodule = build_datamodule(cfg, stage.downsample_factor)
     diffusion = isinstance(stage, LatentDiffusionStage)
     if diffusion and stage.latent_cache:  # encoded (what is missing) in prepare_data, before training

@@ -1,0 +1,138 @@
+"""task=plan: will this config's training step fit the card? Before launching, on the CPU.
+
+    python run.py task=plan experiment=sd_vae_4060ti
+    python run.py task=plan experiment=celebahq_ldm_vq4 plan.budget_gb=8
+
+Weights, EMA, optimizer states and gradients are counted from the built stage (fp32 master weights,
+as bf16-mixed keeps them). Activations are traced: a real second training step runs on the CPU at
+the config's precision and micro-batch size, at smaller square sides (``plan.trace_sides``, default a
+quarter and a half of the target), and the allocator peak above what the stage holds is extrapolated
+linearly in pixels to the target (the largest bucket, or ``data.resolution``). CUDA adds its context
+and allocator slack (``plan.cuda_overhead_gb``), which no CPU trace can see.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ldm_lab.memory import GIB, trace_step
+from ldm_lab.stages.latent_diffusion import LatentDiffusionStage
+from ldm_lab.tasks.build import build_stage
+
+log = logging.getLogger(__name__)
+CONF = Path(__file__).resolve().parents[2] / "conf"
+
+
+def _planning_config(cfg: DictConfig) -> DictConfig:
+    """The model config, made buildable offline without changing its memory: LPIPS with a random
+    backbone (the same network), no validation metrics, the adversarial terms on from the start (the
+    step's worst case); for an LDM an unscaled learning rate and, without a first stage, a random one of
+    the ``plan.first_stage`` architecture."""
+    model = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+    with open_dict(model):
+        if "loss" in model:
+            model.loss.update(lpips_backbone="random", require_perceptual_weights=False, disc_start=0)
+            model.metrics.update(lpips=False, rfid=False)
+        if "scale_lr" in model:  # the value of the learning rate takes no memory; scaling it needs a datamodule
+            model.scale_lr = False
+        if "first_stage" in model and model.first_stage is None:
+            vae = _compose_model(cfg.plan.first_stage).vae
+            config = {k: v for k, v in OmegaConf.to_container(vae).items() if not k.startswith("_")}
+            model.first_stage = {"class_name": vae._target_.split(".")[-1], "config": config}
+            log.info("model.first_stage is unset: planning with a randomly initialised model/%s first stage",
+                     cfg.plan.first_stage)
+    return model
+
+
+def _compose_model(name: str) -> DictConfig:
+    """``conf/model/<name>.yaml`` as composed (its defaults applied)."""
+    overrides = [f"model={name}"]
+    if GlobalHydra.instance().is_initialized():  # inside run.py
+        return compose(config_name="config", overrides=overrides).model
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides).model
+
+
+def _target_side(cfg: DictConfig) -> int:
+    """The side of a square with the pixels of the largest training image: the largest bucket's area."""
+    buckets = cfg.data.get("buckets")
+    return int(math.sqrt(buckets.max_area)) if buckets else int(cfg.data.resolution)
+
+
+def _batch_maker(stage, side: int, batch_size: int):
+    """Random batches like the training ones: pixels, or for a cached LDM the first stage's moments."""
+    if isinstance(stage, LatentDiffusionStage) and stage.latent_cache:
+        first = stage.first_stage
+        channels = first.latent_channels * (2 if first.kind == "kl" else 1)
+        latent_side = side // first.downsample_factor
+        return lambda: {"latents": torch.randn(batch_size, channels, latent_side, latent_side)}
+    return lambda: {"pixel_values": torch.rand(batch_size, 3, side, side) * 2 - 1}
+
+
+def measure(cfg: DictConfig, side: int) -> dict[str, int]:
+    """Build the stage from ``cfg`` and trace a step at ``side`` px: held bytes by kind and the step's peak."""
+    torch.manual_seed(0)
+    stage = build_stage(_planning_config(cfg), cfg.disc, cfg.speed)
+    if isinstance(stage, LatentDiffusionStage):
+        stage.latent_scale.fill_(1.0)
+    held, peak = trace_step(stage, _batch_maker(stage, side, cfg.data.batch_size), cfg.trainer.precision)
+    return {"weights": held.weights, "ema": held.ema, "optimizer": held.optimizer, "gradients": held.gradients,
+            "peak": peak, "factor": stage.downsample_factor}
+
+
+def plan(cfg: DictConfig) -> dict:
+    """The step's memory by kind (bytes), the traces it was extrapolated from, and whether it fits."""
+    target = _target_side(cfg)
+    factor = build_stage(_planning_config(cfg), cfg.disc).downsample_factor
+    sides = cfg.plan.trace_sides or [target // 4, target // 2]
+    sides = sorted({max(factor, 32, side // factor * factor) for side in sides})  # a PatchGAN needs 32 px
+    points = [measure(cfg, side) for side in sides]
+    activations = [p["peak"] - p["gradients"] for p in points]
+    pixels = [side * side for side in sides]
+    if len(points) > 1:
+        slope, intercept = np.polyfit(pixels, activations, 1)
+        predicted = int(intercept + slope * target * target)
+    else:
+        predicted = int(activations[0] * target * target / pixels[0])
+    held = points[-1]
+    parts = {"weights": held["weights"], "EMA": held["ema"], "optimizer states": held["optimizer"],
+             "gradients": held["gradients"], "activations and workspace": predicted}
+    total = sum(parts.values())
+    overhead = int(cfg.plan.cuda_overhead_gb * GIB)
+    budget = int(cfg.plan.budget_gb * GIB)
+    result = {"parts": parts, "total": total, "cuda_overhead": overhead, "budget": budget,
+              "fits": total + overhead <= budget, "target_side": target, "batch_size": cfg.data.batch_size,
+              "precision": cfg.trainer.precision, "traces": dict(zip(sides, activations, strict=True))}
+    _report(cfg, result)
+    return result
+
+
+def _report(cfg: DictConfig, result: dict) -> None:
+    gib = lambda n: f"{n / GIB:.2f}"  # noqa: E731
+    lines = [f"# Memory plan: {cfg.model._target_.split('.')[-1]}, {result['target_side']} px, micro-batch "
+             f"{result['batch_size']}, {result['precision']}", "", "| part | GiB |", "|---|---:|"]
+    lines += [f"| {name} | {gib(value)} |" for name, value in result["parts"].items()]
+    lines += [f"| **total (traced)** | **{gib(result['total'])}** |",
+              f"| CUDA context and allocator slack (plan.cuda_overhead_gb) | {gib(result['cuda_overhead'])} |",
+              f"| **total on a GPU** | **{gib(result['total'] + result['cuda_overhead'])}** |",
+              f"| budget (plan.budget_gb) | {gib(result['budget'])} |", "",
+              f"**{'Fits' if result['fits'] else 'Does not fit'}** the budget.", "",
+              "Activations and workspace traced on the CPU at " + ", ".join(
+                  f"{side} px: {gib(value)} GiB" for side, value in result["traces"].items())
+              + f"; extrapolated linearly in pixels to {result['target_side']} px."]
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.md").write_text("\n".join(lines) + "\n")
+    log.info("\n%s\nwritten: %s", "\n".join(lines), out / "plan.md")
+
+
+def run(cfg: DictConfig) -> dict:
+    return plan(cfg)

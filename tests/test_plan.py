@@ -1,0 +1,48 @@
+"""task=plan: the memory plan of a training step, checked against a traced step."""
+
+from __future__ import annotations
+
+import pytest
+
+from ldm_lab.memory import HeldMemory, tensor_bytes
+from ldm_lab.tasks import plan
+from ldm_lab.tasks.build import build_stage
+from tests.helpers import save_tiny_first_stage
+
+TINY_PLAN = ["model=vae_tiny", "require_weights=false", "data.resolution=128", "data.batch_size=4",
+             "plan.trace_sides=[32,64]"]
+
+
+def test_plan_extrapolated_from_small_traces_matches_the_measured_peak(compose_cfg):
+    """Traced at 32 and 64 px, predicted at 128 px; then a real step at 128 px is measured."""
+    cfg = compose_cfg(TINY_PLAN, tiny=False)
+    result = plan.plan(cfg)
+    measured = plan.measure(cfg, 128)
+    measured_total = measured["weights"] + measured["ema"] + measured["optimizer"] + measured["peak"]
+    assert result["total"] == pytest.approx(measured_total, rel=0.2)
+    # activations dominate here, so the extrapolation is what is being tested
+    assert result["parts"]["activations and workspace"] > 0.5 * result["total"]
+    assert (cfg.paths.output_dir + "/plan.md") and "Fits" in open(f"{cfg.paths.output_dir}/plan.md").read()
+
+
+def test_held_memory_counts_adamw_states_as_twice_the_trainable_weights(compose_cfg):
+    cfg = compose_cfg(TINY_PLAN + ["plan.trace_sides=[32]", "disc.ndf=8"], tiny=False)
+    stage = build_stage(plan._planning_config(cfg), cfg.disc)
+    from ldm_lab.memory import trace_step
+
+    held, peak = trace_step(stage, lambda: {"pixel_values": __import__("torch").rand(2, 3, 32, 32) * 2 - 1})
+    trainable = tensor_bytes(p for p in stage.parameters() if p.requires_grad)
+    assert held.gradients == trainable and held.optimizer >= 2 * trainable  # exp_avg, exp_avg_sq (+ steps)
+    assert held.ema == tensor_bytes(stage.ema.parameters()) + tensor_bytes(stage.ema.buffers())
+    assert peak > held.gradients  # the step allocates its gradients and activations
+    assert isinstance(held, HeldMemory)
+
+
+def test_plan_of_an_ldm_without_a_first_stage_uses_a_random_one(compose_cfg, tmp_path):
+    cfg = compose_cfg(["model=unet_tiny", "data.resolution=64", "data.batch_size=2", "plan.trace_sides=[32]",
+                       "plan.first_stage=vqvae_tiny", "plan.budget_gb=0.001"], tiny=False)
+    result = plan.plan(cfg)
+    assert not result["fits"] and result["parts"]["EMA"] > 0 and result["parts"]["activations and workspace"] > 0
+    with_stage = compose_cfg(["model=unet_tiny", "data.resolution=64", "data.batch_size=2", "plan.trace_sides=[32]",
+                              f"model.first_stage={save_tiny_first_stage('vq', tmp_path / 'vq')}"], tiny=False)
+    assert plan.plan(with_stage)["fits"]

@@ -1,0 +1,57 @@
+"""Speed options (conf/speed): applied from config, and not changing what is computed."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+from torch import nn
+
+from ldm_lab.speed import optimizer_options
+from ldm_lab.tasks.build import build_stage, build_trainer
+from tests.helpers import fit, random_batches
+
+
+def _stage(compose_cfg, *overrides):
+    cfg = compose_cfg(list(overrides))
+    L.seed_everything(0, verbose=False)
+    return build_stage(cfg.model, cfg.disc, cfg.speed), cfg
+
+
+def test_options_reach_the_networks_and_the_trainer(compose_cfg, monkeypatch):
+    compiled = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
+    stage, cfg = _stage(compose_cfg, "speed.compile=true", "speed.cudnn_benchmark=false")
+    conv = stage.vae.encoder.conv_in.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    processors = {type(m.processor) for m in stage.vae.modules() if isinstance(m, Attention)}
+    assert processors == {AttnProcessor2_0}
+    assert compiled == ["AutoencoderKL"]
+    build_trainer(cfg, stage)
+    assert torch.backends.cudnn.benchmark is False
+
+    plain, plain_cfg = _stage(compose_cfg, "speed.channels_last=false", "speed.sdpa=false")
+    build_trainer(plain_cfg, plain)
+    assert torch.backends.cudnn.benchmark is True  # the default
+    assert plain.vae.encoder.conv_in.weight.is_contiguous()
+    assert {type(m.processor) for m in plain.vae.modules() if isinstance(m, Attention)} == {AttnProcessor}
+
+
+def test_fused_adamw_only_where_there_is_a_kernel(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert optimizer_options(torch.optim.AdamW, fused=True) == {"fused": True}
+    assert optimizer_options(torch.optim.AdamW, fused=False) == {}
+    assert optimizer_options(torch.optim.LBFGS, fused=True) == {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert optimizer_options(torch.optim.AdamW, fused=True) == {}
+
+
+def test_channels_last_and_sdpa_train_to_the_same_weights(compose_cfg):
+    common = ["model.max_steps=2", "model.loss.disc_start=0"]
+    fast, _ = _stage(compose_cfg, *common)
+    plain, _ = _stage(compose_cfg, *common, "speed.channels_last=false", "speed.sdpa=false")
+    batches = random_batches(2)
+    fit(fast, batches)
+    fit(plain, batches)
+    for (name, a), b in zip(fast.vae.named_parameters(), plain.vae.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5, msg=name)
