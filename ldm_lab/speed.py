@@ -25,9 +25,12 @@ def optimizer_options(make_optimizer, fused: bool) -> dict:
     return {}
 
 
-def apply_speed_options(stage: nn.Module, channels_last: bool = True, sdpa: bool = True, fused_adamw: bool = True,
-                        compile: bool = False, cudnn_benchmark: bool = True) -> None:
-    """Set the options on ``stage`` (a TrainingStage). ``cudnn_benchmark`` is the Trainer's ``benchmark``."""
+def apply_speed_options(stage: nn.Module, channels_last: bool | str = "auto", sdpa: bool = True,
+                        fused_adamw: bool = True, compile: bool = False, cudnn_benchmark: bool = True) -> None:
+    """Set the options on ``stage`` (a TrainingStage); ``channels_last="auto"`` means on CUDA only.
+    ``cudnn_benchmark`` is the Trainer's ``benchmark``."""
+    if channels_last == "auto":
+        channels_last = torch.cuda.is_available()
     use_sdpa(stage, sdpa)
     if channels_last:
         stage.to(memory_format=torch.channels_last)

@@ -21,7 +21,7 @@ def _stage(compose_cfg, *overrides):
 def test_options_reach_the_networks_and_the_trainer(compose_cfg, monkeypatch):
     compiled = []
     monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: compiled.append(type(self).__name__))
-    stage, cfg = _stage(compose_cfg, "speed.compile=true", "speed.cudnn_benchmark=false")
+    stage, cfg = _stage(compose_cfg, "speed.channels_last=true", "speed.compile=true", "speed.cudnn_benchmark=false")
     conv = stage.vae.encoder.conv_in.weight
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     processors = {type(m.processor) for m in stage.vae.modules() if isinstance(m, Attention)}
@@ -34,6 +34,9 @@ def test_options_reach_the_networks_and_the_trainer(compose_cfg, monkeypatch):
     build_trainer(plain_cfg, plain)
     assert torch.backends.cudnn.benchmark is True  # the default
     assert plain.vae.encoder.conv_in.weight.is_contiguous()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    auto, _ = _stage(compose_cfg)  # channels_last: auto, on CUDA only
+    assert auto.vae.encoder.conv_in.weight.is_contiguous() and not auto.channels_last
     assert {type(m.processor) for m in plain.vae.modules() if isinstance(m, Attention)} == {AttnProcessor}
 
 
@@ -48,7 +51,7 @@ def test_fused_adamw_only_where_there_is_a_kernel(monkeypatch):
 
 def test_channels_last_and_sdpa_train_to_the_same_weights(compose_cfg):
     common = ["model.max_steps=2", "model.loss.disc_start=0"]
-    fast, _ = _stage(compose_cfg, *common)
+    fast, _ = _stage(compose_cfg, *common, "speed.channels_last=true")
     plain, _ = _stage(compose_cfg, *common, "speed.channels_last=false", "speed.sdpa=false")
     batches = random_batches(2)
     fit(fast, batches)

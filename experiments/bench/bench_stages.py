@@ -184,24 +184,27 @@ def main() -> None:
     full_cached = step("LDM unet (LDM-VQ-4), cached latents", ldm_full, 2, 128, cached=True)
     full_live = step("LDM unet (LDM-VQ-4), encoding on the fly", [*ldm_full, "model.latent_cache=false"], 2, 128)
 
-    # Speed options: each against the defaults measured just before it (CPU timings drift by tens of
-    # percent over minutes; adjacent pairs keep the ratio honest).
-    def option(label, base, overrides, batch, side, cached):
+    # Speed options: each timed off and on back to back (CPU timings drift by tens of percent over
+    # minutes; adjacent pairs keep the ratio honest).
+    def option(label, base, without, with_, batch, side, cached):
         cfg = [f"data.batch_size={batch}", f"data.resolution={side}"]
         make = moments(compose_cfg(*base, *cfg), batch, side) if cached else pixels(batch, side)
-        default = time_steps(compose_cfg(*base, *cfg), make, args.steps)["seconds"]
-        changed = time_steps(compose_cfg(*base, *overrides, *cfg), make, args.steps)["seconds"]
-        option_rows.append((label, f"{base[0].split('=')[1]}, {side} px, batch {batch}", default, changed))
-        print(f"{label}: {default:.3f} -> {changed:.3f} s/step", flush=True)
+        off = time_steps(compose_cfg(*base, without, *cfg), make, args.steps)["seconds"]
+        on = time_steps(compose_cfg(*base, with_, *cfg), make, args.steps)["seconds"]
+        option_rows.append((label, f"{base[0].split('=')[1]}, {side} px, batch {batch}", off, on))
+        print(f"{label}: {off:.3f} -> {on:.3f} s/step", flush=True)
 
-    option("channels_last off", ["model=vae"], ["speed.channels_last=false"], 2, 64, False)
-    option("gradient checkpointing on", ["model=vae"], ["model.gradient_checkpointing=true"], 2, 64, False)
-    option("channels_last off", ldm_full, ["speed.channels_last=false"], 2, 128, True)
-    option("SDPA off (classic attention)", ldm_full, ["speed.sdpa=false"], 2, 128, True)
-    option("gradient checkpointing on", ldm_full, ["model.gradient_checkpointing=true"], 2, 128, True)
+    option("channels_last", ["model=vae"], "speed.channels_last=false", "speed.channels_last=true", 2, 64, False)
+    option("gradient checkpointing", ["model=vae"], "model.gradient_checkpointing=false",
+           "model.gradient_checkpointing=true", 2, 64, False)
+    option("channels_last", ldm_full, "speed.channels_last=false", "speed.channels_last=true", 2, 128, True)
+    option("SDPA attention (off: classic matmul-softmax)", ldm_full, "speed.sdpa=false", "speed.sdpa=true", 2, 128,
+           True)
+    option("gradient checkpointing", ldm_full, "model.gradient_checkpointing=false",
+           "model.gradient_checkpointing=true", 2, 128, True)
     if CUDA:
-        option("fused AdamW off", ldm_full, ["speed.fused_adamw=false"], 2, 128, True)
-        option("cudnn.benchmark off", ldm_full, ["speed.cudnn_benchmark=false"], 2, 128, True)
+        option("fused AdamW", ldm_full, "speed.fused_adamw=false", "speed.fused_adamw=true", 2, 128, True)
+        option("cudnn.benchmark", ldm_full, "speed.cudnn_benchmark=false", "speed.cudnn_benchmark=true", 2, 128, True)
 
     # Sampling: seconds per image, DDIM 50 against DDPM 1000, same UNet.
     cfg = compose_cfg(*ldm_tiny, "data.resolution=64")
@@ -234,10 +237,10 @@ def main() -> None:
             "|---|---:|",
             f"| unet_tiny, 64 px, batch 8 | {tiny_live['seconds'] / tiny_cached['seconds']:.1f}x |",
             f"| unet (274M), 128 px, batch 2 | {full_live['seconds'] / full_cached['seconds']:.1f}x |",
-            "", "| speed option | model | default s/step | with the option s/step | time ratio |",
+            "", "| speed option | model | off: s/step | on: s/step | on / off |",
             "|---|---|---:|---:|---:|"]
-    out += [f"| {label} | {model} | {default:.3f} | {changed:.3f} | {changed / default:.2f}x |"
-            for label, model, default, changed in option_rows]
+    out += [f"| {label} | {model} | {off:.3f} | {on:.3f} | {on / off:.2f}x |"
+            for label, model, off, on in option_rows]
     if not CUDA:
         out += ["", "fused AdamW and cudnn.benchmark act on CUDA only; torch.compile is off by default and not "
                 "timed here (minutes of compilation)."]
