@@ -15,15 +15,8 @@ from ldm_lab.schema import register_configs
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 
-# A tiny KL autoencoder run on 32 px synthetic images: seconds per step on a CPU.
-TINY = [
-    "model=vae_tiny",
-    "model.ema_decay=0.9",
-    "model.loss.perceptual_weight=0",
-    "model.metrics.lpips=false",
-    "model.metrics.rfid=false",
-    "disc.ndf=16",
-    "disc.n_layers=2",
+# 12 synthetic images of 32-48 px, 32 px crops, batch 2, on the CPU, quietly.
+SMALL_RUN = [
     "data.resolution=32",
     "data.batch_size=2",
     "data.num_val=4",
@@ -36,6 +29,18 @@ TINY = [
     "trainer.enable_model_summary=false",
 ]
 
+# A tiny KL autoencoder run on 32 px synthetic images: seconds per step on a CPU.
+TINY = [
+    "model=vae_tiny",
+    "model.ema_decay=0.9",
+    "model.loss.perceptual_weight=0",
+    "model.metrics.lpips=false",
+    "model.metrics.rfid=false",
+    "disc.ndf=16",
+    "disc.n_layers=2",
+    *SMALL_RUN,
+]
+
 # The tiny UNet on 32 px synthetic images in the latent space of a tiny f4 first stage (8x8 latents);
 # model.first_stage is added by the test.
 LDM_TINY = [
@@ -44,16 +49,7 @@ LDM_TINY = [
     "model.scale_lr=false",
     "model.lr=1e-3",
     "sample.num_inference_steps=2",
-    "data.resolution=32",
-    "data.batch_size=2",
-    "data.num_val=4",
-    "data.num_workers=0",
-    "data.source.num_images=12",
-    "data.source.min_side=32",
-    "data.source.max_side=48",
-    "trainer.accelerator=cpu",
-    "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false",
+    *SMALL_RUN,
 ]
 
 
