@@ -154,7 +154,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed steps per configuration (after 1 warm-up)")
     args = parser.parse_args()
     register_configs()
-    torch.set_num_threads(torch.get_num_threads())
     peaks = machine_peaks()
     out: list[str] = []
     step_rows, option_rows = [], []

@@ -77,24 +77,30 @@ def _batch_maker(stage, side: int, batch_size: int):
     return lambda: {"pixel_values": torch.rand(batch_size, 3, side, side) * 2 - 1}
 
 
-def measure(cfg: DictConfig, side: int) -> dict[str, int]:
-    """Build the stage from ``cfg`` and trace a step at ``side`` px: held bytes by kind and the step's peak."""
+def _build(cfg: DictConfig):
     torch.manual_seed(0)
     stage = build_stage(_planning_config(cfg), cfg.disc, cfg.speed)
     if isinstance(stage, LatentDiffusionStage):
         stage.latent_scale.fill_(1.0)
+    return stage
+
+
+def measure(cfg: DictConfig, side: int, stage=None) -> dict[str, int]:
+    """Trace a step of a fresh stage (or ``stage``, untrained) at ``side`` px: held bytes by kind and the step's peak."""
+    stage = stage if stage is not None else _build(cfg)
     held, peak = trace_step(stage, _batch_maker(stage, side, cfg.data.batch_size), cfg.trainer.precision)
     return {"weights": held.weights, "ema": held.ema, "optimizer": held.optimizer, "gradients": held.gradients,
-            "peak": peak, "factor": stage.downsample_factor}
+            "peak": peak}
 
 
 def plan(cfg: DictConfig) -> dict:
     """The step's memory by kind (bytes), the traces it was extrapolated from, and whether it fits."""
     target = _target_side(cfg)
-    factor = build_stage(_planning_config(cfg), cfg.disc).downsample_factor
+    first = _build(cfg)  # its downsampling factor sets the sides; it then traces the first one
+    factor = first.downsample_factor
     sides = cfg.plan.trace_sides or [target // 4, target // 2]
     sides = sorted({max(factor, 32, side // factor * factor) for side in sides})  # a PatchGAN needs 32 px
-    points = [measure(cfg, side) for side in sides]
+    points = [measure(cfg, sides[0], first)] + [measure(cfg, side) for side in sides[1:]]
     activations = [p["peak"] - p["gradients"] for p in points]
     pixels = [side * side for side in sides]
     if len(points) > 1:
