@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import lightning as L
 import torch
 
@@ -36,6 +39,41 @@ class RecordSeenImages(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         with open(f"{self.dirpath}/seen_rank{trainer.global_rank}.txt", "a") as handle:
             handle.write("".join(f"{int(i)} {tuple(batch['pixel_values'].shape[2:])}\n" for i in batch["index"]))
+
+
+class CountGradientSyncs(L.Callback):
+    """Counts the backward passes in which DDP all-reduced gradients (its comm hook sees the last bucket once
+    per synchronised backward) and writes them, with a checksum of the final weights, to
+    ``<dirpath>/syncs_rank<rank>.json``."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath, self.syncs = dirpath, 0
+
+    def on_train_start(self, trainer, pl_module):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def counting_hook(process_group, bucket):
+            self.syncs += bucket.is_last()
+            return allreduce_hook(process_group, bucket)
+
+        trainer.strategy.model.register_comm_hook(None, counting_hook)
+
+    def on_train_end(self, trainer, pl_module):
+        checksum = sum(float(p.double().sum()) for p in pl_module.parameters())
+        record = {"syncs": self.syncs, "steps": pl_module.step, "skipped": pl_module.nonfinite_skipped,
+                  "checksum": checksum}
+        Path(f"{self.dirpath}/syncs_rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class PoisonBatch(L.Callback):
+    """Puts a NaN into micro-batch ``batch_idx`` (counted from 0) on rank ``rank``."""
+
+    def __init__(self, batch_idx: int, rank: int):
+        self.batch_idx, self.rank = batch_idx, rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.batch_idx and trainer.global_rank == self.rank:
+            batch["pixel_values"][0, 0, 0, 0] = float("nan")
 
 
 class StopAt(L.Callback):

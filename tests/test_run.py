@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -158,7 +159,9 @@ def test_buckets_task_writes_the_table_and_histogram(compose_cfg, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_ddp_trains_on_buckets_with_disjoint_images_per_rank(tmp_path):
+def test_two_process_ddp_on_buckets_disjoint_images_per_rank_one_sync_per_step(tmp_path):
+    """Two processes with 2 micro-batches per step; rank 1's last micro-batch is NaN, so both ranks skip it and
+    the accumulated gradients of that step, which no backward all-reduced, are averaged by hand."""
     images = tmp_path / "images"
     images.mkdir()
     for i in range(36):
@@ -168,13 +171,19 @@ def test_two_process_ddp_trains_on_buckets_with_disjoint_images_per_rank(tmp_pat
     tiny = [o for o in TINY if not o.startswith(("data.source", "data.resolution"))]
     result = _run(*tiny, "trainer.devices=2", "trainer.strategy=ddp_find_unused_parameters_true", "data=folder",
                   f"data.source.root={images}", "data.source.index_workers=0", f"data.buckets={buckets}",
-                  "data.num_val=4", "max_steps=4", "val_every_n_steps=4", "model.loss.disc_start=2",
+                  "data.num_val=4", "max_steps=2", "model.accumulate_grad_batches=2", "val_every_n_steps=2",
                   f"+callbacks.seen={{_target_: tests.helpers.RecordSeenImages, dirpath: '{tmp_path}'}}",
+                  f"+callbacks.syncs={{_target_: tests.helpers.CountGradientSyncs, dirpath: '{tmp_path}'}}",
+                  "+callbacks.poison={_target_: tests.helpers.PoisonBatch, batch_idx: 3, rank: 1}",
                   f"paths.root_dir={tmp_path}", cwd=ROOT)
     assert result.returncode == 0, result.stderr[-4000:]
     seen = [(tmp_path / f"seen_rank{rank}.txt").read_text().split("\n")[:-1] for rank in (0, 1)]
     indices = [{line.split()[0] for line in lines} for lines in seen]
-    assert len(seen[0]) == len(seen[1]) == 4 * 2  # 4 steps of batch 2 on each rank
+    assert len(seen[0]) == len(seen[1]) == 2 * 2 * 2  # 2 steps of 2 micro-batches of 2 images on each rank
     assert not indices[0] & indices[1]
     shapes = {line.split(" ", 1)[1] for lines in seen for line in lines}
     assert len(shapes) > 1  # bucketed: more than one resolution
+    syncs = [json.loads((tmp_path / f"syncs_rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert syncs[0]["steps"] == 2 and syncs[0]["skipped"] == syncs[1]["skipped"] == 1
+    assert syncs[0]["syncs"] == syncs[1]["syncs"] == 1  # step 1's last backward only: not one per micro-batch
+    assert syncs[0]["checksum"] == syncs[1]["checksum"]  # the ranks applied the same updates

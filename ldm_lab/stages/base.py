@@ -1,5 +1,7 @@
 """The training loop every stage shares: manual optimization with gradient accumulation, clipping,
 non-finite skipping, seeded per-micro-batch randomness and progress counters that survive a resume.
+Under DDP, gradients are all-reduced once per optimizer step, in the backward of the cycle's last
+micro-batch (Lightning's ``block_backward_sync`` for the others), not once per micro-batch.
 
 Per micro-batch a stage computes one loss per optimizer (``None`` for an optimizer that sits this one
 out) and hands them to :meth:`TrainingStage.backward_and_step`. Everything that counts progress
@@ -11,11 +13,13 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.strategies import ParallelStrategy
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,7 @@ class TrainingStage(L.LightningModule):
         # Within one accumulation cycle.
         self._consecutive_nonfinite = 0
         self._contributed = 0
+        self._gradients_synced = True  # whether DDP all-reduced the gradients accumulated so far
         self._log_sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self.last_val_metrics: dict[str, float] = {}
         self.run_config: dict | None = None  # the composed config this stage was built from, stored in checkpoints
@@ -80,16 +85,21 @@ class TrainingStage(L.LightningModule):
         not all finite (on any rank) is skipped and counted."""
         given = [loss for loss in losses if loss is not None]
         self.micro_step += 1
+        ends_cycle = self.micro_step % self.accumulate_grad_batches == 0
         if self._all_ranks_finite(torch.stack([loss.detach().float() for loss in given]).sum()):
-            for loss in given:
-                self.manual_backward(loss / self.accumulate_grad_batches)
+            strategy = self.trainer.strategy
+            blocked = not ends_cycle and isinstance(strategy, ParallelStrategy)
+            with strategy.block_backward_sync() if blocked else nullcontext():
+                for loss in given:
+                    self.manual_backward(loss / self.accumulate_grad_batches)
+            self._gradients_synced = not blocked
             self._consecutive_nonfinite = 0
             self._contributed += 1
             for name, value in logs.items():  # tensors: no device sync until they are logged
                 self._log_sums[name] = self._log_sums[name] + value
         else:
             self._skip_nonfinite(logs)
-        if self.micro_step % self.accumulate_grad_batches == 0:
+        if ends_cycle:
             self._optimizer_step([loss is not None for loss in losses])
         self.log("loss", losses[0].detach(), prog_bar=True, logger=False)
         self.log("step", float(self.step), prog_bar=True, logger=False)
@@ -121,6 +131,8 @@ class TrainingStage(L.LightningModule):
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
             return
+        if not self._gradients_synced:
+            self._all_reduce_gradients()
         for optimizer, scheduler, is_active in zip(optimizers, schedulers, active, strict=True):
             if is_active:
                 if self.gradient_clip_val:
@@ -134,6 +146,16 @@ class TrainingStage(L.LightningModule):
         self._log_train_scalars()
         if self.step >= self.max_steps:
             self.trainer.should_stop = True
+
+    def _all_reduce_gradients(self) -> None:
+        """Average the accumulated gradients over ranks by hand: the cycle's last micro-batch, whose backward
+        would have done it, was skipped (on every rank, so every rank gets here)."""
+        world_size = self.trainer.world_size
+        for parameter in self.parameters():
+            if parameter.grad is not None:
+                torch.distributed.all_reduce(parameter.grad)
+                parameter.grad /= world_size
+        self._gradients_synced = True
 
     def on_optimizer_step(self) -> None:
         """Called after every optimizer step (EMA updates, dead-code restarts)."""
