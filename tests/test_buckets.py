@@ -65,23 +65,23 @@ def test_epoch_covers_every_kept_image_once_across_ranks_with_equal_batches(worl
     samplers = [BucketBatchSampler(buckets, resolutions, 4, (512, 512), world, rank, seed=5) for rank in range(world)]
     per_rank = [list(s) for s in samplers]
     assert len({len(batches) for batches in per_rank}) == 1 and len(per_rank[0]) == len(samplers[0])
-    seen = [i for batches in per_rank for batch in batches for i, _, _ in batch]
+    seen = [i for batches in per_rank for batch in batches for i, *_ in batch]
     kept = np.flatnonzero(buckets >= 0)
     assert len(seen) == len(set(seen))  # nothing twice, ranks disjoint
     assert set(seen) <= set(kept.tolist())
     assert len(kept) - len(seen) < 4 * world  # only the trim to a multiple of batch x world is dropped
     for batches in per_rank:
         for batch in batches:
-            assert len(batch) == 4 and len({(w, h) for _, w, h in batch}) == 1
-            resolution = batch[0][1:]
+            assert len(batch) == 4 and len({(w, h) for _, w, h, _ in batch}) == 1
+            resolution = (batch[0].width, batch[0].height)
             if resolution != (512, 512):  # bucketed batches: every image belongs to that bucket
-                assert all(resolutions[buckets[i]] == resolution for i, _, _ in batch)
+                assert all(resolutions[buckets[i]] == resolution for i, *_ in batch)
 
 
 def test_most_batches_are_true_buckets_not_leftovers():
     buckets, resolutions = _sampler_inputs(n=5000)
     batches = list(BucketBatchSampler(buckets, resolutions, 8, (512, 512), seed=1))
-    exact = sum(all(resolutions[buckets[i]] == (w, h) for i, w, h in batch) for batch in batches)
+    exact = sum(all(resolutions[buckets[i]] == (w, h) for i, w, h, _ in batch) for batch in batches)
     assert exact / len(batches) > 0.9
 
 

@@ -165,6 +165,30 @@ def test_bucketed_batches_hold_one_resolution_near_each_image_shape(tmp_path):
     assert any(h > w for h, w in shapes) and any(w > h for h, w in shapes)  # tall and wide buckets both
 
 
+def test_random_crops_and_flips_depend_on_seed_epoch_and_image_only(tmp_path):
+    """The same epoch gives the same augmented pixels whatever the workers and the global RNG (so a resumed
+    run replays them); the next epoch crops and flips anew."""
+    source = SyntheticSource(tmp_path, num_images=10, seed=0, min_side=48, max_side=80)
+    dm = ImageDataModule(source, resolution=32, batch_size=4, num_val=2, num_workers=0)
+    dm.prepare_data()
+    dm.setup("fit")
+
+    def epoch_pixels(epoch, num_workers, global_seed):
+        torch.manual_seed(global_seed)
+        dm.num_workers = num_workers
+        loader = dm.train_dataloader()
+        loader.batch_sampler.set_epoch(epoch)
+        return {int(i): pixels for batch in loader
+                for i, pixels in zip(batch["index"], batch["pixel_values"], strict=True)}
+
+    first = epoch_pixels(0, num_workers=0, global_seed=1)
+    again = epoch_pixels(0, num_workers=2, global_seed=2)
+    assert first.keys() == again.keys() and all(torch.equal(first[i], again[i]) for i in first)
+    later = epoch_pixels(1, num_workers=0, global_seed=1)
+    common = first.keys() & later.keys()
+    assert sum(not torch.equal(first[i], later[i]) for i in common) >= len(common) // 2
+
+
 def test_resolution_must_divide_by_the_downsampling_factor(tmp_path):
     with pytest.raises(ValueError, match="data.resolution=24"):
         ImageDataModule(FolderSource(tmp_path), resolution=30, downsample_factor=8)

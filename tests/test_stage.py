@@ -50,8 +50,8 @@ def test_accumulation_matches_one_larger_batch(compose_cfg, monkeypatch):
 
 @pytest.mark.parametrize("stop_at", [1, 2], ids=["mid-epoch", "epoch-end"])
 def test_resumed_run_ends_where_a_straight_run_ends(compose_cfg, tmp_path, stop_at):
-    overrides = ["model.max_steps=4", "model.loss.disc_start=1", "model.accumulate_grad_batches=2",
-                 "data.random_crop=false", "data.random_flip=false"]
+    """Random crops and flips on (data.random_crop and random_flip default to true): replayed too."""
+    overrides = ["model.max_steps=4", "model.loss.disc_start=1", "model.accumulate_grad_batches=2"]
     ckpt = tmp_path / "stopped.ckpt"
 
     def run(callbacks=(), ckpt_path=None):

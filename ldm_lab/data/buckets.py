@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from torch.utils.data import Sampler
@@ -84,8 +85,18 @@ def assign_buckets(
                       too_extreme=too_extreme)
 
 
-class BucketBatchSampler(Sampler[list[tuple[int, int, int]]]):
-    """Yields batches of ``(index, width, height)``, one bucket resolution per batch.
+class Item(NamedTuple):
+    """What a sampler hands a data set: image ``index`` at ``width`` x ``height``, drawn in ``epoch``
+    (which, with the image and the run's seed, seeds the image's random crop and flip)."""
+
+    index: int
+    width: int
+    height: int
+    epoch: int = 0
+
+
+class BucketBatchSampler(Sampler[list[Item]]):
+    """Yields batches of :class:`Item`, one bucket resolution per batch.
 
     Per epoch (seed 002): one permutation of the kept images, the same on every rank, trimmed to a
     multiple of ``batch_size x num_replicas`` and sharded by rank; each bucket's share split into full
@@ -172,9 +183,9 @@ class BucketBatchSampler(Sampler[list[tuple[int, int, int]]]):
             position[group] += 1
         return batches
 
-    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+    def __iter__(self) -> Iterator[list[Item]]:
         batches = self.epoch_batches(self.epoch)
         start = self.start_batch if self.start_batch < len(batches) else 0  # a finished epoch starts over
         for taken, (indices, (width, height)) in enumerate(batches[start:], start=start + 1):
             self.start_batch = taken  # what state_dict reports: batches of this epoch handed out
-            yield [(int(i), width, height) for i in indices.tolist()]
+            yield [Item(int(i), width, height, self.epoch) for i in indices.tolist()]

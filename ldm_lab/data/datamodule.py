@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ldm_lab.data.buckets import BucketBatchSampler, assign_buckets, bucket_resolutions
+from ldm_lab.data.buckets import BucketBatchSampler, Item, assign_buckets, bucket_resolutions
 from ldm_lab.data.images import to_rgb
 from ldm_lab.data.index import ImageIndex
 from ldm_lab.data.latent_cache import CachedLatents, LatentCache, data_fingerprint, encode_missing
@@ -41,22 +41,32 @@ class BucketConfig:
 
 
 class BucketedImages(Dataset):
-    """Items are ``(index, width, height)``: image ``index`` of the index, at that size. Images from
-    ``boundary`` on come from ``val_source`` when there is one (a data set's own validation split)."""
+    """Items are :class:`~ldm_lab.data.buckets.Item`: image ``index`` of the index, at that size. Images
+    from ``boundary`` on come from ``val_source`` when there is one (a data set's own validation split).
+    Random crops and flips are drawn from (seed, epoch, image): the same whatever the workers, ranks or
+    resumes, and new each epoch."""
 
     def __init__(self, source: FolderSource, index: ImageIndex, random_crop: bool, random_flip: bool,
-                 val_source: FolderSource | None = None, boundary: int | None = None):
+                 val_source: FolderSource | None = None, boundary: int | None = None, seed: int = 0):
         self.sources = (source, val_source)
         self.boundary = len(index) if boundary is None else boundary
         self.locations = index.locations
         self.random_crop = random_crop
         self.random_flip = random_flip
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.locations)
 
-    def __getitem__(self, item: tuple[int, int, int]) -> dict[str, torch.Tensor]:
-        index, width, height = item
+    def _augmentation_generator(self, item: Item) -> torch.Generator | None:
+        if not (self.random_crop or self.random_flip):
+            return None
+        seed = np.random.SeedSequence([self.seed, item.epoch, item.index]).generate_state(1)[0]
+        return torch.Generator().manual_seed(int(seed))
+
+    def __getitem__(self, item: tuple) -> dict[str, torch.Tensor]:
+        item = Item(*item)
+        index, width, height = item.index, item.width, item.height
         for offset in range(len(self.locations)):
             position = (index + offset) % len(self.locations)
             location = self.locations[position]
@@ -66,8 +76,9 @@ class BucketedImages(Dataset):
             except OSError as error:  # passed the header checks, failed to decode: use the next image
                 log.warning("skipping %s: cannot decode (%s)", location, error)
                 continue
-            return {"pixel_values": bucket_transform(image, (width, height), self.random_crop, self.random_flip),
-                    "index": index}
+            pixels = bucket_transform(image, (width, height), self.random_crop, self.random_flip,
+                                      self._augmentation_generator(item))
+            return {"pixel_values": pixels, "index": index}
         raise RuntimeError("no image of the data set could be decoded")
 
 
@@ -259,7 +270,8 @@ class ImageDataModule(L.LightningDataModule):
     def _dataset(self, random_crop: bool, random_flip: bool, pixels: bool = False) -> Dataset:
         if self.latent_keys is not None and not pixels:
             return CachedLatents(self.latent_cache, self.latent_keys)
-        return BucketedImages(self.source, self.index, random_crop, random_flip, self.val_source, self.boundary)
+        return BucketedImages(self.source, self.index, random_crop, random_flip, self.val_source, self.boundary,
+                              self.seed)
 
     def _loader(self, train: bool) -> DataLoader:
         sampler = self._sampler(train)

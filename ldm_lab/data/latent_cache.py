@@ -27,6 +27,7 @@ from safetensors.torch import save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ldm_lab.data.buckets import Item
 from ldm_lab.stages.first_stage import FirstStage
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,8 @@ def encode_missing(first_stage: FirstStage, cache: LatentCache, images: Dataset,
 
 
 class CachedLatents(Dataset):
-    """Items ``(index, width, height)`` -> ``{"latents": moments, "index"}``: the image's moments at that resolution."""
+    """Items (:class:`~ldm_lab.data.buckets.Item`) -> ``{"latents": moments, "index"}``: the image's moments at
+    that resolution."""
 
     def __init__(self, cache: LatentCache, keys: list[dict[str, str]]):
         self.shards = cache.shards
@@ -185,8 +187,8 @@ class CachedLatents(Dataset):
     def __len__(self) -> int:
         return len(self.keys)
 
-    def __getitem__(self, item: tuple[int, int, int]) -> dict[str, torch.Tensor]:
-        index, width, height = item
+    def __getitem__(self, item: tuple) -> dict[str, torch.Tensor]:
+        index, width, height, _ = Item(*item)
         key = self.keys[index].get(f"{width}x{height}")
         if key is None:
             raise KeyError(f"image {index} has no cached latents at {width}x{height}; the cache does not match "
