@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -187,6 +188,32 @@ def test_random_crops_and_flips_depend_on_seed_epoch_and_image_only(tmp_path):
     later = epoch_pixels(1, num_workers=0, global_seed=1)
     common = first.keys() & later.keys()
     assert sum(not torch.equal(first[i], later[i]) for i in common) >= len(common) // 2
+
+
+def test_a_trainer_draws_a_new_order_each_epoch(tmp_path):
+    """Lightning sets the epoch on samplers, not on batch samplers: the bucket sampler must still get it."""
+
+    class RecordOrder(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(()))
+            self.seen: dict[int, list[int]] = {}
+
+        def training_step(self, batch, batch_idx):
+            self.seen.setdefault(self.current_epoch, []).extend(batch["index"].tolist())
+            return self.weight * batch["pixel_values"].mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    source = SyntheticSource(tmp_path, num_images=12, seed=0, min_side=32, max_side=40)
+    dm = ImageDataModule(source, resolution=32, batch_size=4, num_val=4, num_workers=0)
+    module = RecordOrder()
+    L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, limit_val_batches=0, use_distributed_sampler=False).fit(module, datamodule=dm)
+    orders = list(module.seen.values())
+    assert len(orders) == 3 and all(sorted(order) == sorted(orders[0]) for order in orders)
+    assert len({tuple(order) for order in orders}) == 3
 
 
 def test_resolution_must_divide_by_the_downsampling_factor(tmp_path):

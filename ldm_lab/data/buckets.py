@@ -142,6 +142,13 @@ class BucketBatchSampler(Sampler[list[Item]]):
     def __len__(self) -> int:
         return self.num_batches if self.drop_last else len(self.epoch_batches(0))
 
+    @property
+    def sampler(self) -> BucketBatchSampler:
+        """Lightning sets the epoch, at the start of each, on a loader's ``sampler`` and on its batch
+        sampler's ``sampler`` (``lightning.fabric.utilities.data._set_sampler_epoch``), never on the batch
+        sampler itself: this is where it finds :meth:`set_epoch`."""
+        return self
+
     def set_epoch(self, epoch: int) -> None:
         if epoch != self.epoch:
             self.epoch, self.start_batch = epoch, 0
