@@ -6,8 +6,11 @@ profiler records it, over one optimizer step, minus the gradients allocated in i
 from __future__ import annotations
 
 import json
+import os
+import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,12 +74,30 @@ class _PeakOfSecondStep(L.Callback):
         cycle_start = pl_module.micro_step % pl_module.accumulate_grad_batches == 0
         if pl_module.step == 1 and cycle_start and self.profiler is None:
             self.profiler = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
-            self.profiler.__enter__()
+            with _native_stderr_silenced():
+                self.profiler.__enter__()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if pl_module.step == 2 and self.profiler is not None and self.peak is None:
-            self.profiler.__exit__(None, None, None)
+            with _native_stderr_silenced():
+                self.profiler.__exit__(None, None, None)
             self.peak = _peak_allocated(self.profiler)
+
+
+@contextmanager
+def _native_stderr_silenced():
+    """Starting and stopping the profiler, libkineto writes 'USDT ... profiler_start/stop' and, on a machine
+    without CUDA, 'ERROR ... gpuGetDeviceCount failed' straight to file descriptor 2, past Python's logging
+    (and past KINETO_LOG_LEVEL): a misleading error on a CPU-only plan, so descriptor 2 goes to /dev/null."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _peak_allocated(profiler: profile) -> int:
