@@ -1,13 +1,17 @@
-"""The lab's entry point: compose conf/ with Hydra, run the task.
+"""The lab's entry point: compose conf/ with Hydra, check the config, run the task.
 
     python run.py model=vae disc.norm_type=spectral_group
     python run.py -m model.lr=1e-4,4.5e-6 disc.norm_type=spectral_group,spectral,batch,none
 """
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
 from ldm_lab.schema import register_configs
+from ldm_lab.validate import ConfigError, check_config, check_group_choices
 
 register_configs()
 
@@ -16,8 +20,13 @@ register_configs()
 def main(cfg: DictConfig):
     from ldm_lab.tasks import run
 
+    check_config(cfg)
     run(cfg)
 
 
 if __name__ == "__main__":
+    try:
+        check_group_choices(sys.argv[1:], Path(__file__).resolve().parent / "conf")
+    except ConfigError as error:
+        sys.exit(f"error: {error}")
     main()

@@ -136,6 +136,7 @@ def test_ema_follows_its_formula_and_is_what_validation_and_sampling_use(compose
     cfg = _cfg(compose_cfg, first_stage, "model.max_steps=3", "model.ema_decay=0.9999")
     stage = build_stage(cfg.model, cfg.disc)
     stage.latent_scale.fill_(1.0)
+    initial = stage.unet.conv_out.weight.detach().clone()
     snapshots = []
 
     class Record(L.Callback):
@@ -144,9 +145,9 @@ def test_ema_follows_its_formula_and_is_what_validation_and_sampling_use(compose
 
     channels = stage.first_stage.latent_channels * (2 if stage.first_stage.kind == "kl" else 1)  # KL: mean, logvar
     fit(stage, [{"latents": torch.randn(2, channels, 8, 8)}], callbacks=[Record()])
-    expected = snapshots[0]  # the first update copies; then decay min(0.9999, (1 + t) / (10 + t)) at update t
-    for t, weights in enumerate(snapshots[1:], start=1):
-        expected = expected + (1 - min(0.9999, (1 + t) / (10 + t))) * (weights - expected)
+    expected = initial  # LitEma: from the initial weights, decay min(0.9999, (1 + n) / (10 + n)) at update n
+    for n, weights in enumerate(snapshots, start=1):
+        expected = expected + (1 - min(0.9999, (1 + n) / (10 + n))) * (weights - expected)
     torch.testing.assert_close(stage.ema.module.conv_out.weight, expected)
     assert not torch.allclose(stage.ema.module.conv_out.weight, stage.unet.conv_out.weight)
 
@@ -163,7 +164,7 @@ def test_ema_follows_its_formula_and_is_what_validation_and_sampling_use(compose
         leftover_resolution = (32, 32)
 
     _, previews, _ = stage.preview_images(Data(), 2)
-    args = (stage.first_stage, 1.0, stage.noise_scheduler, 2, 32, 32)
+    args = (stage.first_stage, 1.0, stage.sampling_scheduler, 2, 32, 32)
     with_ema = generate_images(stage.ema.module, *args, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     with_unet = generate_images(stage.unet, *args, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(previews, with_ema)
@@ -191,7 +192,7 @@ def test_resume_keeps_the_latent_scale_and_the_ema(compose_cfg, first_stage, tmp
     monkeypatch.setattr(ImageDataModule, "prepare_data", prepare_with_another_scale)
     resumed = run(ckpt_path=ckpt)
     assert resumed.step == 4 and float(resumed.latent_scale) == float(straight.latent_scale) != 123.0
-    assert int(resumed.ema.n_averaged) == 4
+    assert int(resumed.ema.n_averaged) == 1 + 4  # the initial weights count once
     for a, b in zip(resumed.ema.parameters(), straight.ema.parameters(), strict=True):
         torch.testing.assert_close(a, b)
 

@@ -73,7 +73,7 @@ def test_resumed_run_ends_where_a_straight_run_ends(compose_cfg, tmp_path, stop_
         for pid, state in sa["state"].items():
             assert int(state["step"]) == int(sb["state"][pid]["step"])
             torch.testing.assert_close(state["exp_avg_sq"], sb["state"][pid]["exp_avg_sq"], rtol=0, atol=1e-9)
-    assert int(resumed.ema.n_averaged) == int(straight.ema.n_averaged) == 4
+    assert int(resumed.ema.n_averaged) == int(straight.ema.n_averaged) == 1 + 4  # the initial weights count once
     assert not torch.equal(stopped.vae.decoder.conv_out.weight, straight.vae.decoder.conv_out.weight)
 
 
@@ -107,17 +107,23 @@ def test_kl_term_is_the_weighted_batch_mean_of_the_posterior_kl(compose_cfg):
 def test_ema_update_follows_its_formula():
     model = torch.nn.Linear(3, 2)
     ema = ema_with_warmup(model, decay=0.9)
-    ema.update_parameters(model)  # first update copies
-    torch.testing.assert_close(ema.module.weight, model.weight)
-    old = model.weight.detach().clone()
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    ema.update_parameters(model)
-    decay = min(0.9, 2 / 11)
-    torch.testing.assert_close(ema.module.weight, decay * old + (1 - decay) * model.weight.detach())
-    for _ in range(200):
+    start = model.weight.detach().clone()
+    expected = start.clone()
+    for n in range(1, 31):  # LitEma: update n averages with min(decay, (1 + n) / (10 + n)), from the initial weights
+        with torch.no_grad():
+            model.weight.add_(1.0)
         ema.update_parameters(model)
-    assert not ema.module.weight.requires_grad
+        decay = min(0.9, (1 + n) / (10 + n))
+        expected = decay * expected + (1 - decay) * model.weight.detach()
+        torch.testing.assert_close(ema.module.weight, expected)
+    assert (1 + 30) / (10 + 30) < 0.9 < (1 + 90) / (10 + 90)  # the warm-up ramps below the cap here ...
+    for n in range(31, 101):
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ema.update_parameters(model)
+        expected = min(0.9, (1 + n) / (10 + n)) * expected + (1 - min(0.9, (1 + n) / (10 + n))) * model.weight.detach()
+    torch.testing.assert_close(ema.module.weight, expected)  # ... and holds at the cap once past it
+    assert not torch.allclose(ema.module.weight, model.weight) and not ema.module.weight.requires_grad
 
 
 def test_validation_uses_the_ema_weights(compose_cfg):

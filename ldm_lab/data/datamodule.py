@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import lightning as L
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from ldm_lab.data.buckets import BucketBatchSampler, Item, assign_buckets, bucket_resolutions
@@ -73,7 +74,7 @@ class BucketedImages(Dataset):
             try:
                 with self.sources[position >= self.boundary].open(location) as image:
                     image = to_rgb(image)
-            except OSError as error:  # passed the header checks, failed to decode: use the next image
+            except (OSError, Image.DecompressionBombError) as error:  # passed the header checks, failed to decode
                 log.warning("skipping %s: cannot decode (%s)", location, error)
                 continue
             pixels = bucket_transform(image, (width, height), self.random_crop, self.random_flip,
@@ -98,6 +99,7 @@ class ImageDataModule(L.LightningDataModule):
         random_crop: bool = True,
         random_flip: bool = True,
         min_image_side: int = 0,
+        max_image_pixels: int = 89_478_485,
         max_images: int | None = None,
         num_workers: int = 4,
         seed: int = 0,
@@ -131,6 +133,8 @@ class ImageDataModule(L.LightningDataModule):
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.min_image_side = min_image_side
+        self.max_image_pixels = max_image_pixels
+        Image.MAX_IMAGE_PIXELS = max_image_pixels  # PIL's decompression-bomb limit (its default), for decoding too
         self.max_images = max_images
         self.num_workers = num_workers
         self.seed = seed
@@ -193,13 +197,16 @@ class ImageDataModule(L.LightningDataModule):
         assignment = assign_buckets(index.widths, index.heights, self.resolutions, self.max_ar_error,
                                     self.buckets is not None and self.buckets.no_upscale)
         too_small |= assignment.too_small
+        too_large = index.widths * index.heights > self.max_image_pixels
+        too_small &= ~too_large
         skipped = index.skipped.copy()
-        for reason, mask in ((f"too small (short side < {self.min_image_side} px or no bucket fits)", too_small),
+        for reason, mask in ((f"too large (over data.max_image_pixels={self.max_image_pixels} pixels)", too_large),
+                             (f"too small (short side < {self.min_image_side} px or no bucket fits)", too_small),
                              (f"too extreme (aspect > {self.max_ar_error:.2f} from every bucket, in log units)",
-                              assignment.too_extreme & ~too_small)):
+                              assignment.too_extreme & ~too_small & ~too_large)):
             if mask.any():
                 skipped[reason] += int(mask.sum())
-        keep = ~too_small & (assignment.bucket >= 0)
+        keep = ~too_small & ~too_large & (assignment.bucket >= 0)
         usable = index.select(keep)
         usable.skipped = skipped
         log.info("%s", usable.report(source.name))

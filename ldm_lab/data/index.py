@@ -1,18 +1,19 @@
 """The image index: each image's id, width, height and location, read from file headers without
 decoding pixels, and cached on disk so a second start on a large folder only stats its files.
 
-Files that cannot be used are skipped with a reason (empty, not an image, corrupt or truncated) and
-counted; the report is printed at start. Sizes are as displayed: EXIF orientations that rotate by 90
+Files that cannot be used are skipped with a reason (empty, not an image, corrupt or truncated, a
+broken or looping link) and counted; the report is printed at start. Symlinked folders are followed,
+each real folder once. Sizes are as displayed: EXIF orientations that rotate by 90
 degrees swap width and height.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
 import os
-import tempfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -22,10 +23,13 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from ldm_lab.atomic import atomic_write
+
 log = logging.getLogger(__name__)
 
 OK, EMPTY, NOT_IMAGE, CORRUPT = 0, 1, 2, 3
 REASONS = {EMPTY: "empty file", NOT_IMAGE: "not an image", CORRUPT: "corrupt or truncated"}
+UNREADABLE_LINK = "broken or looping link, or unreadable"
 EXIF_ORIENTATION = 0x0112
 ROTATED_ORIENTATIONS = {5, 6, 7, 8}  # transposed or rotated by 90/270 degrees
 CACHE_VERSION = 1
@@ -55,18 +59,37 @@ class ImageIndex:
         return "\n".join(lines)
 
 
+@contextlib.contextmanager
+def _no_pixel_limit():
+    """PIL refuses to open images above ``Image.MAX_IMAGE_PIXELS`` (decompression bombs); reading a header
+    decodes nothing, so the index reads every size and the datamodule skips what is too large."""
+    limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = limit
+
+
 def probe(source: str | os.PathLike | bytes) -> tuple[int, int, int]:
     """(width, height, status) of an image file or encoded bytes, from its header and structure:
     PNG chunks are checksummed, JPEG must end with its end-of-image marker; pixels are not decoded."""
     raw = isinstance(source, bytes)
     if (len(source) if raw else os.path.getsize(source)) == 0:
         return 0, 0, EMPTY
+    with _no_pixel_limit():
+        return _probe(source, raw)
+
+
+def _probe(source: str | os.PathLike | bytes, raw: bool) -> tuple[int, int, int]:
     try:
         with Image.open(io.BytesIO(source) if raw else source) as image:
             width, height = image.size
-            if image.getexif().get(EXIF_ORIENTATION) in ROTATED_ORIENTATIONS:
-                width, height = height, width
             kind = image.format
+            # A PNG's getexif() decodes every pixel to look for EXIF after the image data; an eXIf chunk
+            # belongs before it (PNG spec), where opening the file has already read it into info.
+            has_exif = kind != "PNG" or "exif" in image.info
+            if has_exif and image.getexif().get(EXIF_ORIENTATION) in ROTATED_ORIENTATIONS:
+                width, height = height, width
         if kind == "JPEG":  # PIL's verify checks nothing for JPEG; a complete one ends with EOI
             if not _ends_with_eoi(source):
                 return width, height, CORRUPT
@@ -96,13 +119,8 @@ def _probe_many(paths: list[str], num_workers: int) -> list[tuple[int, int, int]
 
 
 def _save_atomically(cache: Path, **arrays: np.ndarray) -> None:
-    """Write the cache through a temporary file of its own, then rename it into place: DDP ranks index
-    at the same time, and a reader never sees half a file."""
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    handle, partial = tempfile.mkstemp(dir=cache.parent, prefix=cache.stem, suffix=".tmp.npz")
-    with os.fdopen(handle, "wb") as file:
-        np.savez(file, version=CACHE_VERSION, **arrays)
-    os.replace(partial, cache)
+    """Write the cache atomically (DDP ranks index at the same time; a reader never sees half a file)."""
+    atomic_write(cache, lambda file: np.savez(file, version=CACHE_VERSION, **arrays))
 
 
 def _status_index(locations: list[str], widths, heights, status) -> ImageIndex:
@@ -128,19 +146,33 @@ def index_records(encoded, count: int, key: str, cache_dir: str | os.PathLike | 
     return _status_index([str(i) for i in range(count)], widths, heights, status)
 
 
-def scan_folder(root: Path, extensions: tuple[str, ...]) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Every file under ``root`` with one of ``extensions`` (any case): sorted paths, sizes, mtimes (ns)."""
-    paths, sizes, mtimes = [], [], []
-    for folder, _, names in os.walk(root):
+def scan_folder(root: Path, extensions: tuple[str, ...]) -> tuple[list[str], np.ndarray, np.ndarray, Counter]:
+    """Every file under ``root`` with one of ``extensions`` (any case), following symlinked folders but
+    walking each real folder once (a link back to an ancestor is no loop): sorted paths, sizes, mtimes
+    (ns), and the count of files that cannot be read (broken or looping links)."""
+    paths, sizes, mtimes, unreadable = [], [], [], Counter()
+    walked = set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        folder_stat = os.stat(folder)
+        if (folder_stat.st_dev, folder_stat.st_ino) in walked:
+            subfolders.clear()
+            continue
+        walked.add((folder_stat.st_dev, folder_stat.st_ino))
+        subfolders.sort()  # the same folder is always reached by the same path
         for name in names:
             if name.lower().endswith(extensions):
                 path = os.path.join(folder, name)
-                stat = os.stat(path)
+                try:
+                    stat = os.stat(path)
+                except OSError:
+                    unreadable[UNREADABLE_LINK] += 1
+                    continue
                 paths.append(path)
                 sizes.append(stat.st_size)
                 mtimes.append(stat.st_mtime_ns)
     order = np.argsort(paths, kind="stable")
-    return [paths[i] for i in order], np.array(sizes, np.int64)[order], np.array(mtimes, np.int64)[order]
+    return ([paths[i] for i in order], np.array(sizes, np.int64)[order], np.array(mtimes, np.int64)[order],
+            unreadable)
 
 
 def index_folder(root: str | os.PathLike, extensions: tuple[str, ...], cache_dir: str | os.PathLike | None,
@@ -148,7 +180,7 @@ def index_folder(root: str | os.PathLike, extensions: tuple[str, ...], cache_dir
     """Index the images under ``root``, reusing ``cache_dir``'s record of every file whose path, size
     and mtime are unchanged; only new or changed files are probed."""
     root = Path(root).expanduser().resolve()
-    paths, sizes, mtimes = scan_folder(root, extensions)
+    paths, sizes, mtimes, unreadable = scan_folder(root, extensions)
     widths = np.zeros(len(paths), np.int64)
     heights = np.zeros(len(paths), np.int64)
     status = np.full(len(paths), -1, np.int64)
@@ -169,4 +201,6 @@ def index_folder(root: str | os.PathLike, extensions: tuple[str, ...], cache_dir
         if cache is not None:
             _save_atomically(cache, paths=np.array(paths, dtype=str), sizes=sizes, mtimes=mtimes, widths=widths,
                              heights=heights, status=status)
-    return _status_index(paths, widths, heights, status)
+    index = _status_index(paths, widths, heights, status)
+    index.skipped.update(unreadable)
+    return index

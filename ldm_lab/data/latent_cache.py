@@ -1,11 +1,13 @@
 """The latent cache: a data set encoded once by a frozen first stage, so the diffusion model trains on
 latents instead of running the encoder every step.
 
-Layout: ``<root>/<first-stage fingerprint>/shard-<uuid>.safetensors`` holds one tensor per image (the
+Layout: ``<root>/<first-stage fingerprint>/shard-<sha256>.safetensors`` holds one tensor per image (the
 first stage's moments at the image's bucket resolution, center crop, no flip), named by the SHA-1 of the
 image's pixels at that resolution: a changed image or first stage gets a new key and is encoded again,
-an unchanged one is skipped. With aspect-ratio buckets an image is also stored at the leftover
-resolution, which the bucket sampler gives the remainders of each epoch. ``manifest-<data key>.json`` lists, for one data configuration, each
+an unchanged one is skipped. A shard is named by the SHA-256 of its bytes, checked when the cache is
+opened: a damaged shard (a flipped bit, a truncated copy) is set aside and its images encoded again.
+With aspect-ratio buckets an image is also stored at the leftover resolution, which the bucket sampler
+gives the remainders of each epoch. ``manifest-<data key>.json`` lists, for one data configuration, each
 image's key in index order and the latent scale, 1 / std of the training images' latents (LDM, sec.
 4.3.2 and D.1; for KL moments the std of a posterior sample, computed exactly from means and variances).
 """
@@ -16,17 +18,17 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
-import uuid
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ldm_lab.atomic import atomic_write, atomic_write_text
 from ldm_lab.data.buckets import Item
 from ldm_lab.stages.first_stage import FirstStage
 
@@ -55,22 +57,70 @@ class KeyedImages(Dataset):
         return sample
 
 
+SHARD_NAME = re.compile(r"shard-([0-9a-f]{64})\.safetensors")
+
+
+class LatentCacheError(RuntimeError):
+    """A cache file that cannot be used; the message names it and how to rebuild it."""
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_latents(shard: Path, key: str) -> torch.Tensor:
+    try:
+        with safe_open(shard, "pt") as handle:
+            return handle.get_tensor(key)
+    except (SafetensorError, OSError) as error:
+        raise LatentCacheError(f"latent cache shard {shard} cannot be read ({error}): delete it and run "
+                               f"task=cache_latents (or train) again to encode its images anew") from error
+
+
 class LatentCache:
     """The shards of one first stage: a key -> shard map read from the shard headers, written to in shards
-    of ``shard_size`` tensors (each written whole, atomically: a killed run keeps what it finished)."""
+    of ``shard_size`` tensors (each written whole, atomically: a killed run keeps what it finished). Every
+    shard is checked against the SHA-256 in its name once per process, before any of it is used."""
 
     def __init__(self, root: str | os.PathLike, fingerprint: str, shard_size: int = 1024):
         self.dir = Path(root) / fingerprint[:16]
         self.shard_size = shard_size
         self.shards: dict[str, Path] = {}
+        self._checked: set[Path] = set()
         self._pending: dict[str, torch.Tensor] = {}
         self.refresh()
 
     def refresh(self) -> None:
-        """Read the shard headers again (another process may have written shards)."""
+        """Read the headers of shards not seen yet (another process may have written some), checking each."""
         for shard in sorted(self.dir.glob("shard-*.safetensors")):
-            with safe_open(shard, "pt") as handle:
-                self.shards.update(dict.fromkeys(handle.keys(), shard))
+            if shard in self._checked:
+                continue
+            match = SHARD_NAME.fullmatch(shard.name)
+            if match is None:
+                self._set_aside(shard, "has no checksum in its name (an older version wrote it)")
+                continue
+            if _file_sha256(shard) != match[1]:
+                self._set_aside(shard, "does not match the checksum in its name")
+                continue
+            try:
+                with safe_open(shard, "pt") as handle:
+                    self.shards.update(dict.fromkeys(handle.keys(), shard))
+            except (SafetensorError, OSError) as error:
+                self._set_aside(shard, f"cannot be read ({error})")
+                continue
+            self._checked.add(shard)
+
+    def _set_aside(self, shard: Path, problem: str) -> None:
+        corrupt = shard.with_name(shard.name + ".corrupt")
+        try:
+            os.replace(shard, corrupt)
+        except FileNotFoundError:  # another process set it aside first
+            return
+        log.warning("latent cache shard %s %s: moved to %s; its images are encoded again", shard, problem, corrupt.name)
 
     def __contains__(self, key: str) -> bool:
         return key in self.shards or key in self._pending
@@ -78,8 +128,7 @@ class LatentCache:
     def get(self, key: str) -> torch.Tensor:
         if key in self._pending:
             return self._pending[key]
-        with safe_open(self.shards[key], "pt") as handle:
-            return handle.get_tensor(key)
+        return read_latents(self.shards[key], key)
 
     def add(self, key: str, moments: torch.Tensor) -> None:
         self._pending[key] = moments.detach().float().cpu().contiguous()
@@ -89,12 +138,10 @@ class LatentCache:
     def flush(self) -> None:
         if not self._pending:
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"shard-{uuid.uuid4().hex}.safetensors"  # unique: processes on several nodes may write
-        handle, tmp = tempfile.mkstemp(dir=self.dir, suffix=".tmp")
-        os.close(handle)
-        save_file(self._pending, tmp)
-        os.replace(tmp, path)
+        data = save(self._pending)
+        path = self.dir / f"shard-{hashlib.sha256(data).hexdigest()}.safetensors"
+        atomic_write(path, lambda file: file.write(data))
+        self._checked.add(path)
         self.shards.update(dict.fromkeys(self._pending, path))
         self._pending = {}
 
@@ -102,12 +149,17 @@ class LatentCache:
         return self.dir / f"manifest-{data_key}.json"
 
     def read_manifest(self, data_key: str) -> dict:
+        """The manifest of a data configuration, once every latent it lists is in a checked shard."""
         self.refresh()
         path = self.manifest_path(data_key)
+        rebuild = "run python run.py task=cache_latents with the same model.first_stage and data"
         if not path.is_file():
-            raise FileNotFoundError(f"no latent cache manifest {path} for this data and first stage; "
-                                    f"run python run.py task=cache_latents with the same model.first_stage and data")
-        return json.loads(path.read_text())
+            raise LatentCacheError(f"no latent cache manifest {path} for this data and first stage; {rebuild}")
+        manifest = json.loads(path.read_text())
+        missing = sum(key not in self.shards for keys in manifest["keys"] for key in keys.values())
+        if missing:
+            raise LatentCacheError(f"{missing} latents of {path} are in no intact shard of {self.dir}; {rebuild}")
+        return manifest
 
 
 class LatentScale:
@@ -131,7 +183,12 @@ class LatentScale:
     @property
     def scaling_factor(self) -> float:
         mean = self.total / self.count
-        return float(1.0 / np.sqrt((self.squares + self.variance) / self.count - mean**2))
+        scale = float(1.0 / np.sqrt((self.squares + self.variance) / self.count - mean**2))
+        if not np.isfinite(scale) or scale <= 0:
+            raise ValueError(f"the latent scale 1/std of {self.count} latent values is {scale}: the latents are "
+                             f"constant or not finite. Check the first stage (model.first_stage), or set "
+                             f"model.latent_scale=<a number>")
+        return scale
 
 
 def data_fingerprint(locations: list[str], sizes: np.ndarray) -> str:
@@ -167,10 +224,7 @@ def encode_missing(first_stage: FirstStage, cache: LatentCache, images: Dataset,
             seen += 1
     cache.flush()
     manifest = {"kind": first_stage.kind, "scaling_factor": scale.scaling_factor, "keys": keys}
-    path = cache.manifest_path(data_key)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(manifest))
-    os.replace(tmp, path)
+    atomic_write_text(cache.manifest_path(data_key), json.dumps(manifest))
     log.info("latent cache %s: %d latents encoded, %d already there; latent scale 1/std = %.5f", cache.dir,
              encoded, seen - encoded, manifest["scaling_factor"])
     return manifest
@@ -193,5 +247,4 @@ class CachedLatents(Dataset):
         if key is None:
             raise KeyError(f"image {index} has no cached latents at {width}x{height}; the cache does not match "
                            f"the data configuration: run task=cache_latents again")
-        with safe_open(self.shards[key], "pt") as handle:
-            return {"latents": handle.get_tensor(key), "index": index}
+        return {"latents": read_latents(self.shards[key], key), "index": index}

@@ -17,10 +17,13 @@ SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
 
 def inference_scheduler(train_scheduler: SchedulerMixin, sampler: str) -> SchedulerMixin:
-    """A ``sampler`` (ddim | ddpm) scheduler with the training scheduler's betas and prediction type."""
+    """A ``sampler`` (ddim | ddpm) scheduler with the given scheduler's betas and prediction type; DDIM
+    keeps its spacing (``steps_offset``, ``set_alpha_to_one``), DDPM walks every step down to 0."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r} is not one of {sorted(SAMPLERS)}")
-    return SAMPLERS[sampler].from_config(train_scheduler.config)
+    if sampler == "ddpm":
+        return DDPMScheduler.from_config(train_scheduler.config, steps_offset=0)
+    return DDIMScheduler.from_config(train_scheduler.config)
 
 
 @torch.no_grad()

@@ -28,6 +28,7 @@ class AutoencoderStage(TrainingStage):
     ``sample_latents`` (what a latent diffusion model would be trained on)."""
 
     monitor, monitor_mode = "val/psnr", "max"
+    description = "a first stage: an autoencoder checkpoint (model=vae, vqvae or their tiny variants)"
 
     def __init__(
         self,

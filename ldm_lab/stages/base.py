@@ -12,6 +12,7 @@ out) and hands them to :meth:`TrainingStage.backward_and_step`. Everything that 
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,6 +22,8 @@ import numpy as np
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
+from ldm_lab.checkpoints import nonfinite_tensors
+
 log = logging.getLogger(__name__)
 
 
@@ -28,13 +31,19 @@ class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row; a checkpoint was written before stopping."""
 
 
+class NonFiniteValidationError(RuntimeError):
+    """A validation value or a weight is not finite; nothing was written after it."""
+
+
 class TrainingStage(L.LightningModule):
     """Subclasses build their networks, optimizers (first one: the model the stage is named after) and
     ``training_step``; they may extend :meth:`on_optimizer_step` and :meth:`train_scalars`.
-    ``monitor`` / ``monitor_mode`` name the validation value the best checkpoint is chosen on."""
+    ``monitor`` / ``monitor_mode`` name the validation value the best checkpoint is chosen on;
+    ``description`` says what the stage is in the words of its model option (for error messages)."""
 
     monitor: str
     monitor_mode: str
+    description = "a training stage"
 
     def __init__(self, max_steps: int, accumulate_grad_batches: int = 1, gradient_clip_val: float | None = 1.0,
                  max_consecutive_nonfinite: int = 5, seed: int = 0):
@@ -63,6 +72,13 @@ class TrainingStage(L.LightningModule):
         if self.trainer.precision == "16-mixed":
             raise ValueError("precision 16-mixed clips scaled gradients under manual optimization; "
                              "use precision=bf16 (bf16-mixed) or precision=fp32")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> int | None:
+        """Train no step past ``max_steps``: a resumed finished run, or ``max_steps=0``, stops at once."""
+        if self.step >= self.max_steps:
+            self.trainer.should_stop = True
+            return -1  # Lightning: skip this batch and end the epoch
+        return None
 
     @property
     def trained_network(self) -> torch.nn.Module:
@@ -176,12 +192,25 @@ class TrainingStage(L.LightningModule):
 
     # ----------------------------------------------------------------------------- validation logging
     def log_validation(self, values: dict[str, torch.Tensor]) -> None:
-        """Values of a validation pass: to the progress bar, ModelCheckpoint's monitor and the logger."""
+        """Values of a validation pass: to the progress bar, ModelCheckpoint's monitor and the logger.
+        A non-finite value or weight stops the run here, before any checkpoint or export is written."""
+        self._check_finite(values)
         for name, value in values.items():
             self.log(f"val/{name}", value, prog_bar=f"val/{name}" == self.monitor, logger=False)
         self.last_val_metrics = {name: float(value) for name, value in values.items()}
         if self.logger is not None:
             self.logger.log_metrics({f"val/{k}": v for k, v in self.last_val_metrics.items()}, step=self.step)
+
+    def _check_finite(self, values: dict[str, torch.Tensor]) -> None:
+        bad = [f"val/{name} = {float(value)}" for name, value in values.items() if not math.isfinite(float(value))]
+        weights = nonfinite_tensors(dict(self.named_parameters()))
+        if weights:
+            bad.append(f"{len(weights)} weight tensors ({', '.join(weights[:3])}{', ...' if len(weights) > 3 else ''})")
+        if bad:
+            raise NonFiniteValidationError(
+                f"validation at step {self.step}: non-finite {'; '.join(bad)}. The run stops before writing a "
+                f"checkpoint or the export; checkpoints/last.ckpt holds the previous validation. Lower model.lr, "
+                f"check the data, or use precision=fp32, then resume from it")
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

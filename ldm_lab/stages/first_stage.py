@@ -83,9 +83,10 @@ def load_first_stage(source: str | Path | dict | DictConfig) -> FirstStage:
         return FirstStage(getattr(diffusers, source["class_name"]).from_config(source["config"]))
     path = Path(str(source)).expanduser()
     if path.is_file():  # tasks import stages: imported here, not at the top, to keep that one-way
+        from ldm_lab.stages.autoencoder import AutoencoderStage
         from ldm_lab.tasks.build import load_stage
 
-        return FirstStage(load_stage(path).eval_vae)
+        return FirstStage(load_stage(path, expect=AutoencoderStage, key="model.first_stage").eval_vae)
     if (path / "config.json").is_file():
         class_name = json.loads((path / "config.json").read_text())["_class_name"]
         return FirstStage(getattr(diffusers, class_name).from_pretrained(path))

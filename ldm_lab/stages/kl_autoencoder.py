@@ -13,6 +13,8 @@ class KLAutoencoderStage(AutoencoderStage):
     The reconstruction is a per-pixel mean (seed 001) while LDM sums it per image, so the same
     ``kl_weight`` weighs the KL about H*W*3 times more here than in LDM's configs."""
 
+    description = "a KL autoencoder (model=vae or vae_tiny)"
+
     def __init__(self, *args, kl_weight: float = 1.0e-6, **kwargs):
         super().__init__(*args, **kwargs)
         self.kl_weight = kl_weight

@@ -19,6 +19,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
@@ -34,9 +35,13 @@ log = logging.getLogger(__name__)
 
 class LatentDiffusionStage(TrainingStage):
     """``lr`` is per sample when ``scale_lr`` is set: the optimizer gets lr x batch x accumulation x
-    devices (LDM's main.py: 2e-6 x 48 = 9.6e-5 for LDM-VQ-4); otherwise it is used as given."""
+    devices (LDM's main.py: 2e-6 x 48 = 9.6e-5 for LDM-VQ-4); otherwise it is used as given.
+    ``latent_scale``: None measures 1 / std of the training latents (LDM's scale_by_std); a number is
+    used as given (LDM-VQ-4: 1.0). ``ddim``: the DDIM spacing of sampling and the export (LDM's
+    DDIMSampler: ``steps_offset`` 1, ``set_alpha_to_one`` false)."""
 
     monitor, monitor_mode = "val/loss_simple_ema", "min"
+    description = "a latent diffusion UNet (model=unet or unet_tiny)"
 
     def __init__(
         self,
@@ -53,6 +58,8 @@ class LatentDiffusionStage(TrainingStage):
         gradient_checkpointing: bool = False,
         ema_decay: float | None = 0.9999,
         latent_cache: bool = True,
+        latent_scale: float | None = None,
+        ddim: dict | None = None,
         preview: dict | None = None,
         max_consecutive_nonfinite: int = 5,
         seed: int = 0,
@@ -63,12 +70,15 @@ class LatentDiffusionStage(TrainingStage):
                              "first-stage checkpoint (.ckpt) or exported folder, e.g. from python run.py "
                              "experiment=quickstart: model.first_stage=outputs/<date>/<time>/checkpoints/last.ckpt")
         self.first_stage = load_first_stage(first_stage)
+        self.first_stage_source = first_stage if isinstance(first_stage, str) else None  # recorded in checkpoints
         channels = self.first_stage.latent_channels
         self.unet: nn.Module = unet(in_channels=channels, out_channels=channels)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.noise_scheduler = noise_scheduler
-        self.register_buffer("latent_scale", torch.tensor(float("nan")))  # set once, then from checkpoints
+        # Set once (given, or measured at the start of training), then restored from checkpoints.
+        self.register_buffer("latent_scale", torch.tensor(float("nan") if latent_scale is None else latent_scale))
+        self.ddim = dict(ddim or {})
         self.ema = ema_with_warmup(self.unet, ema_decay) if ema_decay else None
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.lr, self.scale_lr = lr, scale_lr
@@ -85,6 +95,11 @@ class LatentDiffusionStage(TrainingStage):
     @property
     def trained_network(self) -> nn.Module:
         return self.unet
+
+    @property
+    def sampling_scheduler(self) -> DDIMScheduler:
+        """The training betas with the DDIM spacing ``ddim``: what sampling uses and the export holds."""
+        return DDIMScheduler.from_config(self.noise_scheduler.config, **self.ddim)
 
     @property
     def eval_unet(self) -> nn.Module:
@@ -183,7 +198,7 @@ class LatentDiffusionStage(TrainingStage):
         """For :class:`~ldm_lab.callbacks.image_logger.ImageLogger`: samples from the same noise every time."""
         width, height = datamodule.leftover_resolution
         generator = torch.Generator().manual_seed(self.seed)
-        images = generate_images(self.eval_unet, self.first_stage, float(self.latent_scale), self.noise_scheduler,
+        images = generate_images(self.eval_unet, self.first_stage, float(self.latent_scale), self.sampling_scheduler,
                                  num_images, height, width, generator=generator, **self.preview)
         return "samples", images, math.ceil(math.sqrt(num_images))
 
@@ -191,3 +206,4 @@ class LatentDiffusionStage(TrainingStage):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["ldm_lab"]["first_stage"] = describe(self.first_stage.vae)  # rebuilds it without its source
+        checkpoint["ldm_lab"]["first_stage_source"] = self.first_stage_source  # named when a resume does not match

@@ -16,6 +16,8 @@ class VQAutoencoderStage(AutoencoderStage):
     perplexity. ``dead_code_restart_every`` > 0 moves codes used fewer than ``dead_code_threshold``
     times in that many generator steps onto recent encoder outputs."""
 
+    description = "a VQ autoencoder (model=vqvae or vqvae_tiny)"
+
     def __init__(
         self,
         *args,

@@ -3,11 +3,33 @@
 
 from __future__ import annotations
 
+from datetime import datetime
+from pathlib import Path
+
+import yaml
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
+
+
+def record_overrides() -> None:
+    """Append this launch's overrides to ``.hydra/overrides_history.yaml``: Hydra rewrites overrides.yaml at
+    every launch into the same folder (a resume), so without it the first launch's would be lost."""
+    if not HydraConfig.initialized() or rank_zero_only.rank != 0:
+        return
+    hydra = HydraConfig.get()
+    if hydra.output_subdir is None:
+        return
+    entry = [{"time": datetime.now().isoformat(timespec="seconds"), "overrides": list(hydra.overrides.task)}]
+    history = Path(hydra.runtime.output_dir) / hydra.output_subdir / "overrides_history.yaml"
+    with open(history, "a") as file:
+        file.write(yaml.safe_dump(entry, sort_keys=False))
 
 
 def run(cfg: DictConfig):
     from ldm_lab.tasks import buckets, cache_latents, evaluate, export, plan, report, sample, train
+
+    record_overrides()
 
     tasks = {"train": train.run, "cache_latents": cache_latents.run, "sample": sample.run, "export": export.run,
              "evaluate": evaluate.run, "plan": plan.run, "buckets": buckets.run, "report": report.run}

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from ldm_lab.checkpoints import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.speed import apply_speed_options
 from ldm_lab.stages.autoencoder import AutoencoderStage
@@ -32,13 +32,17 @@ def build_stage(model_cfg: DictConfig, disc_cfg: DictConfig | None, speed_cfg: D
     return stage
 
 
-def load_stage(ckpt_path: str | Path) -> TrainingStage:
+def load_stage(ckpt_path: str | Path, expect: type[TrainingStage] = TrainingStage, key: str = "ckpt_path") -> TrainingStage:
     """The stage a training checkpoint holds, rebuilt from the config stored in it, for inference
     (export, evaluation, sampling): autoencoders without the LPIPS loss and validation metrics, whose
-    weights they need not; the LDM with its first stage rebuilt from the checkpoint, not its source."""
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    weights they need not; the LDM with its first stage rebuilt from the checkpoint, not its source.
+    A checkpoint of another kind than ``expect`` is refused, naming ``key`` and what the file holds."""
+    checkpoint = read_checkpoint(ckpt_path)
     state = checkpoint["ldm_lab"]
     saved = state["config"]
+    held = get_class(saved["model"]["_target_"])
+    if not issubclass(held, expect):
+        raise CheckpointError(f"{key}={ckpt_path} holds {held.description}, but {key} takes {expect.description}")
     if "first_stage" in state:
         saved["model"]["first_stage"] = state["first_stage"]
     else:
@@ -69,6 +73,7 @@ def build_trainer(cfg: DictConfig, stage: TrainingStage) -> L.Trainer:
         cfg.trainer,
         callbacks=callbacks,
         logger=instantiate(cfg.logger),
+        plugins=[AtomicCheckpointIO()],
         default_root_dir=cfg.paths.output_dir,
         # Validation (and so checkpoints) on accumulation boundaries, counted in micro-batches.
         val_check_interval=cfg.val_every_n_steps * stage.accumulate_grad_batches,

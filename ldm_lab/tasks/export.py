@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, LDMPipeline
+from diffusers import LDMPipeline
 from omegaconf import DictConfig
 
 from ldm_lab.data.datamodule import ImageDataModule
@@ -50,12 +50,11 @@ def export_autoencoder(stage: AutoencoderStage, datamodule: ImageDataModule, out
 
 def export_pipeline(stage: LatentDiffusionStage, out_dir: Path) -> Path:
     """An ``LDMPipeline`` folder: the first stage (as ``vqvae``, with ``scaling_factor`` = the stage's
-    latent scale), the evaluation UNet (EMA when on) and a DDIM scheduler with the training betas.
+    latent scale), the evaluation UNet (EMA when on) and the stage's DDIM scheduler (training betas, LDM's spacing).
     LDMPipeline samples square latents of ``unet.config.sample_size`` and divides by ``scaling_factor``."""
     vae = copy.deepcopy(stage.first_stage.vae)
     vae.register_to_config(scaling_factor=float(stage.latent_scale))
-    scheduler = DDIMScheduler.from_config(stage.noise_scheduler.config)
-    LDMPipeline(vqvae=vae, unet=stage.eval_unet, scheduler=scheduler).save_pretrained(out_dir)
+    LDMPipeline(vqvae=vae, unet=stage.eval_unet, scheduler=stage.sampling_scheduler).save_pretrained(out_dir)
     log.info("exported %s (LDMPipeline) with scaling_factor %.5f", out_dir, float(stage.latent_scale))
     return out_dir
 

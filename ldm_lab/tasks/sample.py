@@ -24,13 +24,11 @@ log = logging.getLogger(__name__)
 
 
 def load_sampler_parts(path: Path) -> tuple:
-    """(evaluation UNet, first stage, latent scale, training noise scheduler) of an LDM training
+    """(evaluation UNet, first stage, latent scale, DDIM scheduler with the sampling spacing) of an LDM training
     checkpoint or an exported ``LDMPipeline`` folder."""
     if path.is_file():
-        stage = load_stage(path)
-        if not isinstance(stage, LatentDiffusionStage):
-            raise ValueError(f"{path} holds a {type(stage).__name__}, not a latent diffusion model (model=unet)")
-        return stage.eval_unet, stage.first_stage, float(stage.latent_scale), stage.noise_scheduler
+        stage = load_stage(path, expect=LatentDiffusionStage, key="sample.model")
+        return stage.eval_unet, stage.first_stage, float(stage.latent_scale), stage.sampling_scheduler
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(f"sample.model={path} is neither an LDM checkpoint (.ckpt) nor an exported "
                                 f"pipeline folder (with model_index.json)")

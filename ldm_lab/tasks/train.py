@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
+from ldm_lab.checkpoints import check_resume, claim_run_folder, read_checkpoint
 from ldm_lab.stages.latent_diffusion import LatentDiffusionStage
 from ldm_lab.tasks.build import build_datamodule, build_stage, build_trainer
 from ldm_lab.tasks.export import export_autoencoder, export_pipeline
@@ -35,6 +36,12 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if diffusion and stage.latent_cache:  # encoded (what is missing) in prepare_data, before training
         datamodule.use_latent_cache(stage.first_stage, cfg.paths.latent_cache)
     trainer = build_trainer(cfg, stage)
+    if trainer.is_global_zero and trainer.checkpoint_callback is not None:
+        claim_run_folder(output_dir, trainer.checkpoint_callback.dirpath, cfg.ckpt_path, cfg.overwrite)
+    if cfg.ckpt_path is not None:  # before Lightning loads it: a clear refusal instead of a silent mismatch
+        resumed = read_checkpoint(cfg.ckpt_path, mmap=True)
+        check_resume(resumed, cfg.ckpt_path, stage)
+        log.info("resuming from %s at step %d", cfg.ckpt_path, resumed["ldm_lab"]["step"])
     log.info("run folder: %s", output_dir)
     log.info("TensorBoard: tensorboard --logdir %s", output_dir / "tensorboard")
 
@@ -58,7 +65,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("diffusers folder: %s (LDMPipeline.from_pretrained)", export_dir)
         stage.to("cpu")
         height, width = datamodule.leftover_resolution[1], datamodule.leftover_resolution[0]
-        grid = sample(cfg, stage.eval_unet, stage.first_stage, float(stage.latent_scale), stage.noise_scheduler,
+        grid = sample(cfg, stage.eval_unet, stage.first_stage, float(stage.latent_scale), stage.sampling_scheduler,
                       output_dir / "samples", (height, width))
         log.info("sample grid: %s", grid)
     else:

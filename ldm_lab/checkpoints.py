@@ -1,0 +1,112 @@
+"""Training checkpoints: written atomically, read with errors that name the file and the fix, and
+checked before a run resumes from one (the stage it holds, its first stage, finite weights), so a
+damaged or mismatched checkpoint stops the run instead of training on silently."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import get_class
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from ldm_lab.atomic import atomic_write
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message names the file and what to do."""
+
+
+def nonfinite_tensors(tensors: dict[str, Any]) -> list[str]:
+    """Names of the floating-point tensors of ``tensors`` holding a NaN or an infinity."""
+    return [name for name, tensor in tensors.items()
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
+    """A lab training checkpoint on the CPU, refusing empty, unreadable or foreign files and non-finite weights.
+    ``mmap``: tensors are read from disk when touched (cheap checks before the real load)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): its write never finished. "
+                              f"Use another checkpoint of the run (best.ckpt, nonfinite.ckpt) or start afresh")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    except Exception as error:  # zeroed, truncated, or not a torch file at all
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(error).__name__}: {reason}): it is damaged "
+                              f"(a partial copy, a full disk) or not a checkpoint. Use another checkpoint of the run "
+                              f"(best.ckpt) or start afresh") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "ldm_lab" not in checkpoint:
+        raise CheckpointError(f"{path} is not an ldm_lab training checkpoint (no state_dict / ldm_lab entry): "
+                              f"give a checkpoints/*.ckpt file that python run.py wrote")
+    damaged = nonfinite_tensors(checkpoint["state_dict"])
+    if damaged:
+        raise CheckpointError(f"checkpoint {path} holds non-finite weights in {len(damaged)} tensors "
+                              f"({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}): the file is damaged "
+                              f"or the run diverged before it was written. Use an earlier checkpoint (best.ckpt)")
+    return checkpoint
+
+
+def stage_description(checkpoint: dict) -> str:
+    """What a checkpoint holds, in the words of the model option that trains it."""
+    target = checkpoint["ldm_lab"]["config"]["model"]["_target_"]
+    return get_class(target).description
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint I/O, writing through :func:`~ldm_lab.atomic.atomic_write` (Lightning's own
+    stages the file in the system's temporary folder, which may be another disk) and reading through
+    :func:`read_checkpoint`."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        atomic_write(path, lambda file: torch.save(checkpoint, file))
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict:
+        return read_checkpoint(path)
+
+
+def claim_run_folder(output_dir: str | os.PathLike, checkpoint_dir: str | os.PathLike, ckpt_path: str | None,
+                     overwrite: bool) -> None:
+    """Refuse to start a run in a folder that already holds one (its best.ckpt and export/ would be
+    overwritten), unless it resumes from a checkpoint of that folder or ``overwrite`` is set."""
+    output_dir, checkpoint_dir = Path(output_dir), Path(checkpoint_dir)
+    held = [p for p in (checkpoint_dir / "last.ckpt", checkpoint_dir / "best.ckpt", output_dir / "export") if p.exists()]
+    if not held or overwrite:
+        return
+    if ckpt_path is not None and Path(ckpt_path).resolve().parent == checkpoint_dir.resolve():
+        return  # a resume of this folder's run
+    raise FileExistsError(
+        f"{output_dir} already holds a run ({', '.join(str(p.relative_to(output_dir)) for p in held)}); a new run "
+        f"there would overwrite them. Resume it with ckpt_path={checkpoint_dir / 'last.ckpt'}, write elsewhere "
+        f"(hydra.run.dir=<another folder>), or replace it with overwrite=true"
+    )
+
+
+def check_resume(checkpoint: dict, path: str | os.PathLike, stage) -> None:
+    """Refuse to resume ``stage`` from a checkpoint of another kind of stage, or (an LDM) from one trained
+    in the latent space of another first stage: its weights and latent scale belong to those latents."""
+    if get_class(checkpoint["ldm_lab"]["config"]["model"]["_target_"]) is not type(stage):
+        raise CheckpointError(f"ckpt_path={path} holds {stage_description(checkpoint)}, but this run trains "
+                              f"{stage.description}: resume with the model it was trained with (the run's "
+                              f".hydra/overrides.yaml lists them), or leave ckpt_path out to start afresh")
+    first_stage = getattr(stage, "first_stage", None)
+    if first_stage is None:
+        return
+    prefix = "first_stage."
+    saved_weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+    current = first_stage.state_dict()
+    same = saved_weights.keys() == current.keys() and all(
+        saved_weights[k].shape == v.shape and torch.equal(saved_weights[k], v.cpu()) for k, v in current.items())
+    if not same:
+        trained_with = checkpoint["ldm_lab"].get("first_stage_source", "a first stage whose source was not recorded")
+        raise CheckpointError(
+            f"ckpt_path={path} was trained in the latent space of model.first_stage={trained_with}, but this run "
+            f"gives model.first_stage={stage.first_stage_source}, whose weights "
+            f"differ: its latents and latent scale would not match the UNet. Resume with "
+            f"model.first_stage={trained_with}, or start a new run (without ckpt_path) for the new first stage"
+        )

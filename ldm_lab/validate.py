@@ -1,0 +1,77 @@
+"""Checks of a run's command line and composed config that Hydra's types cannot express (ranges, config
+group choices given as numbers, device counts), made before anything is built; each error names the key
+and the fix."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from hydra.utils import get_class
+from omegaconf import DictConfig
+
+
+class ConfigError(ValueError):
+    """A value the run cannot work with; the message names the key and what to give instead."""
+
+
+def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
+    """Every ``group=choice`` of the command line names a file of ``conf/<group>/``. (Hydra rejects a
+    number, e.g. ``precision=16``, with "Config group override must be a string ... Got int", naming
+    neither the key nor the choices; a misspelt string it reports itself.)"""
+    for override in overrides:
+        group, sep, value = override.lstrip("+~").partition("=")
+        folder = conf_dir / group
+        if not sep or not folder.is_dir():
+            continue
+        for choice in value.split(","):
+            plain = re.fullmatch(r"[\w.\-]+", choice) is not None
+            if plain and choice != "null" and not (folder / f"{choice}.yaml").is_file():
+                options = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
+                raise ConfigError(f"{group}={choice}: conf/{group}/ has no option {choice!r}; choose one of: {options}")
+
+
+def _at_least(cfg: DictConfig, key: str, low: float, what: str, strict: bool = False) -> None:
+    value = cfg
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, DictConfig) else None
+    if value is None:
+        return
+    if (value <= low) if strict else (value < low):
+        bound = f"above {low}" if strict else f"at least {low}"
+        raise ConfigError(f"{key}={value}: must be {bound} ({what})")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Ranges of the run's counts and the devices it asks for."""
+    _at_least(cfg, "data.batch_size", 1, "images per micro-batch")
+    _at_least(cfg, "data.num_val", 0, "validation images, or a fraction of the data below 1", strict=True)
+    _at_least(cfg, "val_every_n_steps", 1, "optimizer steps between validations and checkpoints")
+    _at_least(cfg, "max_steps", 0, "optimizer steps to train; 0 validates and exports only")
+    _at_least(cfg, "model.accumulate_grad_batches", 1, "micro-batches per optimizer step")
+    if cfg.task == "train":
+        check_devices(cfg)
+
+
+def check_devices(cfg: DictConfig) -> None:
+    """More than one device: a machine without a GPU would silently start CPU processes, and the GAN
+    stages need DDP told about the parameters each optimizer step leaves unused."""
+    trainer = cfg.trainer
+    devices, accelerator, strategy = trainer.devices, str(trainer.accelerator), str(trainer.strategy)
+    if not isinstance(devices, int) or devices == 1:
+        return
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if accelerator in ("auto", "gpu", "cuda") and devices > gpus:
+        where = "this machine has no GPU" if gpus == 0 else f"{gpus} GPUs are visible"
+        raise ConfigError(
+            f"trainer.devices={devices}, but {where}. Use trainer.devices={max(gpus, 1)}, or for DDP over CPU "
+            f"processes say so: trainer.accelerator=cpu trainer.strategy=ddp_find_unused_parameters_true")
+    from ldm_lab.stages.autoencoder import AutoencoderStage
+
+    if issubclass(get_class(cfg.model._target_), AutoencoderStage) and "find_unused_parameters_true" not in strategy:
+        raise ConfigError(
+            f"trainer.strategy={strategy} with trainer.devices={devices}: the autoencoder's generator and "
+            f"discriminator steps each leave the other's parameters unused, which plain DDP refuses mid-run. "
+            f"Use trainer.strategy=ddp_find_unused_parameters_true")
