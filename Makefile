@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install quickstart test lint bench sweep-vae weights clean
+.PHONY: help install quickstart test lint bench gpu-check sweep-vae weights clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -41,6 +41,9 @@ sweep-vae: install ## 8-job lr x disc-norm sweep of the tiny VAE (short budget),
 bench: install ## benchmarks (data layer, stages, speed options); markdown tables in experiments/bench/results/
 	$(BIN)/python experiments/bench/bench_data.py
 	$(BIN)/python experiments/bench/bench_stages.py
+
+gpu-check: install ## on a CUDA machine: task=plan vs real memory, images/s, bf16 peak, speed options -> experiments/gpu/
+	$(BIN)/python experiments/gpu/gpu_check.py
 
 lint: install ## ruff
 	$(BIN)/ruff check run.py ldm_lab tests experiments

@@ -20,6 +20,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ldm_lab.convert import converted, is_original
+
 
 class FirstStage(nn.Module):
     """A diffusers autoencoder, frozen and always in eval mode."""
@@ -76,13 +78,17 @@ def describe(vae: nn.Module) -> dict:
 
 def load_first_stage(source: str | Path | dict | DictConfig) -> FirstStage:
     """A first stage from a training checkpoint (.ckpt: its evaluation weights, the EMA when on), an
-    exported diffusers folder (AutoencoderKL or VQModel), or a :func:`describe` dict (architecture only)."""
+    exported diffusers folder (AutoencoderKL or VQModel), an original checkpoint (LDM's vq-f4 / kl-f8
+    model.ckpt, a whole LDM's first stage, SD's VAE .safetensors; converted and cached by
+    :func:`~ldm_lab.convert.converted`) or a :func:`describe` dict (architecture only)."""
     if isinstance(source, DictConfig):
         source = OmegaConf.to_container(source)
     if isinstance(source, dict):
         return FirstStage(getattr(diffusers, source["class_name"]).from_config(source["config"]))
     path = Path(str(source)).expanduser()
-    if path.is_file():  # tasks import stages: imported here, not at the top, to keep that one-way
+    if path.is_file() and is_original(path):  # LDM's / taming's / SD's own checkpoint, converted once
+        path = converted(path, "first_stage")
+    elif path.is_file():  # tasks import stages: imported here, not at the top, to keep that one-way
         from ldm_lab.stages.autoencoder import AutoencoderStage
         from ldm_lab.tasks.build import load_stage
 
@@ -91,7 +97,7 @@ def load_first_stage(source: str | Path | dict | DictConfig) -> FirstStage:
         class_name = json.loads((path / "config.json").read_text())["_class_name"]
         return FirstStage(getattr(diffusers, class_name).from_pretrained(path))
     raise FileNotFoundError(
-        f"model.first_stage={source} is neither a training checkpoint (.ckpt) nor a diffusers folder with a "
+        f"model.first_stage={source} is neither a checkpoint (.ckpt, .safetensors) nor a diffusers folder with a "
         f"config.json. Train a first stage (python run.py model=vqvae or experiment=quickstart) and pass "
         f"model.first_stage=<run>/checkpoints/last.ckpt or model.first_stage=<run>/export"
     )

@@ -15,14 +15,16 @@ import functools
 import itertools
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
+from ldm_lab.convert import converted
 from ldm_lab.data.latent_cache import LatentScale
 from ldm_lab.diffusion.sampling import generate_images
 from ldm_lab.nn.ema import ema_with_warmup
@@ -38,7 +40,8 @@ class LatentDiffusionStage(TrainingStage):
     devices (LDM's main.py: 2e-6 x 48 = 9.6e-5 for LDM-VQ-4); otherwise it is used as given.
     ``latent_scale``: None measures 1 / std of the training latents (LDM's scale_by_std); a number is
     used as given (LDM-VQ-4: 1.0). ``ddim``: the DDIM spacing of sampling and the export (LDM's
-    DDIMSampler: ``steps_offset`` 1, ``set_alpha_to_one`` false)."""
+    DDIMSampler: ``steps_offset`` 1, ``set_alpha_to_one`` false). ``unet_pretrained``: start from these
+    UNet weights (:func:`load_pretrained_unet`); the EMA starts from them too."""
 
     monitor, monitor_mode = "val/loss_simple_ema", "min"
     description = "a latent diffusion UNet (model=unet or unet_tiny)"
@@ -60,6 +63,7 @@ class LatentDiffusionStage(TrainingStage):
         latent_cache: bool = True,
         latent_scale: float | None = None,
         ddim: dict | None = None,
+        unet_pretrained: str | None = None,
         preview: dict | None = None,
         max_consecutive_nonfinite: int = 5,
         seed: int = 0,
@@ -73,6 +77,8 @@ class LatentDiffusionStage(TrainingStage):
         self.first_stage_source = first_stage if isinstance(first_stage, str) else None  # recorded in checkpoints
         channels = self.first_stage.latent_channels
         self.unet: nn.Module = unet(in_channels=channels, out_channels=channels)
+        if unet_pretrained is not None:
+            load_pretrained_unet(self.unet, unet_pretrained)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.noise_scheduler = noise_scheduler
@@ -207,3 +213,31 @@ class LatentDiffusionStage(TrainingStage):
         super().on_save_checkpoint(checkpoint)
         checkpoint["ldm_lab"]["first_stage"] = describe(self.first_stage.vae)  # rebuilds it without its source
         checkpoint["ldm_lab"]["first_stage_source"] = self.first_stage_source  # named when a resume does not match
+
+
+def load_pretrained_unet(unet: nn.Module, source: str) -> None:
+    """Copy into ``unet`` the weights of a diffusers UNet2DModel folder, an LDMPipeline folder (its unet/),
+    or an original LDM checkpoint (converted and cached); the architectures must be the same."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        path = converted(path, "unet")
+    elif (path / "model_index.json").is_file():
+        path = path / "unet"
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"model.unet_pretrained={source} is neither a checkpoint file nor a diffusers "
+                                f"UNet2DModel or LDMPipeline folder")
+    pretrained = UNet2DModel.from_pretrained(path)
+    keys = ("block_out_channels", "layers_per_block", "down_block_types", "attention_head_dim", "in_channels")
+    differ = {k: (_plain(pretrained.config[k]), _plain(unet.config[k])) for k in keys
+              if _plain(pretrained.config[k]) != _plain(unet.config[k])}
+    if differ:
+        raise ValueError(f"model.unet_pretrained={source} is another UNet than model.unet: "
+                         + "; ".join(f"{k} {a} there, {b} here" for k, (a, b) in differ.items())
+                         + ". Set model.unet.* to its config")
+    unet.load_state_dict(pretrained.state_dict())
+    log.info("UNet weights from %s", source)
+
+
+def _plain(value):
+    """A config value comparable across diffusers versions: lists and tuples as lists."""
+    return list(value) if isinstance(value, list | tuple) else value

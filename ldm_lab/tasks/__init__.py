@@ -1,5 +1,5 @@
 """One run = one task: ``task=train`` (default), ``cache_latents``, ``sample``, ``export``, ``evaluate``,
-``plan``, ``buckets`` or ``report``."""
+``plan``, ``buckets``, ``report`` or ``convert``."""
 
 from __future__ import annotations
 
@@ -27,12 +27,13 @@ def record_overrides() -> None:
 
 
 def run(cfg: DictConfig):
-    from ldm_lab.tasks import buckets, cache_latents, evaluate, export, plan, report, sample, train
+    from ldm_lab.tasks import buckets, cache_latents, convert, evaluate, export, plan, report, sample, train
 
     record_overrides()
 
     tasks = {"train": train.run, "cache_latents": cache_latents.run, "sample": sample.run, "export": export.run,
-             "evaluate": evaluate.run, "plan": plan.run, "buckets": buckets.run, "report": report.run}
+             "evaluate": evaluate.run, "plan": plan.run, "buckets": buckets.run, "report": report.run,
+             "convert": convert.run}
     if cfg.task not in tasks:
         raise ValueError(f"task={cfg.task} is not a task; choose one of: {', '.join(tasks)}")
     return tasks[cfg.task](cfg)

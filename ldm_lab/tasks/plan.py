@@ -61,13 +61,13 @@ def _compose_model(name: str) -> DictConfig:
         return compose(config_name="config", overrides=overrides).model
 
 
-def _target_side(cfg: DictConfig) -> int:
+def target_side(cfg: DictConfig) -> int:
     """The side of a square with the pixels of the largest training image: the largest bucket's area."""
     buckets = cfg.data.get("buckets")
     return int(math.sqrt(buckets.max_area)) if buckets else int(cfg.data.resolution)
 
 
-def _batch_maker(stage, side: int, batch_size: int):
+def random_batches(stage, side: int, batch_size: int):
     """Random batches like the training ones: pixels, or for a cached LDM the first stage's moments."""
     if isinstance(stage, LatentDiffusionStage) and stage.latent_cache:
         first = stage.first_stage
@@ -77,7 +77,7 @@ def _batch_maker(stage, side: int, batch_size: int):
     return lambda: {"pixel_values": torch.rand(batch_size, 3, side, side) * 2 - 1}
 
 
-def _build(cfg: DictConfig):
+def build_for_planning(cfg: DictConfig):
     torch.manual_seed(0)
     stage = build_stage(_planning_config(cfg), cfg.disc, cfg.speed)
     if isinstance(stage, LatentDiffusionStage):
@@ -87,16 +87,16 @@ def _build(cfg: DictConfig):
 
 def measure(cfg: DictConfig, side: int, stage=None) -> dict[str, int]:
     """Trace a step of a fresh stage (or ``stage``, untrained) at ``side`` px: held bytes by kind and the step's peak."""
-    stage = stage if stage is not None else _build(cfg)
-    held, peak = trace_step(stage, _batch_maker(stage, side, cfg.data.batch_size), cfg.trainer.precision)
+    stage = stage if stage is not None else build_for_planning(cfg)
+    held, peak = trace_step(stage, random_batches(stage, side, cfg.data.batch_size), cfg.trainer.precision)
     return {"weights": held.weights, "ema": held.ema, "optimizer": held.optimizer, "gradients": held.gradients,
             "peak": peak}
 
 
 def plan(cfg: DictConfig) -> dict:
     """The step's memory by kind (bytes), the traces it was extrapolated from, and whether it fits."""
-    target = _target_side(cfg)
-    first = _build(cfg)  # its downsampling factor sets the sides; it then traces the first one
+    target = target_side(cfg)
+    first = build_for_planning(cfg)  # its downsampling factor sets the sides; it then traces the first one
     factor = first.downsample_factor
     sides = cfg.plan.trace_sides or [target // 4, target // 2]
     sides = sorted({max(factor, 32, side // factor * factor) for side in sides})  # a PatchGAN needs 32 px

@@ -15,6 +15,7 @@ from diffusers import DDIMScheduler, UNet2DModel
 from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
+from ldm_lab.convert import converted, is_original
 from ldm_lab.diffusion.sampling import generate_images
 from ldm_lab.stages.first_stage import load_first_stage
 from ldm_lab.stages.latent_diffusion import LatentDiffusionStage
@@ -25,8 +26,10 @@ log = logging.getLogger(__name__)
 
 def load_sampler_parts(path: Path) -> tuple:
     """(evaluation UNet, first stage, latent scale, DDIM scheduler with the sampling spacing) of an LDM training
-    checkpoint or an exported ``LDMPipeline`` folder."""
-    if path.is_file():
+    checkpoint, an exported ``LDMPipeline`` folder or an original LDM checkpoint (converted and cached)."""
+    if path.is_file() and is_original(path):
+        path = converted(path, "pipeline")
+    elif path.is_file():
         stage = load_stage(path, expect=LatentDiffusionStage, key="sample.model")
         return stage.eval_unet, stage.first_stage, float(stage.latent_scale), stage.sampling_scheduler
     if not (path / "model_index.json").is_file():

@@ -1,0 +1,172 @@
+"""Original checkpoints (CompVis latent-diffusion, taming-transformers) converted to diffusers models give
+the original code's outputs: tiny random originals and their outputs are stored in tests/fixtures
+(make_parity_fixtures.py says how they were made)."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from diffusers import LDMPipeline
+from hydra.errors import InstantiationException
+
+from ldm_lab.convert import cache_root, convert, convert_unet, convert_vae, detect_kind, is_original
+from ldm_lab.stages.first_stage import load_first_stage
+from ldm_lab.tasks import convert as convert_task
+from ldm_lab.tasks import sample
+from ldm_lab.tasks.build import build_stage
+from tests.conftest import LDM_TINY, ROOT
+
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def _fixture(name: str) -> dict:
+    fixture = torch.load(FIXTURES / f"parity_{name}.pt")
+    fixture["state_dict"] = {k: v.float() if v.is_floating_point() else v for k, v in fixture["state_dict"].items()}
+    return fixture
+
+
+def test_vq_f4_style_autoencoder_matches_the_original_codebook_and_all():
+    fixture = _fixture("vq")
+    assert detect_kind(fixture["state_dict"]) == "vq"
+    vae = convert_vae(fixture["state_dict"], "vq")
+    with torch.no_grad():
+        latents = vae.encode(fixture["images"]).latents
+        _, _, (_, _, indices) = vae.quantize(latents)
+        decoded = vae.decode(latents).sample  # decode quantizes, as LDM's VQModelInterface does
+    torch.testing.assert_close(latents, fixture["latents"], rtol=1e-5, atol=1e-5)
+    assert torch.equal(indices.flatten(), fixture["indices"])
+    assert fixture["indices"].unique().numel() > 5  # the codebook is really exercised
+    torch.testing.assert_close(decoded, fixture["decoded"], rtol=1e-5, atol=1e-5)
+
+
+def test_kl_f8_style_autoencoder_matches_the_original():
+    fixture = _fixture("kl")
+    assert detect_kind(fixture["state_dict"]) == "kl"
+    vae = convert_vae(fixture["state_dict"], "kl")
+    with torch.no_grad():
+        posterior = vae.encode(fixture["images"]).latent_dist
+        decoded = vae.decode(posterior.mode()).sample
+    torch.testing.assert_close(posterior.mean, fixture["mean"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(posterior.logvar, fixture["logvar"], rtol=1e-5, atol=1e-5)
+    # The decoder's dozen convolutions and its attention sum in another order: 2.3e-5 at most, measured.
+    torch.testing.assert_close(decoded, fixture["decoded"], rtol=1e-5, atol=1e-4)
+
+
+def test_ldm_unet_matches_the_original():
+    fixture = _fixture("unet")
+    assert detect_kind(fixture["state_dict"]) == "unet"
+    unet = convert_unet(fixture["state_dict"], attention_head_dim=fixture["config"]["num_head_channels"], sample_size=8)
+    assert unet.config.layers_per_block == 2 and list(unet.config.block_out_channels) == [32, 64]
+    with torch.no_grad():
+        eps = unet(fixture["latents"], fixture["timesteps"]).sample
+    torch.testing.assert_close(eps, fixture["eps"], rtol=1e-5, atol=1e-5)
+    wrong_heads = convert_unet(fixture["state_dict"], attention_head_dim=32, sample_size=8)  # the layout matters
+    with torch.no_grad():
+        assert not torch.allclose(wrong_heads(fixture["latents"], fixture["timesteps"]).sample, fixture["eps"], atol=1e-3)
+
+
+def _whole_ldm_checkpoint(path):
+    """An LDM checkpoint as LDM's main.py saves it: first stage, UNet, its EMA (model_ema.*), the betas, and
+    objects of packages this machine lacks (pytorch_lightning's callbacks)."""
+    vq, unet = _fixture("vq")["state_dict"], _fixture("unet")["state_dict"]
+    state = {f"first_stage_model.{k}": v for k, v in vq.items()}
+    state.update({f"model.diffusion_model.{k}": v + 0.5 for k, v in unet.items()})  # the raw weights: not sampled with
+    state.update({"model_ema." + f"diffusion_model.{k}".replace(".", ""): v for k, v in unet.items()})
+    state["betas"] = torch.linspace(0.0015**0.5, 0.0195**0.5, 1000, dtype=torch.float64).float() ** 2
+    missing = types.ModuleType("pytorch_lightning_stand_in")
+
+    class ModelCheckpoint:
+        pass
+
+    ModelCheckpoint.__module__, ModelCheckpoint.__qualname__ = missing.__name__, "ModelCheckpoint"
+    missing.ModelCheckpoint = ModelCheckpoint
+    sys.modules[missing.__name__] = missing
+    try:
+        torch.save({"state_dict": state, "callbacks": {"ModelCheckpoint": ModelCheckpoint()}, "epoch": 3}, path)
+    finally:
+        del sys.modules[missing.__name__]
+    return path
+
+
+ORIGINAL_CONFIG = ("model:\n  params:\n    unet_config:\n      params:\n        image_size: 8\n"
+                   "        model_channels: 32\n        num_head_channels: 16\n")
+
+
+def test_whole_ldm_checkpoint_becomes_an_ldm_pipeline_with_the_ema_unet(tmp_path):
+    checkpoint = _whole_ldm_checkpoint(tmp_path / "model.ckpt")
+    config = tmp_path / "original.yaml"
+    config.write_text(ORIGINAL_CONFIG)
+    assert is_original(checkpoint)
+    folder = convert(checkpoint, tmp_path / "pipeline", config=config)
+    pipeline = LDMPipeline.from_pretrained(folder)
+    fixture = _fixture("unet")
+    with torch.no_grad():
+        eps = pipeline.unet(fixture["latents"], fixture["timesteps"]).sample
+    torch.testing.assert_close(eps, fixture["eps"], rtol=1e-5, atol=1e-5)
+    assert pipeline.unet.config.sample_size == 8 and pipeline.vqvae.config.scaling_factor == 1.0
+    pipeline.scheduler.set_timesteps(50)
+    assert pipeline.scheduler.timesteps[0] == 981 and pipeline.scheduler.timesteps[-1] == 1  # LDM's DDIM spacing
+    torch.testing.assert_close(pipeline.scheduler.betas, torch.linspace(0.0015**0.5, 0.0195**0.5, 1000) ** 2)
+    images = pipeline(batch_size=1, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                      output_type="np").images
+    assert images.shape == (1, 16, 16, 3)  # 8x8 latents through the tiny f2 first stage
+
+
+def test_a_checkpoint_of_nothing_known_is_refused():
+    with pytest.raises(ValueError, match="holds none of"):
+        detect_kind({"layer.weight": torch.zeros(1)})
+
+
+UNET_LIKE_FIXTURE = ["model.unet.block_out_channels=[32,64]", "model.unet.layers_per_block=2",
+                     "model.unet.down_block_types=[DownBlock2D,AttnDownBlock2D]",
+                     "model.unet.up_block_types=[AttnUpBlock2D,UpBlock2D]", "model.unet.attention_head_dim=16",
+                     "model.unet.norm_num_groups=32", "model.unet.sample_size=8"]
+
+
+def test_lab_keys_take_original_checkpoints_converted_once(compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("LDM_LAB_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "ldm").mkdir()
+    ldm = _whole_ldm_checkpoint(tmp_path / "ldm" / "model.ckpt")
+    (tmp_path / "ldm" / "config.yaml").write_text(ORIGINAL_CONFIG)  # as LDM's model-zoo zips hold it
+    vq = tmp_path / "vq-f4.ckpt"
+    torch.save({"state_dict": _fixture("vq")["state_dict"]}, vq)
+
+    out = convert_task.run(compose_cfg(["task=convert", f"convert.source={vq}"], tiny=False))
+    assert (out / "config.json").is_file() and "VQModel" in (out / "config.json").read_text()
+
+    # model.first_stage: a whole LDM's first stage; model.unet_pretrained: its (EMA) UNet
+    cfg = compose_cfg([*LDM_TINY, *UNET_LIKE_FIXTURE, f"model.first_stage={ldm}", f"model.unet_pretrained={ldm}"],
+                      tiny=False)
+    stage = build_stage(cfg.model, None)
+    assert stage.first_stage.kind == "vq" and stage.first_stage.vae.config.num_vq_embeddings == 64
+    fixture = _fixture("unet")
+    with torch.no_grad():
+        torch.testing.assert_close(stage.unet(fixture["latents"], fixture["timesteps"]).sample, fixture["eps"],
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stage.ema.module.conv_out.weight, stage.unet.conv_out.weight)  # EMA starts there
+    assert len(list(cache_root().iterdir())) == 1  # model.ckpt converted once, for both keys
+    with pytest.raises(InstantiationException, match="model.unet_pretrained=.*another UNet.*block_out_channels"):
+        build_stage(compose_cfg([*LDM_TINY, f"model.first_stage={ldm}", f"model.unet_pretrained={ldm}"],
+                                tiny=False).model, None)
+
+    # model.pretrained: an autoencoder run starting from the original weights
+    cfg = compose_cfg(["model=vqvae_tiny", f"model.pretrained={vq}"])
+    stage = build_stage(cfg.model, cfg.disc)
+    torch.testing.assert_close(stage.vae.quantize.embedding.weight, _fixture("vq")["state_dict"]["quantize.embedding.weight"])
+
+    # Stable Diffusion's VAE as a single .safetensors file (its keys are LDM's KL autoencoder's)
+    from safetensors.torch import save_file
+
+    kl = _fixture("kl")
+    save_file(kl["state_dict"], tmp_path / "vae-ft-mse.safetensors")
+    first_stage = load_first_stage(tmp_path / "vae-ft-mse.safetensors")
+    torch.testing.assert_close(first_stage.moments(kl["images"]), torch.cat([kl["mean"], kl["logvar"]], 1),
+                               rtol=1e-5, atol=1e-5)
+
+    # sample.model: draw from the original LDM
+    grid = sample.run(compose_cfg(["task=sample", f"sample.model={ldm}", "sample.num_images=2",
+                                   "sample.num_inference_steps=2"], tiny=False))
+    assert grid.is_file() and len(list(grid.parent.glob("sample_*.png"))) == 2
