@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install quickstart test lint bench gpu-check sweep-vae weights clean
+.PHONY: help install quickstart test test-fast lint bench gpu-check sweep-vae weights clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -30,6 +30,9 @@ quickstart: install ## tiny KL autoencoder -> latent cache -> tiny LDM -> sample
 
 test: install ## run the test suite (CPU, tiny models)
 	$(BIN)/python -m pytest -q
+
+test-fast: install ## the test suite without the tests marked slow (about 3 of its 5 minutes)
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The design card's sweep (lr x disc norm type, 8 jobs) on a short CPU budget: the tiny VAE, 60 steps each.
 SWEEP_DIR := multirun/sweep-vae-$(shell date +%Y%m%d-%H%M%S)

@@ -1,11 +1,13 @@
-"""Reconstruction metrics over a validation pass: PSNR and SSIM always, LPIPS and rFID when their
-weights are present (else one warning saying how to get them)."""
+"""Reconstruction metrics: PSNR and SSIM always, LPIPS and rFID when their weights are present (else one
+warning saying how to get them). The one stack behind validation (val/*) and task=evaluate, so the two
+cannot drift."""
 
 from __future__ import annotations
 
 import logging
 
 import torch
+from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.image import (
     FrechetInceptionDistance,
@@ -19,11 +21,24 @@ from ldm_lab.weights import MissingWeightsError, find_weights, missing_message
 log = logging.getLogger(__name__)
 
 
+def make_fid(feature: int | nn.Module = 2048, weights_path: str | None = None) -> FrechetInceptionDistance:
+    """FID on images in [0, 1]. With an int, torch-fidelity's Inception-v3 from ``weights_path``, resized as
+    torch-fidelity does (no antialiasing, unlike torchmetrics' default), so numbers compare with
+    published ones; a module is a stand-in feature network (the tests use a small random one). Real
+    statistics survive ``reset`` so a reference can be loaded once and compared many times."""
+    if isinstance(feature, int):
+        return FrechetInceptionDistance(feature=feature, normalize=True, antialias=False, reset_real_features=False,
+                                        feature_extractor_weights_path=weights_path)
+    return FrechetInceptionDistance(feature=feature, normalize=True, reset_real_features=False)
+
+
 class ReconstructionMetrics:
     """Accumulates metrics of reconstructions against inputs, both in [-1, 1].
 
     PSNR is the mean of per-image values with data_range 2 (seed 001); SSIM uses data_range 2.
     rFID follows torch-fidelity's Inception and resizing (no antialiasing), the published protocol.
+    ``lpips_model`` and ``fid`` may be given ready-made; ``notes`` says what is off and why. With
+    ``real_statistics_known`` (a cached reference loaded into ``fid``) inputs are not fed to the FID.
     Not an nn.Module on purpose: its frozen networks stay out of the training checkpoints.
     """
 
@@ -35,24 +50,30 @@ class ReconstructionMetrics:
         inception_weights: str | None = None,
         lpips_backbone: str = "pretrained",
         lpips_model: LPIPS | None = None,
+        fid: FrechetInceptionDistance | None = None,
     ):
-        self.psnr = PeakSignalNoiseRatio(data_range=2.0, reduction="elementwise_mean", dim=(1, 2, 3))
+        self.psnr = PeakSignalNoiseRatio(data_range=2.0, reduction="none", dim=(1, 2, 3))  # per image
         self.ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
+        self.notes: list[str] = []
         self.lpips_model = lpips_model
         if lpips and lpips_model is None:
             try:
                 self.lpips_model = LPIPS(lpips_backbone, vgg16_weights)
             except MissingWeightsError as error:
-                log.warning("validation LPIPS is off: %s", error)
+                self._off(f"LPIPS is off: {error}")
         self.lpips_mean = MeanMetric() if lpips and self.lpips_model is not None else None
-        self.fid = None
-        if rfid:
+        self.fid = fid
+        if rfid and fid is None:
             path = find_weights("inception", inception_weights)
             if path is None:
-                log.warning("validation rFID is off: %s", missing_message("inception", inception_weights))
+                self._off(f"rFID is off: {missing_message('inception', inception_weights)}")
             else:
-                self.fid = FrechetInceptionDistance(feature=2048, normalize=True, antialias=False,
-                                                    feature_extractor_weights_path=str(path))
+                self.fid = make_fid(2048, str(path))
+        self.real_statistics_known = False
+
+    def _off(self, note: str) -> None:
+        self.notes.append(note)
+        log.warning("validation %s", note)
 
     def _metrics(self):
         return [m for m in (self.psnr, self.ssim, self.lpips_mean, self.fid, self.lpips_model) if m is not None]
@@ -76,13 +97,18 @@ class ReconstructionMetrics:
         if self.lpips_mean is not None:
             self.lpips_mean.update(self.lpips_model(reconstructions, inputs))
         if self.fid is not None:
-            self.fid.update((inputs + 1) / 2, real=True)
+            if not self.real_statistics_known:
+                self.fid.update((inputs + 1) / 2, real=True)
             self.fid.update((reconstructions + 1) / 2, real=False)
 
+    def per_image_psnr(self) -> torch.Tensor:
+        """PSNR of every image seen since the last reset, shape (N,)."""
+        return self.psnr.compute().reshape(-1)
+
     def compute(self) -> dict[str, torch.Tensor]:
-        values = {"psnr": self.psnr.compute(), "ssim": self.ssim.compute()}
+        values = {"psnr": self.per_image_psnr().mean(), "ssim": self.ssim.compute()}
         if self.lpips_mean is not None:
             values["lpips"] = self.lpips_mean.compute()
-        if self.fid is not None and self.fid.real_features_num_samples >= 2:
+        if self.fid is not None and self.fid.real_features_num_samples >= 2 and self.fid.fake_features_num_samples >= 2:
             values["rfid"] = self.fid.compute()
         return values

@@ -2,59 +2,44 @@
 
 Registered in Hydra's ConfigStore under ``schema/`` and pulled into the YAML files through their
 defaults lists, so a typo such as ``disc.norm_type=spectral_grp`` fails at compose time with the
-list of valid values, before any model is built.
+list of valid values, before any model is built. The enums live beside the code that uses them; the
+values, defaults included, live in the YAML files (``???`` here: each default in one place).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
-
-class NormType(str, Enum):
-    """PatchGAN normalisation (seed 001): spectral norm on every conv, plus GroupNorm or BatchNorm."""
-
-    spectral_group = "spectral_group"
-    spectral = "spectral"
-    batch = "batch"
-    none = "none"
-
-
-class RecLoss(str, Enum):
-    l1 = "l1"
-    l2 = "l2"
-
-
-class DiscLoss(str, Enum):
-    hinge = "hinge"
-    vanilla = "vanilla"
+from ldm_lab.losses.autoencoder import DiscLoss, RecLoss
+from ldm_lab.nn.discriminator import NormType
 
 
 @dataclass
 class PatchGANConfig:
     _target_: str = "ldm_lab.nn.discriminator.NLayerDiscriminator"
-    in_channels: int = 3
-    ndf: int = 64
-    n_layers: int = 3
-    norm_type: NormType = NormType.spectral_group
-    num_groups: int = 32
+    in_channels: int = MISSING
+    ndf: int = MISSING
+    n_layers: int = MISSING
+    norm_type: NormType = MISSING
+    num_groups: int = MISSING
 
 
 @dataclass
 class AutoencoderLossConfig:
     _target_: str = "ldm_lab.losses.autoencoder.AutoencoderLoss"
-    rec_loss: RecLoss = RecLoss.l1
-    perceptual_weight: float = 0.5
-    require_perceptual_weights: bool = True
-    disc_weight: float = 0.5
-    disc_start: int = 50001
-    disc_factor: float = 1.0
-    disc_loss: DiscLoss = DiscLoss.hinge
-    max_adaptive_weight: float = 10.0
-    lpips_backbone: str = "pretrained"
-    vgg16_weights: str | None = None
+    rec_loss: RecLoss = MISSING
+    perceptual_weight: float = MISSING
+    require_perceptual_weights: bool = MISSING
+    disc_weight: float = MISSING
+    disc_start: int = MISSING
+    disc_factor: float = MISSING
+    disc_loss: DiscLoss = MISSING
+    max_adaptive_weight: float = MISSING
+    lpips_backbone: str = MISSING
+    vgg16_weights: str | None = MISSING
 
 
 def register_configs() -> None:

@@ -13,10 +13,10 @@ from diffusers import LDMPipeline
 from hydra.errors import InstantiationException
 
 from ldm_lab.convert import cache_root, convert, convert_unet, convert_vae, detect_kind, is_original
+from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.first_stage import load_first_stage
 from ldm_lab.tasks import convert as convert_task
 from ldm_lab.tasks import sample
-from ldm_lab.tasks.build import build_stage
 from tests.conftest import LDM_TINY, ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures"

@@ -10,14 +10,23 @@ import pytest
 import torch
 from torch import nn
 
-from ldm_lab.evaluation import evaluate_reconstructions, make_fid, per_image_psnr
+from ldm_lab.evaluation import evaluate_reconstructions
+from ldm_lab.metrics import ReconstructionMetrics, make_fid
 
 
-def test_per_image_psnr_matches_hand_computed_values():
-    inputs = torch.zeros(2, 3, 8, 8)
-    reconstructions = torch.stack([torch.full((3, 8, 8), 0.1), torch.full((3, 8, 8), -0.2)])
+def test_per_image_psnr_matches_hand_computed_values_in_validation_and_evaluation():
+    """One metrics stack: validation's ReconstructionMetrics and task=evaluate give the same per-image PSNR."""
+    batches = [{"pixel_values": torch.zeros(1, 3, 8, 8)}, {"pixel_values": torch.zeros(1, 3, 8, 8)}]
+    errors = iter([0.1, -0.2])
+    reconstruct = lambda x: torch.full_like(x, next(errors))  # noqa: E731
     expected = [10 * math.log10(4 / 0.01), 10 * math.log10(4 / 0.04)]
-    assert per_image_psnr(inputs, reconstructions).tolist() == pytest.approx(expected, rel=1e-5)
+    metrics = ReconstructionMetrics(lpips=False, rfid=False)
+    for batch, error in zip(batches, (0.1, -0.2), strict=True):
+        metrics.update(batch["pixel_values"], torch.full_like(batch["pixel_values"], error))
+    assert metrics.per_image_psnr().tolist() == pytest.approx(expected, rel=1e-5)
+    results = evaluate_reconstructions(reconstruct, batches, torch.device("cpu"))
+    assert results["psnr"] == pytest.approx(float(metrics.compute()["psnr"]), rel=1e-6)
+    assert results["psnr_std"] == pytest.approx(abs(expected[0] - expected[1]) / 2, rel=1e-5)
 
 
 class StandIn(nn.Module):

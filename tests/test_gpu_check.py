@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 
+import pytest
+
 from experiments.bench.bench_stages import compose_cfg, moments, pixels, time_steps
 from experiments.gpu import gpu_check
 from ldm_lab.schema import register_configs
@@ -19,6 +21,7 @@ def test_without_cuda_it_says_so_and_exits_0(tmp_path):
     assert sorted((ROOT / "experiments" / "gpu").iterdir()) == before  # no report written
 
 
+@pytest.mark.slow
 def test_speed_and_option_rows_measure_every_stage_and_option(monkeypatch):
     register_configs()
     tiny = ["data.batch_size=2", "trainer.precision=32-true"]

@@ -7,14 +7,18 @@ import numpy as np
 import pytest
 import torch
 from diffusers import LDMPipeline
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from PIL import Image
 
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.diffusion.sampling import generate_images
+from ldm_lab.stages.build import build_stage
+from ldm_lab.stages.encoding import encode_latent_cache
 from ldm_lab.stages.first_stage import FirstStage
 from ldm_lab.tasks import cache_latents, sample, train
-from ldm_lab.tasks.build import build_datamodule, build_stage
+from ldm_lab.tasks.build import build_datamodule
+from ldm_lab.weights import MissingWeightsError
 from tests.conftest import LDM_TINY
 from tests.helpers import StopAt, fit, save_tiny_first_stage
 
@@ -34,7 +38,7 @@ def _stage_and_data(cfg, cached=True):
     stage = build_stage(cfg.model, cfg.disc)
     datamodule = build_datamodule(cfg, stage.downsample_factor)
     if cached:
-        datamodule.use_latent_cache(stage.first_stage, cfg.paths.latent_cache)
+        encode_latent_cache(stage.first_stage, datamodule, cfg.paths.latent_cache)
     return stage, datamodule
 
 
@@ -114,6 +118,7 @@ def test_cached_and_on_the_fly_batches_give_the_same_latents(compose_cfg, first_
                                rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_tiny_unet_overfits_a_handful_of_latents(compose_cfg, tmp_path):
     cfg = _cfg(compose_cfg, save_tiny_first_stage("vq", tmp_path / "vq"), "model.max_steps=300", "model.lr=2e-3",
                "model.ema_decay=null")
@@ -235,12 +240,12 @@ def test_train_sample_and_export_agree_with_ldm_pipeline(compose_cfg, first_stag
 def test_cache_latents_task_and_missing_first_stage_message(compose_cfg, first_stage):
     cache_dir = cache_latents.run(_cfg(compose_cfg, first_stage, "task=cache_latents"))
     assert any(cache_dir.glob("manifest-*.json"))
-    with pytest.raises(Exception, match="model.first_stage"):
+    with pytest.raises(InstantiationException, match="model.first_stage"):
         build_stage(compose_cfg([*LDM_TINY], tiny=False).model, None)
 
 
 def test_evaluate_task_gives_the_fid_of_samples_and_caches_the_real_statistics(compose_cfg, tmp_path, monkeypatch):
-    from ldm_lab.evaluation import make_fid
+    from ldm_lab.metrics import make_fid
     from ldm_lab.tasks import evaluate
     from tests.test_evaluation import StandIn
 
@@ -248,7 +253,7 @@ def test_evaluate_task_gives_the_fid_of_samples_and_caches_the_real_statistics(c
     train.run(_cfg(compose_cfg, first_stage, "max_steps=2", "val_every_n_steps=2", "sample.num_images=1",
                    "sample.num_inference_steps=1"))
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    with pytest.raises(Exception, match="weights-inception-2015-12-05-6726825d.pth"):
+    with pytest.raises(MissingWeightsError, match="weights-inception-2015-12-05-6726825d.pth"):
         monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
         evaluate.run(_cfg(compose_cfg, first_stage, "task=evaluate", f"evaluate.model={checkpoint}"))
     monkeypatch.setattr(evaluate, "find_weights", lambda *args: tmp_path / "stand-in.pth")

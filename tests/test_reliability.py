@@ -31,8 +31,10 @@ from ldm_lab.data.latent_cache import LatentCacheError
 from ldm_lab.data.sources import IMAGE_EXTENSIONS, FolderSource
 from ldm_lab.diffusion.sampling import denoise, inference_scheduler
 from ldm_lab.stages.base import NonFiniteValidationError
+from ldm_lab.stages.build import build_stage
+from ldm_lab.stages.encoding import encode_latent_cache
 from ldm_lab.tasks import train
-from ldm_lab.tasks.build import build_datamodule, build_stage, build_trainer
+from ldm_lab.tasks.build import build_datamodule, build_trainer
 from ldm_lab.validate import ConfigError, check_config, check_group_choices
 from tests.conftest import CONF, LDM_TINY, ROOT, TINY
 from tests.helpers import fit, random_batches, save_tiny_first_stage
@@ -194,8 +196,7 @@ def _ldm_datamodule(compose_cfg, first_stage, data_dir):
     cfg = compose_cfg([*LDM_TINY, f"model.first_stage={first_stage}", f"paths.data_dir={data_dir}"], tiny=False)
     stage = build_stage(cfg.model, cfg.disc)
     datamodule = build_datamodule(cfg, stage.downsample_factor)
-    datamodule.use_latent_cache(stage.first_stage, cfg.paths.latent_cache)
-    datamodule.prepare_data()
+    encode_latent_cache(stage.first_stage, datamodule, cfg.paths.latent_cache)
     return datamodule
 
 

@@ -8,7 +8,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor, AttnP
 from torch import nn
 
 from ldm_lab.speed import optimizer_options
-from ldm_lab.tasks.build import build_stage, build_trainer
+from ldm_lab.stages.build import build_stage
+from ldm_lab.tasks.build import build_trainer
 from tests.helpers import fit, random_batches
 
 

@@ -7,11 +7,13 @@ import pytest
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from hydra.errors import InstantiationException
 
+from ldm_lab.export import export_autoencoder
 from ldm_lab.nn.ema import ema_with_warmup
 from ldm_lab.stages.base import NonFiniteLossError
-from ldm_lab.tasks.build import build_datamodule, build_stage
-from ldm_lab.tasks.export import export_autoencoder
+from ldm_lab.stages.build import build_stage
+from ldm_lab.tasks.build import build_datamodule
 from tests.helpers import StopAt, fit, random_batches
 
 
@@ -179,14 +181,14 @@ def test_training_starts_from_a_pretrained_diffusers_folder(compose_cfg, tmp_pat
 
 
 def test_unloadable_pretrained_model_says_how_to_get_it(compose_cfg, tmp_path):
-    with pytest.raises(Exception, match="model.pretrained=/path/to/that/folder"):
+    with pytest.raises(InstantiationException, match="model.pretrained=/path/to/that/folder"):
         _stage(compose_cfg, f"model.pretrained={tmp_path / 'missing' / 'sd-vae-ft-mse'}")
 
 
 def test_inference_loading_needs_no_lpips_weights(compose_cfg, tmp_path, monkeypatch):
     from torchvision.models import vgg16
 
-    from ldm_lab.tasks.build import load_stage
+    from ldm_lab.stages.build import load_stage
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     weights = tmp_path / "torch" / "hub" / "checkpoints" / "vgg16-397923af.pth"

@@ -9,10 +9,11 @@ import pytest
 import torch
 from diffusers import VQModel
 
+from ldm_lab.export import export_autoencoder
 from ldm_lab.nn.codebook import codebook_usage, restart_dead_codes, vq_losses
+from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.vq_autoencoder import VQAutoencoderStage
-from ldm_lab.tasks.build import build_datamodule, build_stage
-from ldm_lab.tasks.export import export_autoencoder
+from ldm_lab.tasks.build import build_datamodule
 from tests.helpers import fit, random_batches
 
 VQ = ["model=vqvae_tiny", "model.loss.perceptual_weight=0", "model.metrics.lpips=false", "model.metrics.rfid=false",

@@ -24,9 +24,11 @@ from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldm_lab.diffusion.sampling import generate_images
+from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.schema import register_configs
+from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.latent_diffusion import LatentDiffusionStage
-from ldm_lab.tasks.build import build_datamodule, build_stage
+from ldm_lab.tasks.build import build_datamodule
 from ldm_lab.tasks.plan import _planning_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,7 +103,7 @@ def moments(cfg, batch: int, side: int):
     first = _planning_config(cfg).first_stage
     config = first["config"]
     channels = 2 * config["latent_channels"] if first["class_name"] == "AutoencoderKL" else config["vq_embed_dim"]
-    factor = 2 ** (len(config["block_out_channels"]) - 1)
+    factor = downsampling(config)
     return lambda: {"latents": torch.randn(batch, channels, side // factor, side // factor)}
 
 

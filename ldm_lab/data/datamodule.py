@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from ldm_lab.data.buckets import BucketBatchSampler, Item, assign_buckets, bucket_resolutions
 from ldm_lab.data.images import to_rgb
 from ldm_lab.data.index import ImageIndex
-from ldm_lab.data.latent_cache import CachedLatents, LatentCache, data_fingerprint, encode_missing
+from ldm_lab.data.latent_cache import CachedLatents, LatentCache, data_fingerprint
 from ldm_lab.data.sources import FolderSource
 from ldm_lab.data.transforms import bucket_transform
 
@@ -141,8 +141,7 @@ class ImageDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir
         self.index: ImageIndex | None = None
         self._resume: dict[str, int] = {}
-        self.first_stage = None  # set by use_latent_cache: batches then carry cached latents
-        self.latent_cache: LatentCache | None = None
+        self.latent_cache: LatentCache | None = None  # set by use_latent_cache: batches then carry cached latents
         self.latent_keys: list[dict[str, str]] | None = None
         self.latent_scale: float | None = None
 
@@ -150,24 +149,24 @@ class ImageDataModule(L.LightningDataModule):
         self.source.prepare()
         if self.val_source is not None:
             self.val_source.prepare()
-        if self.first_stage is not None and self.latent_keys is None:  # once per process (validate, then fit)
-            self.encode_latents()
 
     # ---------------------------------------------------------------------------------- latent cache
-    def use_latent_cache(self, first_stage, cache_dir: str | os.PathLike) -> None:
-        """Serve ``{"latents": moments, "index"}`` batches from a cache of ``first_stage``'s encodings
-        under ``cache_dir``, encoding what is missing in ``prepare_data`` (once, on one process)."""
-        self.first_stage = first_stage
-        self.latent_cache = LatentCache(cache_dir, first_stage.fingerprint())
+    def use_latent_cache(self, cache: LatentCache, manifest: dict | None = None) -> None:
+        """Serve ``{"latents": moments, "index"}`` batches from ``cache``, which ldm_lab/stages/encoding.py
+        filled: with its ``manifest`` for this data, or the one ``setup`` reads."""
+        self.latent_cache = cache
+        self.latent_keys, self.latent_scale = (manifest["keys"], manifest["scaling_factor"]) if manifest else (None, None)
 
-    def _data_key(self) -> str:
+    def data_key(self) -> str:
+        """Names this data configuration's manifest: its images and the resolution each is encoded at."""
+        self.setup_index()
         sizes = np.asarray(self.resolutions)[self.image_buckets]
         return data_fingerprint(self.index.locations, np.concatenate([sizes, [self.leftover_resolution]]))
 
-    def encode_latents(self) -> dict:
-        """Encode every image the cache lacks, at its bucket resolution (center crop, no flip) and, with
-        buckets, at the leftover resolution too; write and return the manifest."""
-        self._setup_index()
+    def encoding_batches(self) -> list[list[tuple[int, int, int]]]:
+        """Batches of ``(index, width, height)`` covering every image at its bucket resolution and, with
+        buckets, at the leftover resolution too: what the latent cache encodes."""
+        self.setup_index()
         batches = []
         for bucket, (width, height) in enumerate(self.resolutions):
             members = np.flatnonzero(self.image_buckets == bucket).tolist()
@@ -179,16 +178,11 @@ class ImageDataModule(L.LightningDataModule):
                       != self.leftover_resolution]
             batches += [[(i, width, height) for i in others[s : s + self.batch_size]]
                         for s in range(0, len(others), self.batch_size)]
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        original = next(self.first_stage.parameters()).device
-        self.first_stage.to(device)
-        try:
-            manifest = encode_missing(self.first_stage, self.latent_cache, self._dataset(False, False, pixels=True),
-                                      batches, self.is_val, self._data_key(), self.num_workers)
-        finally:
-            self.first_stage.to(original)
-        self.latent_keys, self.latent_scale = manifest["keys"], manifest["scaling_factor"]
-        return manifest
+        return batches
+
+    def pixel_dataset(self) -> Dataset:
+        """Every image as pixels, center-cropped and unflipped (latent cache, FID references, previews)."""
+        return BucketedImages(self.source, self.index, False, False, self.val_source, self.boundary, self.seed)
 
     def _usable(self, source: FolderSource) -> tuple[ImageIndex, np.ndarray]:
         """The source's images that fit a bucket (with the skipped ones counted by reason), and their buckets."""
@@ -213,12 +207,13 @@ class ImageDataModule(L.LightningDataModule):
         return usable, assignment.bucket[keep]
 
     def setup(self, stage: str | None = None) -> None:
-        self._setup_index()
-        if self.latent_cache is not None and self.latent_keys is None:  # encoded by another process
-            manifest = self.latent_cache.read_manifest(self._data_key())
+        self.setup_index()
+        if self.latent_cache is not None and self.latent_keys is None:
+            manifest = self.latent_cache.read_manifest(self.data_key())
             self.latent_keys, self.latent_scale = manifest["keys"], manifest["scaling_factor"]
 
-    def _setup_index(self) -> None:
+    def setup_index(self) -> None:
+        """Index the sources, assign buckets and hold out the validation images (once)."""
         if self.index is not None:
             return
         train, train_buckets = self._usable(self.source)
@@ -274,8 +269,8 @@ class ImageDataModule(L.LightningDataModule):
             np.where(self.is_val != train, self.image_buckets, -1), self.resolutions, self.batch_size,
             self.leftover_resolution, num_replicas=world, rank=rank, seed=self.seed, shuffle=train, drop_last=train)
 
-    def _dataset(self, random_crop: bool, random_flip: bool, pixels: bool = False) -> Dataset:
-        if self.latent_keys is not None and not pixels:
+    def _dataset(self, random_crop: bool, random_flip: bool) -> Dataset:
+        if self.latent_keys is not None:
             return CachedLatents(self.latent_cache, self.latent_keys)
         return BucketedImages(self.source, self.index, random_crop, random_flip, self.val_source, self.boundary,
                               self.seed)
@@ -299,13 +294,13 @@ class ImageDataModule(L.LightningDataModule):
         images a generative model's FID compares with."""
         sampler = BucketBatchSampler(np.where(self.is_val, -1, self.image_buckets), self.resolutions, self.batch_size,
                                      self.leftover_resolution, shuffle=False, drop_last=False)
-        return DataLoader(self._dataset(False, False, pixels=True), batch_sampler=sampler,
+        return DataLoader(self.pixel_dataset(), batch_sampler=sampler,
                           num_workers=self.num_workers)
 
     def preview_images(self, count: int) -> torch.Tensor:
         """The first ``count`` validation images, center-cropped to the leftover (near-square)
         resolution: the same pictures at every step, for image grids."""
-        dataset = self._dataset(False, False, pixels=True)
+        dataset = self.pixel_dataset()
         width, height = self.leftover_resolution
         return torch.stack([dataset[(int(i), width, height)]["pixel_values"]
                             for i in np.flatnonzero(self.is_val)[:count]])

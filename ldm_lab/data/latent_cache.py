@@ -1,5 +1,6 @@
 """The latent cache: a data set encoded once by a frozen first stage, so the diffusion model trains on
-latents instead of running the encoder every step.
+latents instead of running the encoder every step. This module stores and reads it; the encoding runs
+in ldm_lab/stages/encoding.py, so the data layer never holds a model.
 
 Layout: ``<root>/<first-stage fingerprint>/shard-<sha256>.safetensors`` holds one tensor per image (the
 first stage's moments at the image's bucket resolution, center crop, no flip), named by the SHA-1 of the
@@ -25,12 +26,10 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
 from ldm_lab.atomic import atomic_write, atomic_write_text
 from ldm_lab.data.buckets import Item
-from ldm_lab.stages.first_stage import FirstStage
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +147,9 @@ class LatentCache:
     def manifest_path(self, data_key: str) -> Path:
         return self.dir / f"manifest-{data_key}.json"
 
+    def write_manifest(self, data_key: str, manifest: dict) -> None:
+        atomic_write_text(self.manifest_path(data_key), json.dumps(manifest))
+
     def read_manifest(self, data_key: str) -> dict:
         """The manifest of a data configuration, once every latent it lists is in a checked shard."""
         self.refresh()
@@ -162,72 +164,11 @@ class LatentCache:
         return manifest
 
 
-class LatentScale:
-    """Running sums for the std of latents drawn from moments (float64)."""
-
-    def __init__(self, kind: str):
-        self.kind = kind
-        self.count, self.total, self.squares, self.variance = 0, 0.0, 0.0, 0.0
-
-    def update(self, moments: torch.Tensor) -> None:
-        moments = moments.double()
-        if self.kind == "kl":  # z = mean + std * eps: E[z^2] = mean^2 + var
-            mean, logvar = moments.chunk(2, dim=0)
-            self.variance += float(logvar.clamp(-30.0, 20.0).exp().sum())
-        else:
-            mean = moments
-        self.count += mean.numel()
-        self.total += float(mean.sum())
-        self.squares += float(mean.square().sum())
-
-    @property
-    def scaling_factor(self) -> float:
-        mean = self.total / self.count
-        scale = float(1.0 / np.sqrt((self.squares + self.variance) / self.count - mean**2))
-        if not np.isfinite(scale) or scale <= 0:
-            raise ValueError(f"the latent scale 1/std of {self.count} latent values is {scale}: the latents are "
-                             f"constant or not finite. Check the first stage (model.first_stage), or set "
-                             f"model.latent_scale=<a number>")
-        return scale
-
-
 def data_fingerprint(locations: list[str], sizes: np.ndarray) -> str:
     """Names the manifest of one data configuration: its images and the resolution each is encoded at."""
     digest = hashlib.sha1("\n".join(locations).encode())
     digest.update(np.ascontiguousarray(sizes, dtype=np.int64).tobytes())
     return digest.hexdigest()[:16]
-
-
-@torch.no_grad()
-def encode_missing(first_stage: FirstStage, cache: LatentCache, images: Dataset, batches: list[list[tuple[int, int, int]]],
-                   is_val: np.ndarray, data_key: str, num_workers: int = 0) -> dict:
-    """Encode every ``(index, width, height)`` of ``batches`` whose key the cache lacks; write the manifest
-    (per image, its key at each resolution it appears at; the latent scale over the training images at
-    their first resolution, their bucket) and return it."""
-    device = next(first_stage.parameters()).device
-    keys: list[dict[str, str]] = [{} for _ in range(len(is_val))]
-    scale = LatentScale(first_stage.kind)
-    encoded = seen = 0
-    loader = DataLoader(KeyedImages(images), batch_sampler=batches, num_workers=num_workers)
-    for batch in tqdm(loader, desc="latent cache", unit="batch", dynamic_ncols=True):
-        missing = [i for i, key in enumerate(batch["key"]) if key not in cache]
-        if missing:
-            moments = first_stage.moments(batch["pixel_values"][missing].to(device)).float().cpu()
-            for row, i in enumerate(missing):
-                cache.add(batch["key"][i], moments[row])
-            encoded += len(missing)
-        height, width = batch["pixel_values"].shape[2:]
-        for key, index in zip(batch["key"], batch["index"].tolist(), strict=True):
-            if not keys[index] and not is_val[index]:
-                scale.update(cache.get(key))
-            keys[index][f"{width}x{height}"] = key
-            seen += 1
-    cache.flush()
-    manifest = {"kind": first_stage.kind, "scaling_factor": scale.scaling_factor, "keys": keys}
-    atomic_write_text(cache.manifest_path(data_key), json.dumps(manifest))
-    log.info("latent cache %s: %d latents encoded, %d already there; latent scale 1/std = %.5f", cache.dir,
-             encoded, seen - encoded, manifest["scaling_factor"])
-    return manifest
 
 
 class CachedLatents(Dataset):

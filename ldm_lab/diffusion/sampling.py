@@ -13,6 +13,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from tqdm import tqdm
 
+from ldm_lab.nn.downsampling import downsampling
+
 SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 
 
@@ -50,7 +52,7 @@ def generate_images(unet: nn.Module, first_stage: nn.Module, latent_scale: float
     ``generator`` batch after batch (as ``LDMPipeline`` draws it), denoised by ``unet``, divided by the
     latent scale and decoded by the first stage (:class:`~ldm_lab.stages.first_stage.FirstStage`)."""
     factor = first_stage.downsample_factor
-    multiple = factor * 2 ** (len(unet.config.block_out_channels) - 1)
+    multiple = factor * downsampling(unet.config)
     if height % multiple or width % multiple:
         raise ValueError(f"{height}x{width} px: both sides must be multiples of {multiple} "
                          f"(first stage x UNet downsampling); e.g. sample.height={max(multiple, height // multiple * multiple)}")

@@ -8,6 +8,7 @@ regularisation term is added as given, so its weight is relative to these per-pi
 from __future__ import annotations
 
 import logging
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +20,19 @@ from ldm_lab.losses.adversarial import (
     generator_adversarial_loss,
 )
 from ldm_lab.losses.perceptual import LPIPS
-from ldm_lab.schema import DiscLoss, RecLoss
 from ldm_lab.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)
+
+
+class RecLoss(str, Enum):
+    l1 = "l1"
+    l2 = "l2"
+
+
+class DiscLoss(str, Enum):
+    hinge = "hinge"
+    vanilla = "vanilla"
 
 
 class AutoencoderLoss(nn.Module):

@@ -4,9 +4,18 @@ batch, which matters at the 4060 Ti's batch size of 1 where BatchNorm's statisti
 
 from __future__ import annotations
 
+from enum import Enum
+
 from torch import nn
 
-from ldm_lab.schema import NormType
+
+class NormType(str, Enum):
+    """PatchGAN normalisation (seed 001): spectral norm on every conv, plus GroupNorm or BatchNorm."""
+
+    spectral_group = "spectral_group"
+    spectral = "spectral"
+    batch = "batch"
+    none = "none"
 
 
 class NLayerDiscriminator(nn.Module):

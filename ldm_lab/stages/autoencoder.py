@@ -17,6 +17,7 @@ from torch import nn
 
 from ldm_lab.losses.autoencoder import AutoencoderLoss
 from ldm_lab.metrics import ReconstructionMetrics
+from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.nn.ema import ema_with_warmup
 from ldm_lab.nn.pretrained import build_or_load
 from ldm_lab.speed import optimizer_options
@@ -74,7 +75,7 @@ class AutoencoderStage(TrainingStage):
     # ----------------------------------------------------------------------------- properties
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return downsampling(self.vae.config)
 
     @property
     def trained_network(self) -> nn.Module:

@@ -193,7 +193,7 @@ class TrainingStage(L.LightningModule):
     # ----------------------------------------------------------------------------- validation logging
     def log_validation(self, values: dict[str, torch.Tensor]) -> None:
         """Values of a validation pass: to the progress bar, ModelCheckpoint's monitor and the logger.
-        A non-finite value or weight stops the run here, before any checkpoint or export is written."""
+        A NaN value or a non-finite weight stops the run here, before any checkpoint or export is written."""
         self._check_finite(values)
         for name, value in values.items():
             self.log(f"val/{name}", value, prog_bar=f"val/{name}" == self.monitor, logger=False)
@@ -202,7 +202,8 @@ class TrainingStage(L.LightningModule):
             self.logger.log_metrics({f"val/{k}": v for k, v in self.last_val_metrics.items()}, step=self.step)
 
     def _check_finite(self, values: dict[str, torch.Tensor]) -> None:
-        bad = [f"val/{name} = {float(value)}" for name, value in values.items() if not math.isfinite(float(value))]
+        # NaN, not infinity: a perfect reconstruction's PSNR is +inf
+        bad = [f"val/{name} = {float(value)}" for name, value in values.items() if math.isnan(float(value))]
         weights = nonfinite_tensors(dict(self.named_parameters()))
         if weights:
             bad.append(f"{len(weights)} weight tensors ({', '.join(weights[:3])}{', ...' if len(weights) > 3 else ''})")

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 import diffusers
+import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
@@ -21,6 +22,61 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from ldm_lab.convert import converted, is_original
+from ldm_lab.nn.downsampling import downsampling
+from ldm_lab.stages.autoencoder import AutoencoderStage
+from ldm_lab.stages.build import load_stage
+
+
+def kind_of(vae: nn.Module) -> str:
+    return "kl" if isinstance(vae, AutoencoderKL) else "vq"
+
+
+@torch.no_grad()
+def encode_moments(vae: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """KL: the posterior's mean and log-variance stacked on channels; VQ: the pre-quantization latents."""
+    encoded = vae.encode(pixel_values)
+    return encoded.latent_dist.parameters if kind_of(vae) == "kl" else encoded.latents
+
+
+class LatentScale:
+    """1 / std of the latents drawn from moments, from running sums (float64): the latent scale (LDM,
+    sec. 4.3.2 and D.1; 0.18215 for SD's VAE). For KL moments the std of a posterior sample, exactly:
+    z = mean + std * eps, so E[z^2] = mean^2 + var. One owner for the cache, the stage and the export."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.count, self.total, self.squares, self.variance = 0, 0.0, 0.0, 0.0
+
+    def update(self, moments: torch.Tensor) -> None:
+        """Moments of one image (C, H, W) or a batch (N, C, H, W)."""
+        moments = moments.double()
+        if self.kind == "kl":
+            mean, logvar = moments.chunk(2, dim=-3)
+            self.variance += float(logvar.clamp(-30.0, 20.0).exp().sum())
+        else:
+            mean = moments
+        self.count += mean.numel()
+        self.total += float(mean.sum())
+        self.squares += float(mean.square().sum())
+
+    @property
+    def scaling_factor(self) -> float:
+        mean = self.total / self.count
+        scale = float(1.0 / np.sqrt((self.squares + self.variance) / self.count - mean**2))
+        if not np.isfinite(scale) or scale <= 0:
+            raise ValueError(f"the latent scale 1/std of {self.count} latent values is {scale}: the latents are "
+                             f"constant or not finite. Check the first stage (model.first_stage), or set "
+                             f"model.latent_scale=<a number>")
+        return scale
+
+
+def measure_latent_scale(vae: nn.Module, pixel_batches) -> float:
+    """:class:`LatentScale` of ``vae``'s moments over batches of ``{"pixel_values"}``."""
+    device = next(vae.parameters()).device
+    measured = LatentScale(kind_of(vae))
+    for batch in pixel_batches:
+        measured.update(encode_moments(vae, batch["pixel_values"].to(device)))
+    return measured.scaling_factor
 
 
 class FirstStage(nn.Module):
@@ -35,7 +91,7 @@ class FirstStage(nn.Module):
 
     @property
     def kind(self) -> str:
-        return "kl" if isinstance(self.vae, AutoencoderKL) else "vq"
+        return kind_of(self.vae)
 
     @property
     def latent_channels(self) -> int:
@@ -43,13 +99,14 @@ class FirstStage(nn.Module):
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return downsampling(self.vae.config)
 
-    @torch.no_grad()
     def moments(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """What the cache stores per image: KL mean and log-variance stacked on channels, or VQ pre-quantization latents."""
-        encoded = self.vae.encode(pixel_values)
-        return encoded.latent_dist.parameters if self.kind == "kl" else encoded.latents
+        """What the cache stores per image (:func:`encode_moments`)."""
+        return encode_moments(self.vae, pixel_values)
+
+    def measure_scale(self, pixel_batches) -> float:
+        return measure_latent_scale(self.vae, pixel_batches)
 
     def sample(self, moments: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Unscaled latents from moments: a posterior sample (KL) or the moments themselves (VQ)."""
@@ -88,10 +145,7 @@ def load_first_stage(source: str | Path | dict | DictConfig) -> FirstStage:
     path = Path(str(source)).expanduser()
     if path.is_file() and is_original(path):  # LDM's / taming's / SD's own checkpoint, converted once
         path = converted(path, "first_stage")
-    elif path.is_file():  # tasks import stages: imported here, not at the top, to keep that one-way
-        from ldm_lab.stages.autoencoder import AutoencoderStage
-        from ldm_lab.tasks.build import load_stage
-
+    elif path.is_file():
         return FirstStage(load_stage(path, expect=AutoencoderStage, key="model.first_stage").eval_vae)
     if (path / "config.json").is_file():
         class_name = json.loads((path / "config.json").read_text())["_class_name"]

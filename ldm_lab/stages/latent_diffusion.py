@@ -25,8 +25,8 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from torch import nn
 
 from ldm_lab.convert import converted
-from ldm_lab.data.latent_cache import LatentScale
 from ldm_lab.diffusion.sampling import generate_images
+from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.nn.ema import ema_with_warmup
 from ldm_lab.speed import optimizer_options
 from ldm_lab.stages.base import TrainingStage
@@ -96,7 +96,7 @@ class LatentDiffusionStage(TrainingStage):
     @property
     def downsample_factor(self) -> int:
         """Pixels per latent of the first stage, times the UNet's own downsampling: image sides must divide by it."""
-        return self.first_stage.downsample_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        return self.first_stage.downsample_factor * downsampling(self.unet.config)
 
     @property
     def trained_network(self) -> nn.Module:
@@ -139,11 +139,8 @@ class LatentDiffusionStage(TrainingStage):
         if datamodule.latent_scale is not None:
             scale, where = datamodule.latent_scale, "the latent cache"
         else:  # encoding on the fly: measure on the first training batches
-            measured = LatentScale(self.first_stage.kind)
-            for batch in itertools.islice(datamodule.train_dataloader(), num_batches):
-                for moments in self.first_stage.moments(batch["pixel_values"].to(self.device)):
-                    measured.update(moments)
-            scale, where = measured.scaling_factor, f"{num_batches} training batches"
+            scale = self.first_stage.measure_scale(itertools.islice(datamodule.train_dataloader(), num_batches))
+            where = f"{num_batches} training batches"
         scale = float(self.trainer.strategy.broadcast(scale))
         self.latent_scale.fill_(scale)
         log.info("latent scale 1/std = %.5f (from %s)", scale, where)

@@ -10,8 +10,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ldm_lab.stages.build import build_stage
+from ldm_lab.stages.encoding import encode_latent_cache
 from ldm_lab.stages.latent_diffusion import LatentDiffusionStage
-from ldm_lab.tasks.build import build_datamodule, build_stage
+from ldm_lab.tasks.build import build_datamodule
 
 
 def run(cfg: DictConfig) -> Path:
@@ -20,6 +22,5 @@ def run(cfg: DictConfig) -> Path:
         raise ValueError("task=cache_latents needs a latent diffusion model: model=unet (or unet_tiny) "
                          "model.first_stage=<first-stage checkpoint or export folder>")
     datamodule = build_datamodule(cfg, stage.downsample_factor)
-    datamodule.use_latent_cache(stage.first_stage, cfg.paths.latent_cache)
-    datamodule.prepare_data()
+    encode_latent_cache(stage.first_stage, datamodule, cfg.paths.latent_cache)
     return datamodule.latent_cache.dir

@@ -20,11 +20,13 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 from omegaconf import DictConfig
 
+from ldm_lab.diffusion.samples import load_sampler_parts
 from ldm_lab.diffusion.sampling import generate_images
-from ldm_lab.evaluation import evaluate_reconstructions, evaluate_samples, make_fid
-from ldm_lab.losses.perceptual import LPIPS
-from ldm_lab.tasks.build import build_datamodule, load_stage
-from ldm_lab.tasks.sample import load_sampler_parts
+from ldm_lab.evaluation import evaluate_reconstructions, evaluate_samples
+from ldm_lab.metrics import ReconstructionMetrics, make_fid
+from ldm_lab.nn.downsampling import downsampling
+from ldm_lab.stages.build import load_stage
+from ldm_lab.tasks.build import build_datamodule
 from ldm_lab.weights import MissingWeightsError, find_weights, missing_message
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,7 @@ def load_autoencoder(path: Path):
             return model.decode(model.encode(inputs).latent_dist.mode()).sample
         return model.decode(model.encode(inputs).latents).sample  # decode quantizes
 
-    return reconstruct, 2 ** (len(model.config.block_out_channels) - 1), model
+    return reconstruct, downsampling(model.config), model
 
 
 def _datamodule(cfg: DictConfig, downsample_factor: int):
@@ -70,22 +72,16 @@ def evaluate_autoencoder(cfg: DictConfig, device: torch.device) -> tuple[dict, l
     reconstruct, factor, model = load_autoencoder(Path(cfg.evaluate.model))
     model.to(device)
     datamodule = _datamodule(cfg, factor)
-    notes = []
-    lpips = None
-    if cfg.evaluate.lpips:
-        try:
-            lpips = LPIPS("pretrained", cfg.paths.weights.vgg16)
-        except MissingWeightsError as error:
-            notes.append(f"LPIPS skipped: {error}")
-    fid, reference = None, None
-    if cfg.evaluate.rfid:
-        weights = find_weights("inception", cfg.paths.weights.inception)
-        if weights is None:
-            notes.append(f"rFID skipped: {missing_message('inception', cfg.paths.weights.inception)}")
-        else:
-            fid = make_fid(2048, str(weights)).to(device)
-            reference = _reference_path(cfg, datamodule, "val", int(datamodule.is_val.sum()))
-    results = evaluate_reconstructions(reconstruct, datamodule.val_dataloader(), device, lpips, fid, reference)
+    # The validation stack decides what it can measure offline (weights present) and says what it cannot.
+    available = ReconstructionMetrics(lpips=cfg.evaluate.lpips, rfid=cfg.evaluate.rfid,
+                                      vgg16_weights=cfg.paths.weights.vgg16,
+                                      inception_weights=cfg.paths.weights.inception)
+    reference = None
+    if available.fid is not None:
+        reference = _reference_path(cfg, datamodule, "val", int(datamodule.is_val.sum()))
+    results = evaluate_reconstructions(reconstruct, datamodule.val_dataloader(), device, available.lpips_model,
+                                       available.fid, reference)
+    notes = list(available.notes)
     results.update(resolution=datamodule.resolution)
     return results, notes, datamodule.source.name
 
@@ -98,7 +94,7 @@ def evaluate_diffusion(cfg: DictConfig, device: torch.device) -> tuple[dict, lis
     unet, first_stage, latent_scale, noise_scheduler = load_sampler_parts(Path(cfg.evaluate.model))
     unet.to(device)
     first_stage.to(device)
-    datamodule = _datamodule(cfg, first_stage.downsample_factor * 2 ** (len(unet.config.block_out_channels) - 1))
+    datamodule = _datamodule(cfg, first_stage.downsample_factor * downsampling(unet.config))
     options = cfg.sample
     height, width = options.height or datamodule.resolution, options.width or datamodule.resolution
     generator = torch.Generator().manual_seed(options.seed)

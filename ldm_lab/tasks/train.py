@@ -11,10 +11,12 @@ import lightning as L
 from omegaconf import DictConfig
 
 from ldm_lab.checkpoints import check_resume, claim_run_folder, read_checkpoint
+from ldm_lab.diffusion.samples import draw_samples
+from ldm_lab.export import export_autoencoder, export_pipeline
+from ldm_lab.stages.build import build_stage
+from ldm_lab.stages.encoding import attach_latent_cache
 from ldm_lab.stages.latent_diffusion import LatentDiffusionStage
-from ldm_lab.tasks.build import build_datamodule, build_stage, build_trainer
-from ldm_lab.tasks.export import export_autoencoder, export_pipeline
-from ldm_lab.tasks.sample import sample
+from ldm_lab.tasks.build import build_datamodule, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     stage = build_stage(cfg.model, cfg.disc, cfg.speed)
     datamodule = build_datamodule(cfg, stage.downsample_factor)
     diffusion = isinstance(stage, LatentDiffusionStage)
-    if diffusion and stage.latent_cache:  # encoded (what is missing) in prepare_data, before training
-        datamodule.use_latent_cache(stage.first_stage, cfg.paths.latent_cache)
+    if diffusion and stage.latent_cache:  # what the cache lacks is encoded now, before training
+        attach_latent_cache(stage.first_stage, datamodule, cfg.paths.latent_cache)
     trainer = build_trainer(cfg, stage)
     if trainer.is_global_zero and trainer.checkpoint_callback is not None:
         claim_run_folder(output_dir, trainer.checkpoint_callback.dirpath, cfg.ckpt_path, cfg.overwrite)
@@ -65,7 +67,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("diffusers folder: %s (LDMPipeline.from_pretrained)", export_dir)
         stage.to("cpu")
         height, width = datamodule.leftover_resolution[1], datamodule.leftover_resolution[0]
-        grid = sample(cfg, stage.eval_unet, stage.first_stage, float(stage.latent_scale), stage.sampling_scheduler,
+        grid = draw_samples(cfg.sample, stage.eval_unet, stage.first_stage, float(stage.latent_scale), stage.sampling_scheduler,
                       output_dir / "samples", (height, width))
         log.info("sample grid: %s", grid)
     else:
