@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from ldm_lab.nn.downsampling import downsampling
 
-SAMPLERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
+SAMPLERS = ("ddim", "ddpm")
 
 
 def inference_scheduler(train_scheduler: SchedulerMixin, sampler: str) -> SchedulerMixin:

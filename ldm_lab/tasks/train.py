@@ -34,9 +34,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     output_dir = Path(cfg.paths.output_dir)
     stage = build_stage(cfg.model, cfg.disc, cfg.speed)
     datamodule = build_datamodule(cfg, stage.downsample_factor)
-    diffusion = isinstance(stage, LatentDiffusionStage)
-    if diffusion and stage.latent_cache:  # what the cache lacks is encoded now, before training
-        attach_latent_cache(stage.first_stage, datamodule, cfg.paths.latent_cache)
     trainer = build_trainer(cfg, stage)
     if trainer.is_global_zero and trainer.checkpoint_callback is not None:
         claim_run_folder(output_dir, trainer.checkpoint_callback.dirpath, cfg.ckpt_path, cfg.overwrite)
@@ -44,6 +41,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
         resumed = read_checkpoint(cfg.ckpt_path, mmap=True)
         check_resume(resumed, cfg.ckpt_path, stage)
         log.info("resuming from %s at step %d", cfg.ckpt_path, resumed["ldm_lab"]["step"])
+    diffusion = isinstance(stage, LatentDiffusionStage)
+    if diffusion and stage.latent_cache:  # after the checks, which a refused run should not wait for
+        attach_latent_cache(stage.first_stage, datamodule, cfg.paths.latent_cache)
     log.info("run folder: %s", output_dir)
     log.info("TensorBoard: tensorboard --logdir %s", output_dir / "tensorboard")
 
