@@ -11,7 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from ldm_lab.schema import register_configs
-from ldm_lab.validate import ConfigError, check_config, check_group_choices
+from ldm_lab.validate import ConfigError, check_config, check_group_choices, check_task_options
 
 register_configs()
 
@@ -26,7 +26,9 @@ def main(cfg: DictConfig):
 
 if __name__ == "__main__":
     try:
-        check_group_choices(sys.argv[1:], Path(__file__).resolve().parent / "conf")
+        conf_dir = Path(__file__).resolve().parent / "conf"
+        check_group_choices(sys.argv[1:], conf_dir)
+        check_task_options(sys.argv[1:], conf_dir)
     except ConfigError as error:
         sys.exit(f"error: {error}")
     main()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import yaml
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
@@ -29,6 +30,32 @@ def check_group_choices(overrides: list[str], conf_dir: Path) -> None:
             if plain and choice != "null" and not (folder / f"{choice}.yaml").is_file():
                 options = ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
                 raise ConfigError(f"{group}={choice}: conf/{group}/ has no option {choice!r}; choose one of: {options}")
+
+
+def check_task_options(overrides: list[str], conf_dir: Path) -> None:
+    """Each task's options live in its ``conf/task/<task>.yaml``: an option of another task is named with
+    the task it belongs to. (Hydra's own message, "use +evaluate.num_samples=5", would add a key nothing reads.)"""
+    chosen = [value for key, _, value in (o.partition("=") for o in overrides) if key == "task"]
+    task = chosen[-1] if chosen else "train"
+    if "," in task:
+        return
+    owners: dict[str, list[str]] = {}
+    for path in sorted((conf_dir / "task").glob("*.yaml")):
+        for key in _leaf_keys(yaml.safe_load(path.read_text()) or {}):
+            if key != "task":
+                owners.setdefault(key, []).append(path.stem)
+    for override in overrides:
+        key, sep, _ = override.partition("=")
+        owner = next((tasks for option, tasks in owners.items()  # the option, a key inside it, or its parent node
+                      if f"{key}.".startswith(f"{option}.") or option.startswith(f"{key}.")), None)
+        if sep and owner and task not in owner:
+            raise ConfigError(f"{key}: an option of task={' or task='.join(owner)} (conf/task/), but this run is "
+                              f"task={task}; add task={owner[0]}, or leave {key} out")
+
+
+def _leaf_keys(node: dict, prefix: str = "") -> list[str]:
+    return [leaf for key, value in node.items() if key != "defaults"
+            for leaf in (_leaf_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}"])]
 
 
 def _at_least(cfg: DictConfig, key: str, low: float, what: str, strict: bool = False) -> None:

@@ -1,11 +1,16 @@
 """The package's layering: the data layer knows no model (no import from data/ into stages/ or tasks/),
-and no module imports itself back through others (function-level imports included)."""
+no module imports itself back through others (function-level imports included), and each task's options
+live in its own conf/task/ file."""
 
 from __future__ import annotations
 
 import ast
 
-from tests.conftest import ROOT
+import pytest
+
+from ldm_lab.tasks import TASKS
+from ldm_lab.validate import ConfigError, check_task_options
+from tests.conftest import CONF, ROOT
 
 
 def _import_graph() -> dict[str, set[str]]:
@@ -61,3 +66,28 @@ def test_tasks_are_thin_and_import_no_other_task():
     assert len(tasks) >= 9
     assert [(m, d) for m in tasks for d in graph[m] if d in tasks] == []
     assert all(d not in tasks for m, deps in graph.items() if not m.startswith("ldm_lab.tasks") for d in deps)
+
+
+def test_each_task_composes_with_its_own_options_only(compose_cfg):
+    """conf/task/<task>.yaml holds a task's options: a run holds its task's options and the shared sampling
+    options (train's preview grid draws as task=sample does), not another task's."""
+    tasks = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
+    assert tasks == sorted(TASKS)
+    owned = {"evaluate": "evaluate", "plan": "plan", "convert": "convert", "sweep_dir": "report", "overwrite": "train"}
+    for task in tasks:
+        cfg = compose_cfg([f"task={task}", "model=unet_tiny"], tiny=False)
+        assert cfg.task == task
+        assert {key for key, owner in owned.items() if key in cfg} == {k for k, o in owned.items() if o == task}
+        assert ("model" in cfg.sample) == (task == "sample")
+        assert cfg.model.preview.num_inference_steps == cfg.sample.num_inference_steps == 50
+
+
+def test_another_tasks_option_is_refused_with_its_task():
+    check_task_options(["task=evaluate", "evaluate.num_samples=64", "sample.num_images=4"], CONF)
+    check_task_options(["sample.num_images=4", "overwrite=true"], CONF)  # task=train is the default
+    with pytest.raises(ConfigError, match="evaluate.num_samples: an option of task=evaluate .* this run is task=train"):
+        check_task_options(["evaluate.num_samples=64"], CONF)
+    with pytest.raises(ConfigError, match="sample.model: an option of task=sample .* add task=sample"):
+        check_task_options(["task=evaluate", "sample.model=x"], CONF)
+    with pytest.raises(ConfigError, match="^plan: an option of task=plan"):
+        check_task_options(["task=train", "plan={budget_gb:6}"], CONF)

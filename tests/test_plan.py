@@ -11,7 +11,7 @@ from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks import plan
 from tests.helpers import save_tiny_first_stage
 
-TINY_PLAN = ["model=vae_tiny", "require_weights=false", "data.resolution=128", "data.batch_size=4",
+TINY_PLAN = ["task=plan", "model=vae_tiny", "require_weights=false", "data.resolution=128", "data.batch_size=4",
              "plan.trace_sides=[32,64]"]
 
 
@@ -41,10 +41,9 @@ def test_held_memory_counts_adamw_states_as_twice_the_trainable_weights(compose_
 
 
 def test_plan_of_an_ldm_without_a_first_stage_uses_a_random_one(compose_cfg, tmp_path):
-    cfg = compose_cfg(["model=unet_tiny", "data.resolution=64", "data.batch_size=2", "plan.trace_sides=[32]",
-                       "plan.first_stage=vqvae_tiny", "plan.budget_gb=0.001"], tiny=False)
+    ldm_plan = ["task=plan", "model=unet_tiny", "data.resolution=64", "data.batch_size=2", "plan.trace_sides=[32]"]
+    cfg = compose_cfg([*ldm_plan, "plan.first_stage=vqvae_tiny", "plan.budget_gb=0.001"], tiny=False)
     result = plan.plan(cfg)
     assert not result["fits"] and result["parts"]["EMA"] > 0 and result["parts"]["activations and workspace"] > 0
-    with_stage = compose_cfg(["model=unet_tiny", "data.resolution=64", "data.batch_size=2", "plan.trace_sides=[32]",
-                              f"model.first_stage={save_tiny_first_stage('vq', tmp_path / 'vq')}"], tiny=False)
+    with_stage = compose_cfg([*ldm_plan, f"model.first_stage={save_tiny_first_stage('vq', tmp_path / 'vq')}"], tiny=False)
     assert plan.plan(with_stage)["fits"]

@@ -42,9 +42,10 @@ def _sync() -> None:
 
 
 def compose_cfg(*overrides: str):
+    """A run config with task=plan's options: its builders make the stages and batches timed here."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=["require_weights=false", "paths.output_dir=/tmp/ldm_lab_bench",
-                                            *overrides])
+        return compose("config", overrides=["task=plan", "require_weights=false",
+                                            "paths.output_dir=/tmp/ldm_lab_bench", *overrides])
 
 
 class StepTimer(L.Callback):

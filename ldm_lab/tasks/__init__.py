@@ -1,15 +1,18 @@
 """One run = one task: ``task=train`` (default), ``cache_latents``, ``sample``, ``export``, ``evaluate``,
-``plan``, ``buckets``, ``report`` or ``convert``."""
+``plan``, ``buckets``, ``report`` or ``convert``; each has its options in ``conf/task/<task>.yaml``."""
 
 from __future__ import annotations
 
 from datetime import datetime
+from importlib import import_module
 from pathlib import Path
 
 import yaml
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
+
+TASKS = ("train", "cache_latents", "sample", "export", "evaluate", "plan", "buckets", "report", "convert")
 
 
 def record_overrides() -> None:
@@ -27,13 +30,8 @@ def record_overrides() -> None:
 
 
 def run(cfg: DictConfig):
-    from ldm_lab.tasks import buckets, cache_latents, convert, evaluate, export, plan, report, sample, train
-
+    """Run ``cfg.task``: the ``run(cfg)`` of its module, ``ldm_lab.tasks.<task>``."""
+    if cfg.task not in TASKS:
+        raise ValueError(f"task={cfg.task} is not a task; choose one of: {', '.join(TASKS)}")
     record_overrides()
-
-    tasks = {"train": train.run, "cache_latents": cache_latents.run, "sample": sample.run, "export": export.run,
-             "evaluate": evaluate.run, "plan": plan.run, "buckets": buckets.run, "report": report.run,
-             "convert": convert.run}
-    if cfg.task not in tasks:
-        raise ValueError(f"task={cfg.task} is not a task; choose one of: {', '.join(tasks)}")
-    return tasks[cfg.task](cfg)
+    return import_module(f"ldm_lab.tasks.{cfg.task}").run(cfg)
