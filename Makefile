@@ -22,11 +22,14 @@ $(STAMP): pyproject.toml
 
 # The whole chain on the embedded synthetic data: first stage, latent cache, LDM, samples.
 QUICKSTART_DIR := outputs/quickstart-$(shell date +%Y%m%d-%H%M%S)
-quickstart: install ## tiny KL autoencoder -> latent cache -> tiny LDM -> sample grid, on the synthetic data (CPU, ~10 min)
+quickstart: install ## tiny KL autoencoder -> latent cache -> tiny LDM -> samples and their FID, on the synthetic data (CPU, ~10 min)
 	$(BIN)/python run.py experiment=quickstart hydra.run.dir=$(QUICKSTART_DIR)/autoencoder
 	$(BIN)/python run.py experiment=quickstart_ldm hydra.run.dir=$(QUICKSTART_DIR)/ldm \
 		model.first_stage=$(QUICKSTART_DIR)/autoencoder/checkpoints/last.ckpt
+	$(BIN)/python run.py experiment=quickstart_ldm task=evaluate hydra.run.dir=$(QUICKSTART_DIR)/evaluation \
+		evaluate.model=$(QUICKSTART_DIR)/ldm/checkpoints/last.ckpt evaluate.num_samples=64
 	@echo "sample grid: $(QUICKSTART_DIR)/ldm/samples/grid.png"
+	@grep -ho "sample FID.*" $(QUICKSTART_DIR)/evaluation/run.log
 
 test: install ## run the test suite (CPU, tiny models)
 	$(BIN)/python -m pytest -q

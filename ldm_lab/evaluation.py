@@ -1,8 +1,8 @@
 """Evaluation by the published protocols. Autoencoders: PSNR as the mean (and spread) of per-image
 values, SSIM, LPIPS, and rFID with torch-fidelity's Inception and resizing, by the metrics validation
-uses (ldm_lab/metrics.py). Diffusion models: FID of
-N samples against the real images. The real images' statistics are cached per (data set, split,
-resolution)."""
+uses (ldm_lab/metrics.py). Diffusion models: FID of N samples against the real images, whose Inception
+statistics are cached per (data set, split, resolution); or, offline, FID and precision/recall in another
+feature network's embedding beside their data-vs-data floor."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from torchmetrics.image import FrechetInceptionDistance
 from tqdm import tqdm
 
 from ldm_lab.losses.perceptual import LPIPS
-from ldm_lab.metrics import ReconstructionMetrics
+from ldm_lab.metrics import ReconstructionMetrics, SampleQuality
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,37 @@ def evaluate_samples(
             fid.update((batch["pixel_values"].to(fid.device) + 1) / 2, real=True)
         if reference is not None:
             save_reference(fid, reference)
-    for start in tqdm(range(0, num_samples, batch_size), desc="samples", unit="batch"):
-        images = generate(min(batch_size, num_samples - start)).to(fid.device).float().clamp(-1, 1)
-        fid.update((images + 1) / 2, real=False)
+    for images in _samples(generate, num_samples, batch_size):
+        fid.update((images.to(fid.device) + 1) / 2, real=False)
     return {"samples": num_samples, "real_images": int(fid.real_features_num_samples), "fid": float(fid.compute())}
+
+
+@torch.no_grad()
+def evaluate_samples_against_floor(
+    generate: Callable[[int], torch.Tensor],
+    num_samples: int,
+    batch_size: int,
+    real_batches: Iterable[dict[str, torch.Tensor]],
+    quality: SampleQuality,
+) -> dict[str, float]:
+    """FID and precision/recall of ``num_samples`` images from ``generate(n)`` against every second real
+    image of ``real_batches``, and the same figures for as many of the other real images (the floor)."""
+    seen = 0
+    for batch in tqdm(real_batches, desc="real images", unit="batch"):
+        images = batch["pixel_values"]
+        held_out = (seen + torch.arange(len(images))) % 2 == 1
+        seen += len(images)
+        quality.update(images[~held_out], "reference")
+        if held_out.any():
+            quality.update(images[held_out], "held_out")
+    if seen // 2 < num_samples:
+        log.warning("the floor uses %d held-out real images against %d samples: its FID is biased upwards "
+                    "by the smaller count; evaluate.num_samples=%d matches them", seen // 2, num_samples, seen // 2)
+    for images in _samples(generate, num_samples, batch_size):
+        quality.update(images, "samples")
+    return quality.compute()
+
+
+def _samples(generate: Callable[[int], torch.Tensor], num_samples: int, batch_size: int):
+    for start in tqdm(range(0, num_samples, batch_size), desc="samples", unit="batch"):
+        yield generate(min(batch_size, num_samples - start)).float().clamp(-1, 1)

@@ -112,3 +112,56 @@ class ReconstructionMetrics:
         if self.fid is not None and self.fid.real_features_num_samples >= 2 and self.fid.fake_features_num_samples >= 2:
             values["rfid"] = self.fid.compute()
         return values
+
+
+class _Embeddings(nn.Module):
+    """Hands FrechetInceptionDistance embeddings computed elsewhere, so FID is torchmetrics' own computation."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return embeddings
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): the share of ``fake`` embeddings inside
+    the union of the real ones' k-nearest-neighbour balls (fidelity), and of ``real`` inside the fake
+    ones' (coverage)."""
+    def inside(support: torch.Tensor, queries: torch.Tensor) -> float:
+        radii = torch.cdist(support, support).kthvalue(k + 1, dim=1).values  # k + 1: each point is its own 0
+        return float((torch.cdist(queries, support) <= radii).any(dim=1).float().mean())
+
+    return inside(real, fake), inside(fake, real)
+
+
+class SampleQuality:
+    """FID and precision/recall of samples against reference images in one feature network's embedding,
+    with the data-vs-data floor: the same figures for as many held-out real images as there are samples
+    (what a perfect model would score with this many images)."""
+
+    PARTS = ("reference", "held_out", "samples")
+
+    def __init__(self, feature_net: nn.Module, k: int = 3):
+        self.feature_net = feature_net.eval()
+        self.k = k
+        self.embeddings: dict[str, list[torch.Tensor]] = {part: [] for part in self.PARTS}
+
+    @torch.no_grad()
+    def update(self, images: torch.Tensor, part: str) -> None:
+        """Images in [-1, 1] of one part: ``reference``, ``held_out`` or ``samples`` (embedded on the CPU)."""
+        self.embeddings[part].append(self.feature_net(images.detach().cpu().float().clamp(-1, 1)).double())
+
+    def compute(self) -> dict[str, float]:
+        reference, samples = torch.cat(self.embeddings["reference"]), torch.cat(self.embeddings["samples"])
+        held_out = torch.cat(self.embeddings["held_out"])[: len(samples)]
+        results = {"samples": len(samples), "reference_images": len(reference), "held_out_images": len(held_out)}
+        for prefix, embeddings in (("", samples), ("floor_", held_out)):
+            fid = FrechetInceptionDistance(feature=_Embeddings(reference.shape[1]))
+            fid.update(reference, real=True)
+            fid.update(embeddings, real=False)
+            precision, recall = precision_recall(reference.float(), embeddings.float(), self.k)
+            results.update({f"{prefix}fid": float(fid.compute()), f"{prefix}precision": precision,
+                            f"{prefix}recall": recall})
+        return results

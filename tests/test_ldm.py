@@ -255,7 +255,8 @@ def test_evaluate_task_gives_the_fid_of_samples_and_caches_the_real_statistics(c
     checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
     with pytest.raises(MissingWeightsError, match="weights-inception-2015-12-05-6726825d.pth"):
         monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
-        evaluate.run(_cfg(compose_cfg, first_stage, "task=evaluate", f"evaluate.model={checkpoint}"))
+        evaluate.run(_cfg(compose_cfg, first_stage, "task=evaluate", "evaluate.features=inception",
+                          f"evaluate.model={checkpoint}"))
     monkeypatch.setattr(evaluate, "find_weights", lambda *args: tmp_path / "stand-in.pth")
     monkeypatch.setattr(evaluate, "make_fid", lambda *args: make_fid(StandIn()))
     common = ["task=evaluate", "evaluate.num_samples=6", "sample.batch_size=4", "sample.num_inference_steps=2"]

@@ -18,8 +18,13 @@ from ldm_lab.data.sources import FolderSource
 FORMATS = ("png", "jpg", "webp")
 
 
-def draw_image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
-    """One synthetic picture: a linear two-colour gradient and 3-8 filled shapes."""
+NUM_ATTRIBUTES = 15  # what draw_image drew, as numbers (the offline feature network learns to read them)
+
+
+def draw_image(rng: np.random.Generator, width: int, height: int) -> tuple[Image.Image, np.ndarray]:
+    """One synthetic picture: a linear two-colour gradient and 3-8 filled shapes; and what was drawn,
+    ``NUM_ATTRIBUTES`` numbers in [-1, 1]: the two gradient colours, its direction, the count of each
+    kind of shape (ellipse, rectangle, polygon, line) and the shapes' mean colour."""
     c0, c1 = rng.integers(0, 256, size=(2, 3))
     angle = rng.uniform(0, 2 * np.pi)
     ys, xs = np.mgrid[0:height, 0:width]
@@ -28,11 +33,14 @@ def draw_image(rng: np.random.Generator, width: int, height: int) -> Image.Image
     pixels = c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]
     image = Image.fromarray(pixels.astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
+    kinds, colours = np.zeros(4), []
     for _ in range(int(rng.integers(3, 9))):
         colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
         x0, x1 = sorted(rng.uniform(-0.1, 1.1, size=2) * width)
         y0, y1 = sorted(rng.uniform(-0.1, 1.1, size=2) * height)
         kind = rng.integers(0, 4)
+        kinds[kind] += 1
+        colours.append(colour)
         if kind == 0:
             draw.ellipse((x0, y0, x1, y1), fill=colour)
         elif kind == 1:
@@ -43,7 +51,9 @@ def draw_image(rng: np.random.Generator, width: int, height: int) -> Image.Image
             draw.polygon(points, fill=colour)
         else:
             draw.line((x0, y0, x1, y1), fill=colour, width=int(rng.integers(1, max(2, min(width, height) // 8))))
-    return image
+    attributes = np.concatenate([c0 / 127.5 - 1, c1 / 127.5 - 1, [np.cos(angle), np.sin(angle)], kinds / 4 - 1,
+                                 np.mean(colours, axis=0) / 127.5 - 1])
+    return image, attributes.astype(np.float32)
 
 
 def image_size(rng: np.random.Generator, min_side: int, max_side: int) -> tuple[int, int]:
@@ -72,5 +82,5 @@ class SyntheticSource(FolderSource):
             rng = np.random.default_rng([self.spec["seed"], index])
             width, height = image_size(rng, self.spec["min_side"], self.spec["max_side"])
             fmt = FORMATS[index % len(FORMATS)]
-            draw_image(rng, width, height).save(self.root / f"{index:06d}.{fmt}", quality=95)
+            draw_image(rng, width, height)[0].save(self.root / f"{index:06d}.{fmt}", quality=95)
         manifest.write_text(json.dumps(self.spec))  # written last: marks the set complete

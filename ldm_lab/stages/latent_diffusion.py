@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.training_utils import compute_snr
 from torch import nn
 
 from ldm_lab.convert import converted
@@ -41,7 +42,9 @@ class LatentDiffusionStage(TrainingStage):
     ``latent_scale``: None measures 1 / std of the training latents (LDM's scale_by_std); a number is
     used as given (LDM-VQ-4: 1.0). ``ddim``: the DDIM spacing of sampling and the export (LDM's
     DDIMSampler: ``steps_offset`` 1, ``set_alpha_to_one`` false). ``unet_pretrained``: start from these
-    UNet weights (:func:`load_pretrained_unet`); the EMA starts from them too."""
+    UNet weights (:func:`load_pretrained_unet`); the EMA starts from them too. ``snr_gamma``: min-SNR-gamma
+    weighting of the training loss (Hang et al. 2023), min(SNR, gamma) / SNR for epsilon and
+    min(SNR, gamma) / (SNR + 1) for v-prediction; validation reports the unweighted loss_simple."""
 
     monitor, monitor_mode = "val/loss_simple_ema", "min"
     description = "a latent diffusion UNet (model=unet or unet_tiny)"
@@ -65,10 +68,16 @@ class LatentDiffusionStage(TrainingStage):
         ddim: dict | None = None,
         unet_pretrained: str | None = None,
         preview: dict | None = None,
+        snr_gamma: float | None = None,
         max_consecutive_nonfinite: int = 5,
         seed: int = 0,
     ):
         super().__init__(max_steps, accumulate_grad_batches, gradient_clip_val, max_consecutive_nonfinite, seed)
+        config = noise_scheduler.config
+        if config.get("rescale_betas_zero_snr") and config.prediction_type == "epsilon":
+            raise ValueError("model.noise_scheduler.rescale_betas_zero_snr=true makes the last timestep pure noise, "
+                             "where the noise is no target to learn (Lin et al. 2024): set "
+                             "model.noise_scheduler.prediction_type=v_prediction")
         if first_stage is None:
             raise ValueError("model=unet trains in the latent space of a first stage: set model.first_stage to a "
                              "first-stage checkpoint (.ckpt) or exported folder, e.g. from python run.py "
@@ -90,6 +99,7 @@ class LatentDiffusionStage(TrainingStage):
         self.lr, self.scale_lr = lr, scale_lr
         self.latent_cache = latent_cache
         self.preview = dict(preview or {})  # generate_images' keyword arguments
+        self.snr_gamma = snr_gamma
         self._val_sums: torch.Tensor | None = None
 
     # ----------------------------------------------------------------------------- properties
@@ -154,8 +164,10 @@ class LatentDiffusionStage(TrainingStage):
         return self.memory_format(self.first_stage.sample(moments, generator) * self.latent_scale)
 
     # ----------------------------------------------------------------------------- the objective
-    def loss_simple(self, unet: nn.Module, latents: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """MSE between the UNet's prediction and its target (the noise for epsilon prediction) at uniform timesteps."""
+    def loss_simple(self, unet: nn.Module, latents: torch.Tensor, generator: torch.Generator,
+                    weighted: bool = False) -> torch.Tensor:
+        """MSE between the UNet's prediction and its target (the noise for epsilon prediction) at uniform
+        timesteps; ``weighted``: each image's MSE times its timestep's min-SNR weight, when ``snr_gamma`` is set."""
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
                                   generator=generator, device=latents.device)
@@ -165,12 +177,17 @@ class LatentDiffusionStage(TrainingStage):
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        return F.mse_loss(prediction.float(), target.float())
+        if not weighted or self.snr_gamma is None:
+            return F.mse_loss(prediction.float(), target.float())
+        snr = compute_snr(self.noise_scheduler, timesteps)
+        weight = snr.clamp(max=self.snr_gamma) / (snr + 1 if self.noise_scheduler.config.prediction_type == "v_prediction"
+                                                   else snr)
+        return (F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         generator = self.step_generator(self.device)
-        loss = self.loss_simple(self.unet, self.latents(batch, generator), generator)
-        self.backward_and_step([loss], {"loss_simple": loss.detach()})
+        loss = self.loss_simple(self.unet, self.latents(batch, generator), generator, weighted=True)
+        self.backward_and_step([loss], {"loss_simple" if self.snr_gamma is None else "loss_min_snr": loss.detach()})
 
     def on_optimizer_step(self) -> None:
         if self.ema is not None:

@@ -20,14 +20,19 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 from omegaconf import DictConfig
 
+from ldm_lab.data.synthetic import SyntheticSource
 from ldm_lab.diffusion.samples import load_sampler_parts
 from ldm_lab.diffusion.sampling import generate_images
-from ldm_lab.evaluation import evaluate_reconstructions, evaluate_samples
-from ldm_lab.metrics import ReconstructionMetrics, make_fid
+from ldm_lab.evaluation import evaluate_reconstructions, evaluate_samples, evaluate_samples_against_floor
+from ldm_lab.metrics import ReconstructionMetrics, SampleQuality, make_fid
 from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.stages.build import load_stage
+from ldm_lab.synthetic_features import load_feature_net
 from ldm_lab.tasks.build import build_datamodule
+from ldm_lab.validate import ConfigError
 from ldm_lab.weights import MissingWeightsError, find_weights, missing_message
+
+FEATURES = ("auto", "inception", "synthetic")  # evaluate.features: the embedding of an LDM's sample FID
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +91,29 @@ def evaluate_autoencoder(cfg: DictConfig, device: torch.device) -> tuple[dict, l
     return results, notes, datamodule.source.name
 
 
+def _features(cfg: DictConfig, datamodule) -> tuple[str, Path | None]:
+    """Which embedding measures samples: Inception when its weights are present, else on the embedded
+    synthetic data the lab's own feature network (evaluate.features=auto); and Inception's weights."""
+    weights = find_weights("inception", cfg.paths.weights.inception)
+    synthetic = isinstance(datamodule.source, SyntheticSource)
+    features = cfg.evaluate.features
+    if features == "auto":
+        features = "inception" if weights is not None or not synthetic else "synthetic"
+    if features == "inception" and weights is None:  # FID is the only metric of a generative model here
+        raise MissingWeightsError(missing_message("inception", cfg.paths.weights.inception))
+    if features == "synthetic" and not synthetic:
+        raise ConfigError(f"evaluate.features=synthetic: its feature network reads the embedded synthetic data's "
+                          f"drawings, and {datamodule.source.name} is not that data; use evaluate.features=inception")
+    return features, weights
+
+
 def evaluate_diffusion(cfg: DictConfig, device: torch.device) -> tuple[dict, list[str], str]:
     """FID of ``evaluate.num_samples`` samples (drawn as ``sample.*`` says) against the training images."""
-    weights = find_weights("inception", cfg.paths.weights.inception)
-    if weights is None:  # FID is the only metric of a generative model here
-        raise MissingWeightsError(missing_message("inception", cfg.paths.weights.inception))
     unet, first_stage, latent_scale, noise_scheduler = load_sampler_parts(Path(cfg.evaluate.model))
     unet.to(device)
     first_stage.to(device)
     datamodule = _datamodule(cfg, first_stage.downsample_factor * downsampling(unet.config))
+    features, weights = _features(cfg, datamodule)
     options = cfg.sample
     height, width = options.height or datamodule.resolution, options.width or datamodule.resolution
     generator = torch.Generator().manual_seed(options.seed)
@@ -103,17 +122,31 @@ def evaluate_diffusion(cfg: DictConfig, device: torch.device) -> tuple[dict, lis
         return generate_images(unet, first_stage, latent_scale, noise_scheduler, n, height, width, options.sampler,
                                options.num_inference_steps, options.eta, n, generator)
 
-    fid = make_fid(2048, str(weights)).to(device)
-    reference = _reference_path(cfg, datamodule, "train", int((~datamodule.is_val).sum()))
-    results = evaluate_samples(generate, cfg.evaluate.num_samples, options.batch_size,
-                               datamodule.reference_dataloader(), fid, reference)
-    results.update(resolution=f"{width}x{height}", sampler=options.sampler, steps=options.num_inference_steps)
-    return results, [], datamodule.source.name
+    notes = []
+    if features == "inception":
+        fid = make_fid(2048, str(weights)).to(device)
+        reference = _reference_path(cfg, datamodule, "train", int((~datamodule.is_val).sum()))
+        results = evaluate_samples(generate, cfg.evaluate.num_samples, options.batch_size,
+                                   datamodule.reference_dataloader(), fid, reference)
+    else:
+        feature_net, described = load_feature_net(cfg.evaluate.reference_dir, datamodule.resolution)
+        results = evaluate_samples_against_floor(generate, cfg.evaluate.num_samples, options.batch_size,
+                                                 datamodule.reference_dataloader(), SampleQuality(feature_net))
+        notes.append(f"features: {described}, not Inception: these figures compare only with each other. "
+                     f"floor_*: held-out real images in the samples' place")
+        log.info("sample FID %.2f against a data-vs-data floor of %.2f (%.1fx); precision %.2f, recall %.2f "
+                 "(floor: %.2f, %.2f)", results["fid"], results["floor_fid"], results["fid"] / results["floor_fid"],
+                 results["precision"], results["recall"], results["floor_precision"], results["floor_recall"])
+    results.update(features=features, resolution=f"{width}x{height}", sampler=options.sampler,
+                   steps=options.num_inference_steps)
+    return results, notes, datamodule.source.name
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.evaluate.model is None:
         raise ValueError("task=evaluate needs evaluate.model=<a .ckpt or an exported diffusers folder>")
+    if cfg.evaluate.features not in FEATURES:
+        raise ConfigError(f"evaluate.features={cfg.evaluate.features}: choose one of {', '.join(FEATURES)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     evaluate = evaluate_diffusion if _is_diffusion_model(Path(cfg.evaluate.model)) else evaluate_autoencoder
     results, notes, data_name = evaluate(cfg, device)
