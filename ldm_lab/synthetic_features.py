@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 MAX_SIDE = 64  # larger pictures are looked at at 64 px
 LAYOUT_SIDE = 4  # the layout targets: the picture's colours and edge strength averaged over 4x4 cells
 NUM_TARGETS = NUM_ATTRIBUTES + 4 * LAYOUT_SIDE**2
+VERSION = 2  # in the cache's file name: a network of an earlier recipe is trained anew
 
 
 def edge_strength(pixels: torch.Tensor) -> torch.Tensor:
@@ -50,26 +51,52 @@ def explained_variance(net: FeatureNet, images: torch.Tensor, targets: torch.Ten
     """R^2 of the net's predictions, averaged over the targets: 1 reads everything back, 0 is no better
     than each target's mean."""
     with torch.no_grad():
-        error = (net.predict(images) * net.target_std + net.target_mean - targets).pow(2).mean(dim=0)
+        predicted = (net.predict(images) * net.target_std + net.target_mean)[:, :NUM_TARGETS]
+        error = (predicted - targets).pow(2).mean(dim=0)
     return float((1 - error / targets.var(dim=0, unbiased=False).clamp(min=1e-8)).mean())
+
+
+def degrade(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each picture spoilt one way, as an undertrained generator spoils them: blurred (down to 1/2, 1/4 or
+    1/8 and up again), noisy (std 0.05-0.3), both, or with its colours scaled and shifted."""
+    count, _, height, width = images.shape
+    kind = torch.randint(4, (count,), generator=generator)
+    factor = 2 ** torch.randint(1, 4, (count,), generator=generator)
+    out = images.clone()
+    for f in (2, 4, 8):
+        blurred = ((kind == 0) | (kind == 2)) & (factor == f)
+        if blurred.any():
+            small = F.interpolate(out[blurred], scale_factor=1 / f, mode="bilinear", antialias=True)
+            out[blurred] = F.interpolate(small, size=(height, width), mode="bilinear")
+    std = 0.05 + 0.25 * torch.rand(count, 1, 1, 1, generator=generator)
+    noisy = ((kind == 1) | (kind == 2)).view(-1, 1, 1, 1)
+    out = torch.where(noisy, out + std * torch.randn(out.shape, generator=generator), out)
+    gain = 0.6 + 0.8 * torch.rand(count, 3, 1, 1, generator=generator)
+    shift = 0.4 * (torch.rand(count, 3, 1, 1, generator=generator) - 0.5)
+    return torch.where((kind == 3).view(-1, 1, 1, 1), out * gain + shift, out).clamp(-1, 1)
 
 
 def train_feature_net(resolution: int = 64, num_features: int = 64, steps: int = 600, batch_size: int = 64,
                       num_renders: int = 4096, seed: int = 0) -> tuple[FeatureNet, float]:
     """The feature network trained with AdamW on ``num_renders`` fixed renders of ``resolution`` px to
-    predict their standardized targets (each weighs the same), and its R^2 on 512 other renders."""
+    predict their standardized targets (each weighs the same) and, from its last output, whether a picture
+    is a render or a :func:`degrade`-d one; and its R^2 on 512 other renders."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     images, targets = render(num_renders, resolution, seed)
-    net = FeatureNet(NUM_TARGETS, resolution, num_features)
-    net.target_mean.copy_(targets.mean(dim=0))
-    net.target_std.copy_(targets.std(dim=0).clamp(min=1e-3))
-    targets = (targets - net.target_mean) / net.target_std
+    net = FeatureNet(NUM_TARGETS + 1, resolution, num_features)
+    net.target_mean[:NUM_TARGETS] = targets.mean(dim=0)
+    net.target_std[:NUM_TARGETS] = targets.std(dim=0).clamp(min=1e-3)
+    targets = (targets - net.target_mean[:NUM_TARGETS]) / net.target_std[:NUM_TARGETS]
+    real = torch.arange(batch_size) < batch_size // 2
     optimizer = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps)
     for _ in tqdm(range(steps), desc="feature network", unit="step"):
         batch = torch.randint(num_renders, (batch_size,), generator=generator)
-        loss = F.mse_loss(net.predict(images[batch]), targets[batch])
+        pictures = torch.cat([images[batch[real]], degrade(images[batch[~real]], generator)])
+        predicted = net.predict(pictures)
+        loss = F.mse_loss(predicted[real, :NUM_TARGETS], targets[batch[real]]) + \
+            F.binary_cross_entropy_with_logits(predicted[:, NUM_TARGETS], real.float())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -83,9 +110,9 @@ def load_feature_net(cache_dir: str | Path, resolution: int, num_features: int =
     """The cached feature network for pictures of ``resolution`` px (trained and saved on first use) and a
     line that names it, with its held-out R^2, for the report."""
     side = min(resolution, MAX_SIDE)
-    path = Path(cache_dir) / f"synthetic-features-{side}px-{num_features}d-{steps}steps.safetensors"
+    path = Path(cache_dir) / f"synthetic-features-v{VERSION}-{side}px-{num_features}d-{steps}steps.safetensors"
     if path.is_file():
-        net = FeatureNet(NUM_TARGETS, side, num_features)
+        net = FeatureNet(NUM_TARGETS + 1, side, num_features)
         net.load_state_dict(load_file(path))
         with open(path, "rb") as file:  # the header's metadata
             header = json.loads(file.read(int.from_bytes(file.read(8), "little")))

@@ -57,7 +57,7 @@ def main() -> None:
                     f"{r['recall']:.2f} |")
     floor = f"| floor: {n} held-out real pictures | {r['floor_fid']:.1f} | 1.00 | {r['floor_precision']:.2f} | " \
             f"{r['floor_recall']:.2f} |"
-    print(f"trained the feature network: {args.steps} steps in {trained:.0f} s, held-out R^2 {r2:.3f}; {side} px, "
+    print(f"trained in {args.steps} steps, {trained:.0f} s; held-out R^2 {r2:.3f}; {side} px, "
           f"reference 512 renders, {n} per set\n")
     print("\n".join([*rows[:2], floor, *rows[2:]]))
 

@@ -1,0 +1,88 @@
+"""The quickstart LDM's recipe options side by side at a fixed CPU budget: each recipe trained with
+experiment=quickstart_ldm on the same first stage for each seed, then task=evaluate on 64 samples with the
+offline metric (FID and precision/recall against the data-vs-data floor). Prints a markdown table of the
+mean and spread over seeds and writes it, with every run's figures, to <out>/results.md and results.json.
+
+    .venv/bin/python experiments/quickstart_recipes/compare.py --first-stage <quickstart run>/checkpoints/last.ckpt
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+EPSILON = ["model.noise_scheduler.prediction_type=epsilon"]
+V = ["model.noise_scheduler.prediction_type=v_prediction"]
+RECIPES = {  # each says every option it depends on, whatever experiment=quickstart_ldm sets
+    "epsilon (LDM)": EPSILON,
+    "v-prediction": V,
+    "min-SNR-5 (epsilon)": [*EPSILON, "model.snr_gamma=5"],
+    "v + zero terminal SNR, trailing": [*V, "model.noise_scheduler.rescale_betas_zero_snr=true",
+                                        "model.ddim.timestep_spacing=trailing", "model.ddim.steps_offset=0"],
+}
+
+
+def run(args: list[str], log: Path) -> float:
+    start = time.perf_counter()
+    with open(log, "w") as file:
+        subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, stdout=file, stderr=subprocess.STDOUT, check=True)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--first-stage", help="the first stage's checkpoint (a quickstart run's)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "quickstart_recipes")
+    parser.add_argument("--table-only", action="store_true", help="the table of the runs in <out>/results.json")
+    parser.add_argument("overrides", nargs="*", help="more overrides for every training run")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.table_only:
+        write_table(json.loads((args.out / "results.json").read_text()), args.out)
+        return
+    if args.first_stage is None:
+        parser.error("--first-stage is needed to train")
+    results = []
+    for seed in args.seeds:  # seed by seed: a comparison stopped early still compares every recipe
+        for recipe in args.recipes:
+            folder = args.out / f"{recipe.split()[0].strip(',')}-seed{seed}"
+            common = ["experiment=quickstart_ldm", f"seed={seed}", *args.overrides]
+            train = run([*common, *RECIPES[recipe], f"model.first_stage={args.first_stage}", "overwrite=true",
+                         f"hydra.run.dir={folder}"], folder.with_suffix(".train.log"))
+            run([*common, "task=evaluate", f"evaluate.model={folder / 'checkpoints' / 'last.ckpt'}",
+                 "evaluate.num_samples=64", f"hydra.run.dir={folder / 'evaluation'}"], folder.with_suffix(".eval.log"))
+            figures = json.loads((folder / "evaluation" / "evaluation.json").read_text())
+            results.append({"recipe": recipe, "seed": seed, "train_s": round(train), **figures})
+            (args.out / "results.json").write_text(json.dumps(results, indent=1))  # kept if stopped early
+            print(f"{recipe}, seed {seed}: FID {figures['fid']:.1f} (floor {figures['floor_fid']:.1f}), precision "
+                  f"{figures['precision']:.2f}, recall {figures['recall']:.2f}, {train:.0f} s", flush=True)
+    write_table(results, args.out)
+
+
+def write_table(results: list[dict], out: Path) -> None:
+    """The mean and spread over seeds of each recipe, to results.md and the console."""
+    def spread(values: list[float]) -> str:
+        return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+    rows = ["| recipe | seeds | FID | FID / floor | precision | recall |", "|---|---|---:|---:|---:|---:|"]
+    for recipe in dict.fromkeys(r["recipe"] for r in results):
+        runs = [r for r in results if r["recipe"] == recipe]
+        rows.append(f"| {recipe} | {', '.join(str(r['seed']) for r in runs)} | {spread([r['fid'] for r in runs])} | "
+                    f"{spread([r['fid'] / r['floor_fid'] for r in runs])} | {spread([r['precision'] for r in runs])} | "
+                    f"{spread([r['recall'] for r in runs])} |")
+    floors = [r["floor_fid"] for r in results]
+    table = "\n".join(rows) + f"\n\nfloor FID {min(floors):.2f}-{max(floors):.2f} (64 held-out real images)\n"
+    (out / "results.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
