@@ -5,14 +5,14 @@ sample FID and precision/recall when Inception's weights are absent (no download
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
+from safetensors import safe_open
+from safetensors.torch import save
 from tqdm import tqdm
 
 from ldm_lab.atomic import atomic_write
@@ -113,10 +113,9 @@ def load_feature_net(cache_dir: str | Path, resolution: int, num_features: int =
     path = Path(cache_dir) / f"synthetic-features-v{VERSION}-{side}px-{num_features}d-{steps}steps.safetensors"
     if path.is_file():
         net = FeatureNet(NUM_TARGETS + 1, side, num_features)
-        net.load_state_dict(load_file(path))
-        with open(path, "rb") as file:  # the header's metadata
-            header = json.loads(file.read(int.from_bytes(file.read(8), "little")))
-        r2 = float(header["__metadata__"]["heldout_r2"])
+        with safe_open(path, framework="pt") as file:
+            net.load_state_dict({name: file.get_tensor(name) for name in file.keys()})
+            r2 = float(file.metadata()["heldout_r2"])
     else:
         log.info("training the synthetic data's feature network (%d steps, once; cached at %s)", steps, path)
         net, r2 = train_feature_net(side, num_features, steps)

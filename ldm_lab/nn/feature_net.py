@@ -30,7 +30,6 @@ class FeatureNet(nn.Module):
         self.register_buffer("target_mean", torch.zeros(num_targets))
         self.register_buffer("target_std", torch.ones(num_targets))
         self.resolution = resolution
-        self.num_features = num_features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) images in [-1, 1] -> (N, num_features) embeddings."""
