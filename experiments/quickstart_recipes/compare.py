@@ -2,6 +2,8 @@
 experiment=quickstart_ldm on the same first stage for each seed, then task=evaluate on 64 samples with the
 offline metric (FID and precision/recall against the data-vs-data floor). Prints a markdown table of the
 mean and spread over seeds and writes it, with every run's figures, to <out>/results.md and results.json.
+Runs already in <out>/results.json are kept and not run again: a stopped comparison resumes, and
+`--seeds 2` adds a seed to it.
 
     .venv/bin/python experiments/quickstart_recipes/compare.py --first-stage <quickstart run>/checkpoints/last.ckpt
 """
@@ -17,11 +19,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-EPSILON = ["model.noise_scheduler.prediction_type=epsilon"]
-V = ["model.noise_scheduler.prediction_type=v_prediction"]
+EPSILON = ["model.noise_scheduler.prediction_type=epsilon", "model.lr=2e-5"]
+V = ["model.noise_scheduler.prediction_type=v_prediction", "model.lr=2e-5"]
 RECIPES = {  # each says every option it depends on, whatever experiment=quickstart_ldm sets
     "epsilon (LDM)": EPSILON,
     "v-prediction": V,
+    "v-prediction, lr 8e-5": [*V, "model.lr=8e-5"],  # the later value wins
     "min-SNR-5 (epsilon)": [*EPSILON, "model.snr_gamma=5"],
     "v + zero terminal SNR, trailing": [*V, "model.noise_scheduler.rescale_betas_zero_snr=true",
                                         "model.ddim.timestep_spacing=trailing", "model.ddim.steps_offset=0"],
@@ -45,15 +48,17 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="more overrides for every training run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    saved = args.out / "results.json"
+    results = json.loads(saved.read_text()) if saved.is_file() else []
     if args.table_only:
-        write_table(json.loads((args.out / "results.json").read_text()), args.out)
+        write_table(results, args.out)
         return
     if args.first_stage is None:
         parser.error("--first-stage is needed to train")
-    results = []
+    done = {(r["recipe"], r["seed"]) for r in results}
     for seed in args.seeds:  # seed by seed: a comparison stopped early still compares every recipe
-        for recipe in args.recipes:
-            folder = args.out / f"{recipe.split()[0].strip(',')}-seed{seed}"
+        for recipe in (r for r in args.recipes if (r, seed) not in done):
+            folder = args.out / f"{''.join(c if c.isalnum() else '_' for c in recipe)}-seed{seed}"
             common = ["experiment=quickstart_ldm", f"seed={seed}", *args.overrides]
             train = run([*common, *RECIPES[recipe], f"model.first_stage={args.first_stage}", "overwrite=true",
                          f"hydra.run.dir={folder}"], folder.with_suffix(".train.log"))
@@ -61,7 +66,7 @@ def main() -> None:
                  "evaluate.num_samples=64", f"hydra.run.dir={folder / 'evaluation'}"], folder.with_suffix(".eval.log"))
             figures = json.loads((folder / "evaluation" / "evaluation.json").read_text())
             results.append({"recipe": recipe, "seed": seed, "train_s": round(train), **figures})
-            (args.out / "results.json").write_text(json.dumps(results, indent=1))  # kept if stopped early
+            saved.write_text(json.dumps(results, indent=1))  # kept if stopped early
             print(f"{recipe}, seed {seed}: FID {figures['fid']:.1f} (floor {figures['floor_fid']:.1f}), precision "
                   f"{figures['precision']:.2f}, recall {figures['recall']:.2f}, {train:.0f} s", flush=True)
     write_table(results, args.out)
