@@ -19,14 +19,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-EPSILON = ["model.noise_scheduler.prediction_type=epsilon", "model.lr=2e-5"]
-V = ["model.noise_scheduler.prediction_type=v_prediction", "model.lr=2e-5"]
+EPSILON = "model.noise_scheduler.prediction_type=epsilon"
+V = "model.noise_scheduler.prediction_type=v_prediction"
+LR = "model.lr=2e-5"  # session 5's quickstart
 RECIPES = {  # each says every option it depends on, whatever experiment=quickstart_ldm sets
-    "epsilon (LDM)": EPSILON,
-    "v-prediction": V,
-    "v-prediction, lr 8e-5": [*V, "model.lr=8e-5"],  # the later value wins
-    "min-SNR-5 (epsilon)": [*EPSILON, "model.snr_gamma=5"],
-    "v + zero terminal SNR, trailing": [*V, "model.noise_scheduler.rescale_betas_zero_snr=true",
+    "epsilon (LDM)": [EPSILON, LR],
+    "v-prediction": [V, LR],
+    "v-prediction, lr 8e-5": [V, "model.lr=8e-5"],
+    "min-SNR-5 (epsilon)": [EPSILON, LR, "model.snr_gamma=5"],
+    "v + zero terminal SNR, trailing": [V, LR, "model.noise_scheduler.rescale_betas_zero_snr=true",
                                         "model.ddim.timestep_spacing=trailing", "model.ddim.steps_offset=0"],
 }
 
