@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import lightning as L
 import numpy as np
 import pytest
@@ -113,9 +115,15 @@ def test_cached_and_on_the_fly_batches_give_the_same_latents(compose_cfg, first_
     cached.setup("fit")
     _, live = _stage_and_data(cfg, cached=False)
     live.setup("fit")
-    batch_cached, batch_live = next(iter(cached.val_dataloader())), next(iter(live.val_dataloader()))
+    loader = cached.val_dataloader()
+    batch_cached, batch_live = next(iter(loader)), next(iter(live.val_dataloader()))
     torch.testing.assert_close(batch_cached["latents"], stage.first_stage.moments(batch_live["pixel_values"]),
                                rtol=1e-4, atol=1e-4)
+    # its shards are open now; a spawned worker gets the data set pickled, and opens them again
+    spawned = pickle.loads(pickle.dumps(loader.dataset))
+    items = next(iter(loader.batch_sampler))
+    torch.testing.assert_close(torch.stack([spawned[item]["latents"] for item in items]),
+                               torch.stack([loader.dataset[item]["latents"] for item in items]))
 
 
 @pytest.mark.slow

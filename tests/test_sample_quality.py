@@ -1,8 +1,10 @@
 """The offline sample-quality metric (issue 12): precision/recall and FID in a feature network's embedding
 beside their data-vs-data floor, the synthetic data's feature network, and task=evaluate without Inception.
-And the recipe options the quickstart is measured with: min-SNR-gamma, zero terminal SNR."""
+And the recipe options the quickstart is measured with: min-SNR-gamma, logit-normal timesteps, zero terminal SNR."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -124,7 +126,7 @@ def _stage(compose_cfg, tmp_path, *overrides):
 def test_min_snr_gamma_weights_each_image_by_its_timestep(compose_cfg, tmp_path, prediction_type):
     stage = _stage(compose_cfg, tmp_path, "model.snr_gamma=1", f"model.noise_scheduler.prediction_type={prediction_type}")
     latents = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    weighted = stage.loss_simple(stage.unet, latents, torch.Generator().manual_seed(1), weighted=True)
+    weighted = stage.loss_simple(stage.unet, latents, torch.Generator().manual_seed(1), training=True)
     plain = stage.loss_simple(stage.unet, latents, torch.Generator().manual_seed(1))
 
     g = torch.Generator().manual_seed(1)  # the same draws as loss_simple's
@@ -141,6 +143,26 @@ def test_min_snr_gamma_weights_each_image_by_its_timestep(compose_cfg, tmp_path,
     assert float(plain) == pytest.approx(float(per_image.mean()), rel=1e-5)
     assert float(weighted) == pytest.approx(float((per_image * weight).mean()), rel=1e-5)
     assert float(weighted) != pytest.approx(float(plain), rel=1e-3)
+
+
+def test_logit_normal_density_draws_the_training_timesteps_and_validation_stays_uniform(compose_cfg, tmp_path):
+    stage = _stage(compose_cfg, tmp_path, "model.timestep_density.weighting_scheme=logit_normal",
+                   "model.timestep_density.logit_mean=-3", "model.timestep_density.logit_std=0.05")
+    drawn = []
+
+    def unet(noisy, timesteps):  # records the timesteps each loss draws
+        drawn.append(timesteps)
+        return SimpleNamespace(sample=torch.zeros_like(noisy))
+
+    latents = torch.randn(256, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    stage.loss_simple(unet, latents, torch.Generator().manual_seed(1), training=True)
+    stage.loss_simple(unet, latents, torch.Generator().manual_seed(1))
+    training, validation = drawn
+    expected = 1000 / (1 + np.exp(3))  # 1000 x sigmoid(-3): 47
+    assert training.min() >= expected * 0.7 and training.max() <= expected * 1.3
+    assert validation.min() < 100 and validation.max() > 900
+    with pytest.raises(Exception, match="model.timestep_density.weighting_scheme=lognormal"):
+        _stage(compose_cfg, tmp_path, "model.timestep_density.weighting_scheme=lognormal")
 
 
 def test_zero_terminal_snr_needs_v_prediction_and_samples_from_the_last_timestep(compose_cfg, tmp_path):

@@ -22,13 +22,20 @@ ROOT = Path(__file__).resolve().parents[2]
 EPSILON = "model.noise_scheduler.prediction_type=epsilon"
 V = "model.noise_scheduler.prediction_type=v_prediction"
 LR = "model.lr=2e-5"  # session 5's quickstart
+UNIFORM = "model.timestep_density.weighting_scheme=uniform"  # LDM's timesteps
+LOGIT_NORMAL_MINUS_1 = ["model.timestep_density.weighting_scheme=logit_normal",
+                        "model.timestep_density.logit_mean=-1.0", "model.timestep_density.logit_std=1.0"]
 RECIPES = {  # each says every option it depends on, whatever experiment=quickstart_ldm sets
-    "epsilon (LDM)": [EPSILON, LR],
-    "v-prediction": [V, LR],
-    "v-prediction, lr 8e-5": [V, "model.lr=8e-5"],
-    "min-SNR-5 (epsilon)": [EPSILON, LR, "model.snr_gamma=5"],
-    "v + zero terminal SNR, trailing": [V, LR, "model.noise_scheduler.rescale_betas_zero_snr=true",
+    "epsilon (LDM)": [EPSILON, LR, UNIFORM],
+    "v-prediction": [V, LR, UNIFORM],
+    "v-prediction, lr 8e-5": [V, "model.lr=8e-5", UNIFORM],
+    "min-SNR-5 (epsilon)": [EPSILON, LR, UNIFORM, "model.snr_gamma=5"],
+    "v + zero terminal SNR, trailing": [V, LR, UNIFORM, "model.noise_scheduler.rescale_betas_zero_snr=true",
                                         "model.ddim.timestep_spacing=trailing", "model.ddim.steps_offset=0"],
+    "v, lr 8e-5, logit-normal timesteps, 4000 steps": [V, "model.lr=8e-5", *LOGIT_NORMAL_MINUS_1, "max_steps=4000",
+                                                        "model.unet.block_out_channels=[32,64,64]"],
+    "v, lr 4e-5, logit-normal timesteps, UNet 48/96/96, 2500 steps": [
+        V, "model.lr=4e-5", *LOGIT_NORMAL_MINUS_1, "max_steps=2500", "model.unet.block_out_channels=[48,96,96]"],
 }
 
 

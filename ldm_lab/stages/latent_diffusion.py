@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, UNet2DModel
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
 from torch import nn
 
 from ldm_lab.convert import converted
@@ -44,7 +44,10 @@ class LatentDiffusionStage(TrainingStage):
     DDIMSampler: ``steps_offset`` 1, ``set_alpha_to_one`` false). ``unet_pretrained``: start from these
     UNet weights (:func:`load_pretrained_unet`); the EMA starts from them too. ``snr_gamma``: min-SNR-gamma
     weighting of the training loss (Hang et al. 2023), min(SNR, gamma) / SNR for epsilon and
-    min(SNR, gamma) / (SNR + 1) for v-prediction; validation reports the unweighted loss_simple."""
+    min(SNR, gamma) / (SNR + 1) for v-prediction; validation reports the unweighted loss_simple.
+    ``timestep_density``: how training draws timesteps, diffusers' ``compute_density_for_timestep_sampling``
+    arguments: ``weighting_scheme`` uniform (LDM) or logit_normal (Esser et al. 2024: the timestep is
+    1000 x sigmoid(N(logit_mean, logit_std))); validation always draws them uniformly."""
 
     monitor, monitor_mode = "val/loss_simple_ema", "min"
     description = "a latent diffusion UNet (model=unet or unet_tiny)"
@@ -69,6 +72,7 @@ class LatentDiffusionStage(TrainingStage):
         unet_pretrained: str | None = None,
         preview: dict | None = None,
         snr_gamma: float | None = None,
+        timestep_density: dict | None = None,
         max_consecutive_nonfinite: int = 5,
         seed: int = 0,
     ):
@@ -78,6 +82,10 @@ class LatentDiffusionStage(TrainingStage):
             raise ValueError("model.noise_scheduler.rescale_betas_zero_snr=true makes the last timestep pure noise, "
                              "where the noise is no target to learn (Lin et al. 2024): set "
                              "model.noise_scheduler.prediction_type=v_prediction")
+        self.timestep_density = dict(timestep_density or {"weighting_scheme": "uniform"})
+        if self.timestep_density["weighting_scheme"] not in ("uniform", "logit_normal"):
+            raise ValueError(f"model.timestep_density.weighting_scheme={self.timestep_density['weighting_scheme']}: "
+                             f"use uniform (LDM) or logit_normal")
         if first_stage is None:
             raise ValueError("model=unet trains in the latent space of a first stage: set model.first_stage to a "
                              "first-stage checkpoint (.ckpt) or exported folder, e.g. from python run.py "
@@ -165,19 +173,26 @@ class LatentDiffusionStage(TrainingStage):
 
     # ----------------------------------------------------------------------------- the objective
     def loss_simple(self, unet: nn.Module, latents: torch.Tensor, generator: torch.Generator,
-                    weighted: bool = False) -> torch.Tensor:
+                    training: bool = False) -> torch.Tensor:
         """MSE between the UNet's prediction and its target (the noise for epsilon prediction) at uniform
-        timesteps; ``weighted``: each image's MSE times its timestep's min-SNR weight, when ``snr_gamma`` is set."""
+        timesteps; ``training``: timesteps drawn from ``timestep_density`` and each image's MSE times its
+        timestep's min-SNR weight, when ``snr_gamma`` is set."""
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(latents),),
-                                  generator=generator, device=latents.device)
+        num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
+        if training and self.timestep_density["weighting_scheme"] != "uniform":
+            density = compute_density_for_timestep_sampling(batch_size=len(latents), device=latents.device,
+                                                            generator=generator, **self.timestep_density)
+            timesteps = (density * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
+        else:
+            timesteps = torch.randint(0, num_train_timesteps, (len(latents),), generator=generator,
+                                      device=latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         prediction = unet(noisy, timesteps).sample
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        if not weighted or self.snr_gamma is None:
+        if not training or self.snr_gamma is None:
             return F.mse_loss(prediction.float(), target.float())
         snr = compute_snr(self.noise_scheduler, timesteps)
         weight = snr.clamp(max=self.snr_gamma) / (snr + 1 if self.noise_scheduler.config.prediction_type == "v_prediction"
@@ -186,8 +201,11 @@ class LatentDiffusionStage(TrainingStage):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         generator = self.step_generator(self.device)
-        loss = self.loss_simple(self.unet, self.latents(batch, generator), generator, weighted=True)
-        self.backward_and_step([loss], {"loss_simple" if self.snr_gamma is None else "loss_min_snr": loss.detach()})
+        loss = self.loss_simple(self.unet, self.latents(batch, generator), generator, training=True)
+        name = "loss_simple" if self.snr_gamma is None else "loss_min_snr"
+        if self.timestep_density["weighting_scheme"] != "uniform":
+            name += "_" + self.timestep_density["weighting_scheme"]  # not LDM's loss_simple: other timesteps
+        self.backward_and_step([loss], {name: loss.detach()})
 
     def on_optimizer_step(self) -> None:
         if self.ema is not None:
