@@ -310,10 +310,11 @@ def cache_root() -> Path:
 PARTS = {"first_stage": ("VQModel", "AutoencoderKL"), "unet": ("UNet2DModel",), "pipeline": ("LDMPipeline",)}
 
 
-def converted(source: str | os.PathLike, part: str) -> Path:
-    """The diffusers folder of ``part`` (first_stage | unet | pipeline) of an original checkpoint: the file
-    is converted once and cached (by its and its config.yaml's path, size and modification time) under $LDM_LAB_CACHE/converted
-    (default ~/.cache/ldm_lab/converted). A whole LDM gives its first stage or its UNet too."""
+def converted(source: str | os.PathLike, part: str | None = None) -> Path:
+    """The diffusers folder of ``part`` (first_stage | unet | pipeline; None: whatever the file holds) of an
+    original checkpoint: the file is converted once and cached (by its and its config.yaml's path, size and
+    modification time) under $LDM_LAB_CACHE/converted (default ~/.cache/ldm_lab/converted). A whole LDM gives
+    its first stage or its UNet too."""
     source = Path(source).resolve()
     stamps = [f"{p}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in (source, source.with_name("config.yaml"))
               if p.is_file()]
@@ -324,6 +325,8 @@ def converted(source: str | os.PathLike, part: str) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         convert(source, partial)
         os.replace(partial, folder)
+    if part is None:
+        return folder
     if (folder / "model_index.json").is_file():
         if part == "pipeline":
             return folder

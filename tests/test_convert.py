@@ -17,6 +17,7 @@ from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.first_stage import load_first_stage
 from ldm_lab.tasks import convert as convert_task
 from ldm_lab.tasks import sample
+from ldm_lab.validate import ConfigError
 from tests.conftest import LDM_TINY, ROOT
 
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -170,3 +171,35 @@ def test_lab_keys_take_original_checkpoints_converted_once(compose_cfg, tmp_path
     grid = sample.run(compose_cfg(["task=sample", f"sample.model={ldm}", "sample.num_images=2",
                                    "sample.num_inference_steps=2"], tiny=False))
     assert grid.is_file() and len(list(grid.parent.glob("sample_*.png"))) == 2
+
+
+def test_evaluate_measures_original_checkpoints(compose_cfg, tmp_path, monkeypatch):
+    """task=evaluate on the original code's files: a taming VQ autoencoder's reconstructions, a whole LDM's
+    samples (Inception stood in for: its weights are not on this machine)."""
+    from ldm_lab.metrics import make_fid
+    from ldm_lab.tasks import evaluate
+    from tests.test_evaluation import StandIn
+
+    monkeypatch.setenv("LDM_LAB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
+    vq = tmp_path / "vq-f4.ckpt"
+    torch.save({"state_dict": _fixture("vq")["state_dict"]}, vq)
+    reconstruction = evaluate.run(compose_cfg(["task=evaluate", f"evaluate.model={vq}"]))
+    assert reconstruction["images"] == 4 and 0 < reconstruction["psnr"] < 60  # a random autoencoder, measured
+
+    (tmp_path / "ldm").mkdir()
+    ldm = _whole_ldm_checkpoint(tmp_path / "ldm" / "model.ckpt")
+    (tmp_path / "ldm" / "config.yaml").write_text(ORIGINAL_CONFIG)
+    monkeypatch.setattr(evaluate, "find_weights", lambda *args: tmp_path / "stand-in.pth")
+    monkeypatch.setattr(evaluate, "make_fid", lambda *args: make_fid(StandIn()))
+    samples = evaluate.run(compose_cfg([*LDM_TINY, "task=evaluate", f"evaluate.model={ldm}", "evaluate.num_samples=3",
+                                        "evaluate.features=inception"], tiny=False))
+    assert samples["samples"] == 3 and samples["fid"] > 0 and samples["resolution"] == "32x32"
+    assert len(list(cache_root().iterdir())) == 2  # each file converted once
+
+    with pytest.raises(ConfigError, match="holds a UNet2DModel: task=evaluate measures an autoencoder"):
+        unet = tmp_path / "unet.ckpt"
+        torch.save({"state_dict": _fixture("unet")["state_dict"]}, unet)
+        evaluate.run(compose_cfg(["task=evaluate", f"evaluate.model={unet}"]))
+    with pytest.raises(FileNotFoundError, match="evaluate.model=.*absent.ckpt: no such file"):
+        evaluate.run(compose_cfg(["task=evaluate", f"evaluate.model={tmp_path / 'absent.ckpt'}"]))

@@ -3,6 +3,7 @@
 
     python run.py task=evaluate evaluate.model=outputs/.../export data=imagenet100 data.resolution=256
     python run.py task=evaluate evaluate.model=outputs/.../checkpoints/best.ckpt data=celebahq evaluate.num_samples=50000
+    python run.py task=evaluate evaluate.model=celebahq-ldm-vq-4/model.ckpt data=celebahq   # the original code's
 
 Images are resized on the short side and center-cropped (the datamodule's validation images: the
 held-out ones, or the data set's own split with ``data.val_source``). Writes evaluation.json and
@@ -20,6 +21,7 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 from omegaconf import DictConfig
 
+from ldm_lab.convert import converted, is_original
 from ldm_lab.data.synthetic import SyntheticSource
 from ldm_lab.diffusion.samples import load_sampler_parts
 from ldm_lab.diffusion.sampling import generate_images
@@ -33,6 +35,7 @@ from ldm_lab.validate import ConfigError
 from ldm_lab.weights import MissingWeightsError, find_weights, missing_message
 
 FEATURES = ("auto", "inception", "synthetic")  # evaluate.features: the embedding of an LDM's sample FID
+AUTOENCODERS = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,11 @@ def load_autoencoder(path: Path):
     if path.is_file():
         stage = load_stage(path)
         return stage.eval().reconstruct, stage.downsample_factor, stage.eval_vae
-    config = json.loads((path / "config.json").read_text())
-    model = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}[config["_class_name"]].from_pretrained(path).eval()
+    held = json.loads((path / "config.json").read_text())["_class_name"]
+    if held not in AUTOENCODERS:
+        raise ConfigError(f"evaluate.model={path} holds a {held}: task=evaluate measures an autoencoder "
+                          f"({' or '.join(AUTOENCODERS)}) or a whole latent diffusion model")
+    model = AUTOENCODERS[held].from_pretrained(path).eval()
 
     def reconstruct(inputs: torch.Tensor) -> torch.Tensor:
         if isinstance(model, AutoencoderKL):
@@ -66,6 +72,15 @@ def _reference_path(cfg: DictConfig, datamodule, split: str, count: int) -> Path
     return Path(cfg.evaluate.reference_dir) / f"{name}-{split}{count}-{datamodule.resolution}px-inception2048.npz"
 
 
+def _model_path(model: str) -> Path:
+    """evaluate.model as a lab checkpoint or a diffusers folder: an original checkpoint (LDM's, taming's, SD's
+    VAE) is converted once and cached (ldm_lab/convert.py)."""
+    path = Path(model)
+    if not path.exists():
+        raise FileNotFoundError(f"evaluate.model={model}: no such file or folder")
+    return converted(path) if path.is_file() and is_original(path) else path
+
+
 def _is_diffusion_model(path: Path) -> bool:
     if path.is_dir():
         return (path / "model_index.json").is_file()
@@ -73,8 +88,8 @@ def _is_diffusion_model(path: Path) -> bool:
     return "first_stage" in checkpoint.get("ldm_lab", {})
 
 
-def evaluate_autoencoder(cfg: DictConfig, device: torch.device) -> tuple[dict, list[str], str]:
-    reconstruct, factor, model = load_autoencoder(Path(cfg.evaluate.model))
+def evaluate_autoencoder(cfg: DictConfig, model_path: Path, device: torch.device) -> tuple[dict, list[str], str]:
+    reconstruct, factor, model = load_autoencoder(model_path)
     model.to(device)
     datamodule = _datamodule(cfg, factor)
     # The validation stack decides what it can measure offline (weights present) and says what it cannot.
@@ -107,9 +122,9 @@ def _features(cfg: DictConfig, datamodule) -> tuple[str, Path | None]:
     return features, weights
 
 
-def evaluate_diffusion(cfg: DictConfig, device: torch.device) -> tuple[dict, list[str], str]:
+def evaluate_diffusion(cfg: DictConfig, model_path: Path, device: torch.device) -> tuple[dict, list[str], str]:
     """FID of ``evaluate.num_samples`` samples (drawn as ``sample.*`` says) against the training images."""
-    unet, first_stage, latent_scale, noise_scheduler = load_sampler_parts(Path(cfg.evaluate.model))
+    unet, first_stage, latent_scale, noise_scheduler = load_sampler_parts(model_path)
     unet.to(device)
     first_stage.to(device)
     datamodule = _datamodule(cfg, first_stage.downsample_factor * downsampling(unet.config))
@@ -144,12 +159,14 @@ def evaluate_diffusion(cfg: DictConfig, device: torch.device) -> tuple[dict, lis
 
 def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.evaluate.model is None:
-        raise ValueError("task=evaluate needs evaluate.model=<a .ckpt or an exported diffusers folder>")
+        raise ValueError("task=evaluate needs evaluate.model=<a .ckpt, an exported diffusers folder or an original "
+                         "checkpoint>")
     if cfg.evaluate.features not in FEATURES:
         raise ConfigError(f"evaluate.features={cfg.evaluate.features}: choose one of {', '.join(FEATURES)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    evaluate = evaluate_diffusion if _is_diffusion_model(Path(cfg.evaluate.model)) else evaluate_autoencoder
-    results, notes, data_name = evaluate(cfg, device)
+    model_path = _model_path(cfg.evaluate.model)
+    evaluate = evaluate_diffusion if _is_diffusion_model(model_path) else evaluate_autoencoder
+    results, notes, data_name = evaluate(cfg, model_path, device)
     results.update(model=str(cfg.evaluate.model), data=data_name)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)
