@@ -7,7 +7,7 @@ feature network's embedding beside their data-vs-data floor."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -95,20 +95,29 @@ def evaluate_samples_against_floor(
 ) -> dict[str, float]:
     """FID and precision/recall of ``num_samples`` images from ``generate(n)`` against every second real
     image of ``real_batches``, and the same figures for as many of the other real images (the floor)."""
-    seen = 0
-    for batch in tqdm(real_batches, desc="real images", unit="batch"):
-        images = batch["pixel_values"]
-        held_out = (seen + torch.arange(len(images))) % 2 == 1
-        seen += len(images)
-        quality.update(images[~held_out], "reference")
-        if held_out.any():
-            quality.update(images[held_out], "held_out")
-    if seen // 2 < num_samples:
-        log.warning("the floor uses %d held-out real images against %d samples: its FID is biased upwards "
-                    "by the smaller count; evaluate.num_samples=%d matches them", seen // 2, num_samples, seen // 2)
+    held_out_count = 0
+    for reference, held_out in split_real_images(tqdm(real_batches, desc="real images", unit="batch")):
+        quality.update(reference, "reference")
+        if len(held_out):
+            quality.update(held_out, "held_out")
+        held_out_count += len(held_out)
+    if held_out_count < num_samples:
+        log.warning("the floor uses %d held-out real images against %d samples: its FID is biased upwards by the "
+                    "smaller count; evaluate.num_samples=%d matches them", held_out_count, num_samples, held_out_count)
     for images in _samples(generate, num_samples, batch_size):
         quality.update(images, "samples")
     return quality.compute()
+
+
+def split_real_images(real_batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(reference, held-out) images of each batch: every second real image is held out, to stand in for
+    samples in the data-vs-data floor; the others are the reference both are measured against."""
+    seen = 0
+    for batch in real_batches:
+        images = batch["pixel_values"]
+        held_out = (seen + torch.arange(len(images))) % 2 == 1
+        seen += len(images)
+        yield images[~held_out], images[held_out]
 
 
 def _samples(generate: Callable[[int], torch.Tensor], num_samples: int, batch_size: int):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
+from ldm_lab.evaluation import split_real_images
 from ldm_lab.metrics import SampleQuality
 from ldm_lab.schema import register_configs
 from ldm_lab.synthetic_features import load_feature_net
@@ -39,15 +40,11 @@ def main() -> None:
     datamodule.setup("validate")
     feature_net, described = load_feature_net(cfg.evaluate.reference_dir, datamodule.resolution)
     quality = SampleQuality(feature_net)
-    seen = 0
     with torch.no_grad():
-        for batch in datamodule.reference_dataloader():
-            images = batch["pixel_values"]
-            held_out = (seen + torch.arange(len(images))) % 2 == 1
-            seen += len(images)
-            quality.update(images[~held_out], "reference")
-            quality.update(images[held_out], "held_out")
-            wanted = images[held_out][: args.num_images - sum(map(len, quality.embeddings["samples"]))]
+        for reference, held_out in split_real_images(datamodule.reference_dataloader()):
+            quality.update(reference, "reference")
+            quality.update(held_out, "held_out")
+            wanted = held_out[: args.num_images - sum(map(len, quality.embeddings["samples"]))]
             if len(wanted):
                 quality.update(reconstruct(wanted).clamp(-1, 1), "samples")
     r = quality.compute()
