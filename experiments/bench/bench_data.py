@@ -1,5 +1,6 @@
 """Data-layer benchmark: bucket assignment and one epoch of batches for 1,000,000 image sizes, against
-plain per-image Python loops doing the same work in the same run; the loader's images per second.
+plain per-image Python loops doing the same work in the same run; the loader's images per second; reading
+the latent cache with its shards kept open against opening the shard for every item.
 
     make bench        (or: python experiments/bench/bench_data.py [--images N])
 
@@ -21,6 +22,7 @@ import torch
 
 from ldm_lab.data.buckets import BucketBatchSampler, assign_buckets, bucket_resolutions
 from ldm_lab.data.datamodule import ImageDataModule
+from ldm_lab.data.latent_cache import LatentCache, read_latents
 from ldm_lab.data.synthetic import SyntheticSource
 
 RESULTS = Path(__file__).resolve().parent / "results" / "data.md"
@@ -96,6 +98,19 @@ def loader_images_per_second(num_workers: int, root: Path, batches: int = 30) ->
     return batches * 8 / median_seconds(one_pass, repeats=3)
 
 
+def latent_read_microseconds(root: Path, count: int = 1024) -> tuple[float, float]:
+    """Microseconds per item to read ``count`` 8x16x16 moments (the quickstart's) from one cache shard (1024:
+    LatentCache's shard size): with the shard kept open (CachedLatents) and opened for every item."""
+    cache = LatentCache(root, "bench" * 4, shard_size=count)
+    for i in range(count):
+        cache.add(str(i), torch.randn(8, 16, 16))
+    shard = cache.shards["0"]
+    handles: dict = {}
+    kept_open = median_seconds(lambda: [read_latents(shard, str(i), handles) for i in range(count)], repeats=5)
+    reopened = median_seconds(lambda: [read_latents(shard, str(i)) for i in range(count)], repeats=3)
+    return kept_open / count * 1e6, reopened / count * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=1_000_000)
@@ -115,6 +130,7 @@ def main() -> None:
     slow_epoch = median_seconds(lambda: python_epoch(buckets, 8, 0), repeats=1)
     with tempfile.TemporaryDirectory() as tmp:
         loader = {workers: loader_images_per_second(workers, Path(tmp)) for workers in (0, 2)}
+        kept_open, reopened = latent_read_microseconds(Path(tmp) / "latents")
 
     lines = [
         "# Data-layer benchmark",
@@ -130,6 +146,11 @@ def main() -> None:
         "| loader (synthetic PNG/JPEG/WebP, 64x64 crops, batch 8) | images/s |",
         "|---|---:|",
         *[f"| num_workers={w} | {ips:.0f} |" for w, ips in loader.items()],
+        "",
+        "| latent cache: one item (8x16x16 moments) of a 1024-item shard | us per item |",
+        "|---|---:|",
+        f"| shard kept open (CachedLatents) | {kept_open:.1f} ({reopened / kept_open:.0f}x faster) |",
+        f"| shard opened for every item | {reopened:.1f} |",
         "",
     ]
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
