@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: help install quickstart test test-fast lint bench gpu-check sweep-vae weights clean
+.PHONY: help install quickstart test test-fast test-parity lint bench gpu-check sweep-vae weights clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-11s %s\n", $$1, $$2}'
@@ -36,6 +36,11 @@ test: install ## run the test suite (CPU, tiny models)
 
 test-fast: install ## the test suite without the tests marked slow (about 3 of its 5 minutes)
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# oneDNN and ATen's vector kernels pick their code by CPU: the parity tests again with both capped at AVX2,
+# as a CPU without AVX-512 or AMX computes (the CPU needs AVX2: a cap above what it has dies of SIGILL).
+test-parity: install ## the parity tests against the original code, again as an AVX2 CPU computes them
+	ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 $(BIN)/python -m pytest -q -m parity
 
 # The design card's sweep (lr x disc norm type, 8 jobs) on a short CPU budget: the tiny VAE, 60 steps each.
 SWEEP_DIR := multirun/sweep-vae-$(shell date +%Y%m%d-%H%M%S)
