@@ -10,8 +10,8 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from ldm_lab.schema import register_configs
-from ldm_lab.validate import ConfigError, check_config, check_group_choices, check_task_options
+from ldm_lab.config.schema import register_configs
+from ldm_lab.config.validate import ConfigError, check_config, check_group_choices, check_task_options
 
 register_configs()
 

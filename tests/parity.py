@@ -16,8 +16,8 @@ from types import SimpleNamespace
 
 import torch
 
-from ldm_lab.convert import convert_unet, convert_vae
 from ldm_lab.diffusion.sampling import denoise, inference_scheduler
+from ldm_lab.io.convert import convert_unet, convert_vae
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

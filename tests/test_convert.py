@@ -13,12 +13,12 @@ import torch
 from diffusers import LDMPipeline
 from hydra.errors import InstantiationException
 
-from ldm_lab.convert import cache_root, convert, convert_unet, convert_vae, detect_kind, is_original
+from ldm_lab.config.validate import ConfigError
+from ldm_lab.io.convert import cache_root, convert, convert_unet, convert_vae, detect_kind, is_original
 from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.first_stage import load_first_stage
 from ldm_lab.tasks import convert as convert_task
 from ldm_lab.tasks import sample
-from ldm_lab.validate import ConfigError
 from tests import parity
 from tests.conftest import LDM_TINY, ROOT
 from tests.parity import assert_parity, fixture
@@ -176,7 +176,7 @@ def test_lab_keys_take_original_checkpoints_converted_once(compose_cfg, tmp_path
 def test_evaluate_measures_original_checkpoints(compose_cfg, tmp_path, monkeypatch):
     """task=evaluate on the original code's files: a taming VQ autoencoder's reconstructions, a whole LDM's
     samples (Inception stood in for: its weights are not on this machine)."""
-    from ldm_lab.metrics import make_fid
+    from ldm_lab.evaluation.metrics import make_fid
     from ldm_lab.tasks import evaluate
     from tests.test_evaluation import StandIn
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from ldm_lab.evaluation import evaluate_reconstructions
-from ldm_lab.metrics import ReconstructionMetrics, make_fid
+from ldm_lab.evaluation.metrics import ReconstructionMetrics, make_fid
+from ldm_lab.evaluation.offline import evaluate_reconstructions
 
 
 def test_per_image_psnr_matches_hand_computed_values_in_validation_and_evaluation():

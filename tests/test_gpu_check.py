@@ -8,7 +8,7 @@ import pytest
 
 from experiments.bench.bench_stages import compose_cfg, moments, pixels, time_steps
 from experiments.gpu import gpu_check
-from ldm_lab.schema import register_configs
+from ldm_lab.config.schema import register_configs
 from tests.conftest import ROOT
 
 

@@ -8,8 +8,8 @@ import ast
 
 import pytest
 
+from ldm_lab.config.validate import ConfigError, check_task_options
 from ldm_lab.tasks import TASKS
-from ldm_lab.validate import ConfigError, check_task_options
 from tests.conftest import CONF, ROOT
 
 
@@ -91,3 +91,9 @@ def test_another_tasks_option_is_refused_with_its_task():
         check_task_options(["task=evaluate", "sample.model=x"], CONF)
     with pytest.raises(ConfigError, match="^plan: an option of task=plan"):
         check_task_options(["task=train", "plan={budget_gb:6}"], CONF)
+
+
+def test_the_package_root_holds_no_loose_modules():
+    """Modules live in the package that says what they are for (issue 22): io, evaluation, config, ..."""
+    loose = sorted(p.name for p in (ROOT / "ldm_lab").glob("*.py") if p.name != "__init__.py")
+    assert loose == []

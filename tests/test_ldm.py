@@ -15,12 +15,12 @@ from PIL import Image
 
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.diffusion.sampling import generate_images
+from ldm_lab.io.weights import MissingWeightsError
 from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.encoding import encode_latent_cache
 from ldm_lab.stages.first_stage import FirstStage
 from ldm_lab.tasks import cache_latents, sample, train
 from ldm_lab.tasks.build import build_datamodule
-from ldm_lab.weights import MissingWeightsError
 from tests.conftest import LDM_TINY
 from tests.helpers import StopAt, fit, save_tiny_first_stage
 
@@ -253,7 +253,7 @@ def test_cache_latents_task_and_missing_first_stage_message(compose_cfg, first_s
 
 
 def test_evaluate_task_gives_the_fid_of_samples_and_caches_the_real_statistics(compose_cfg, tmp_path, monkeypatch):
-    from ldm_lab.metrics import make_fid
+    from ldm_lab.evaluation.metrics import make_fid
     from ldm_lab.tasks import evaluate
     from tests.test_evaluation import StandIn
 

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ldm_lab.metrics import ReconstructionMetrics
+from ldm_lab.evaluation.metrics import ReconstructionMetrics
 
 
 def test_psnr_is_the_mean_of_per_image_values_on_range_two():

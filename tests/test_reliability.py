@@ -23,19 +23,19 @@ import yaml
 from hydra.errors import InstantiationException
 from PIL import Image
 
-from ldm_lab.atomic import FILE_MODE
-from ldm_lab.checkpoints import CheckpointError
+from ldm_lab.config.validate import ConfigError, check_config, check_group_choices
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.data.index import index_folder
 from ldm_lab.data.latent_cache import LatentCacheError
 from ldm_lab.data.sources import IMAGE_EXTENSIONS, FolderSource
 from ldm_lab.diffusion.sampling import denoise, inference_scheduler
+from ldm_lab.io.atomic import FILE_MODE
+from ldm_lab.io.checkpoints import CheckpointError
 from ldm_lab.stages.base import NonFiniteValidationError
 from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.encoding import encode_latent_cache
 from ldm_lab.tasks import train
 from ldm_lab.tasks.build import build_datamodule, build_trainer
-from ldm_lab.validate import ConfigError, check_config, check_group_choices
 from tests import parity
 from tests.conftest import CONF, LDM_TINY, ROOT, TINY
 from tests.helpers import fit, random_batches, save_tiny_first_stage

@@ -46,7 +46,7 @@ def _hydra_config(overrides, tmp_path):
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from ldm_lab.schema import register_configs
+    from ldm_lab.config.schema import register_configs
     from tests.conftest import CONF
 
     register_configs()

@@ -13,11 +13,10 @@ import torch.nn.functional as F
 from diffusers.training_utils import compute_snr
 from torch import nn
 
+from ldm_lab.config.validate import ConfigError
 from ldm_lab.data.synthetic import NUM_ATTRIBUTES, draw_image
-from ldm_lab.metrics import SampleQuality, precision_recall
-from ldm_lab.nn.feature_net import FeatureNet
-from ldm_lab.stages.build import build_stage
-from ldm_lab.synthetic_features import (
+from ldm_lab.evaluation.metrics import SampleQuality, precision_recall
+from ldm_lab.evaluation.synthetic_features import (
     NUM_TARGETS,
     degrade,
     explained_variance,
@@ -25,7 +24,8 @@ from ldm_lab.synthetic_features import (
     render,
     train_feature_net,
 )
-from ldm_lab.validate import ConfigError
+from ldm_lab.nn.feature_net import FeatureNet
+from ldm_lab.stages.build import build_stage
 from tests.conftest import LDM_TINY
 from tests.helpers import save_tiny_first_stage
 
@@ -100,7 +100,7 @@ def test_the_feature_network_learns_to_read_the_drawing_and_tells_blur_apart():
 
 
 def test_the_feature_network_is_trained_once_and_cached(tmp_path, monkeypatch):
-    import ldm_lab.synthetic_features as synthetic_features
+    import ldm_lab.evaluation.synthetic_features as synthetic_features
 
     calls = []
     train = synthetic_features.train_feature_net

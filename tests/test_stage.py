@@ -9,7 +9,7 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from hydra.errors import InstantiationException
 
-from ldm_lab.export import export_autoencoder
+from ldm_lab.io.export import export_autoencoder
 from ldm_lab.nn.ema import ema_with_warmup
 from ldm_lab.stages.base import NonFiniteLossError
 from ldm_lab.stages.build import build_stage

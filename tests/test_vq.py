@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import VQModel
 
-from ldm_lab.export import export_autoencoder
+from ldm_lab.io.export import export_autoencoder
 from ldm_lab.nn.codebook import codebook_usage, restart_dead_codes, vq_losses
 from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.vq_autoencoder import VQAutoencoderStage

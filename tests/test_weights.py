@@ -6,8 +6,8 @@ import pytest
 import torch
 from torchvision.models import vgg16
 
+from ldm_lab.io.weights import MissingWeightsError, find_weights, require_weights
 from ldm_lab.losses.perceptual import LPIPS
-from ldm_lab.weights import MissingWeightsError, find_weights, require_weights
 
 
 @pytest.fixture

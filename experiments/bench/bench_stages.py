@@ -23,9 +23,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
+from ldm_lab.config.schema import register_configs
 from ldm_lab.diffusion.sampling import generate_images
 from ldm_lab.nn.downsampling import downsampling
-from ldm_lab.schema import register_configs
 from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.latent_diffusion import LatentDiffusionStage
 from ldm_lab.tasks.build import build_datamodule

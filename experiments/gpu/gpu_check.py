@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         print(NO_CUDA)
         return 0
     from experiments.bench.bench_stages import compose_cfg, moments, pixels, time_steps
-    from ldm_lab.schema import register_configs
+    from ldm_lab.config.schema import register_configs
 
     register_configs()
     device = torch.cuda.get_device_name(0)

@@ -41,7 +41,7 @@ def sampling_scheduler():
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    from ldm_lab.schema import register_configs
+    from ldm_lab.config.schema import register_configs
 
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

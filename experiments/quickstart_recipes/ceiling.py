@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from ldm_lab.evaluation import split_real_images
-from ldm_lab.metrics import SampleQuality
-from ldm_lab.schema import register_configs
-from ldm_lab.synthetic_features import load_feature_net
+from ldm_lab.config.schema import register_configs
+from ldm_lab.evaluation.metrics import SampleQuality
+from ldm_lab.evaluation.offline import split_real_images
+from ldm_lab.evaluation.synthetic_features import load_feature_net
 from ldm_lab.tasks.build import build_datamodule
 from ldm_lab.tasks.evaluate import load_autoencoder
 

@@ -13,8 +13,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ldm_lab.metrics import SampleQuality
-from ldm_lab.synthetic_features import render, train_feature_net
+from ldm_lab.evaluation.metrics import SampleQuality
+from ldm_lab.evaluation.synthetic_features import render, train_feature_net
 
 
 def blur(images: torch.Tensor, factor: int) -> torch.Tensor:

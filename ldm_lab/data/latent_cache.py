@@ -28,8 +28,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch.utils.data import Dataset
 
-from ldm_lab.atomic import atomic_write, atomic_write_text
 from ldm_lab.data.buckets import Item
+from ldm_lab.io.atomic import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from diffusers import DDIMScheduler, UNet2DModel
 from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
-from ldm_lab.convert import converted, is_original
 from ldm_lab.diffusion.sampling import generate_images
+from ldm_lab.io.convert import converted, is_original
 from ldm_lab.stages.build import load_stage
 from ldm_lab.stages.first_stage import load_first_stage
 from ldm_lab.stages.latent_diffusion import LatentDiffusionStage

@@ -14,13 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ldm_lab.io.weights import MissingWeightsError
 from ldm_lab.losses.adversarial import (
     D_LOSSES,
     adaptive_weight,
     generator_adversarial_loss,
 )
 from ldm_lab.losses.perceptual import LPIPS
-from ldm_lab.weights import MissingWeightsError
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ldm_lab.convert import converted
+from ldm_lab.io.convert import converted
 
 
 def build_or_load(factory: functools.partial, pretrained: str | None, subfolder: str | None = None) -> nn.Module:

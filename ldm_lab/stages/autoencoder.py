@@ -15,12 +15,12 @@ import functools
 import torch
 from torch import nn
 
+from ldm_lab.config.speed import optimizer_options
+from ldm_lab.evaluation.metrics import ReconstructionMetrics
 from ldm_lab.losses.autoencoder import AutoencoderLoss
-from ldm_lab.metrics import ReconstructionMetrics
 from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.nn.ema import ema_with_warmup
 from ldm_lab.nn.pretrained import build_or_load
-from ldm_lab.speed import optimizer_options
 from ldm_lab.stages.base import TrainingStage
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
 
-from ldm_lab.checkpoints import nonfinite_tensors
+from ldm_lab.io.checkpoints import nonfinite_tensors
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class TrainingStage(L.LightningModule):
         self._log_sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self.last_val_metrics: dict[str, float] = {}
         self.run_config: dict | None = None  # the composed config this stage was built from, stored in checkpoints
-        self.channels_last = False  # speed options (ldm_lab/speed.py)
+        self.channels_last = False  # speed options (ldm_lab/config/speed.py)
         self.fused_optimizer = False
 
     def on_fit_start(self) -> None:

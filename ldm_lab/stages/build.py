@@ -8,8 +8,8 @@ from pathlib import Path
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ldm_lab.checkpoints import CheckpointError, read_checkpoint
-from ldm_lab.speed import apply_speed_options
+from ldm_lab.config.speed import apply_speed_options
+from ldm_lab.io.checkpoints import CheckpointError, read_checkpoint
 from ldm_lab.stages.autoencoder import AutoencoderStage
 from ldm_lab.stages.base import TrainingStage
 

@@ -21,7 +21,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ldm_lab.convert import converted, is_original
+from ldm_lab.io.convert import converted, is_original
 from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.stages.autoencoder import AutoencoderStage
 from ldm_lab.stages.build import load_stage
@@ -137,7 +137,7 @@ def load_first_stage(source: str | Path | dict | DictConfig) -> FirstStage:
     """A first stage from a training checkpoint (.ckpt: its evaluation weights, the EMA when on), an
     exported diffusers folder (AutoencoderKL or VQModel), an original checkpoint (LDM's vq-f4 / kl-f8
     model.ckpt, a whole LDM's first stage, SD's VAE .safetensors; converted and cached by
-    :func:`~ldm_lab.convert.converted`) or a :func:`describe` dict (architecture only)."""
+    :func:`~ldm_lab.io.convert.converted`) or a :func:`describe` dict (architecture only)."""
     if isinstance(source, DictConfig):
         source = OmegaConf.to_container(source)
     if isinstance(source, dict):

@@ -25,11 +25,11 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
 from torch import nn
 
-from ldm_lab.convert import converted
+from ldm_lab.config.speed import optimizer_options
 from ldm_lab.diffusion.sampling import generate_images
+from ldm_lab.io.convert import converted
 from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.nn.ema import ema_with_warmup
-from ldm_lab.speed import optimizer_options
 from ldm_lab.stages.base import TrainingStage
 from ldm_lab.stages.first_stage import describe, load_first_stage
 

@@ -8,8 +8,8 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig
 
-from ldm_lab.checkpoints import AtomicCheckpointIO
 from ldm_lab.data.datamodule import ImageDataModule
+from ldm_lab.io.checkpoints import AtomicCheckpointIO
 from ldm_lab.stages.base import TrainingStage
 
 

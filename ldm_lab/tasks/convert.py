@@ -1,4 +1,4 @@
-"""task=convert: a checkpoint of the original code as a diffusers folder (ldm_lab/convert.py).
+"""task=convert: a checkpoint of the original code as a diffusers folder (ldm_lab/io/convert.py).
 
     python run.py task=convert convert.source=vq-f4/model.ckpt                       # VQModel folder
     python run.py task=convert convert.source=celebahq-ldm-vq-4/model.ckpt \\
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ldm_lab.convert import convert
+from ldm_lab.io.convert import convert
 
 
 def run(cfg: DictConfig) -> Path:

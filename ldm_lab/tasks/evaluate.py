@@ -21,18 +21,23 @@ import torch
 from diffusers import AutoencoderKL, VQModel
 from omegaconf import DictConfig
 
-from ldm_lab.convert import converted, is_original
+from ldm_lab.config.validate import ConfigError
 from ldm_lab.data.synthetic import SyntheticSource
 from ldm_lab.diffusion.samples import load_sampler_parts
 from ldm_lab.diffusion.sampling import generate_images
-from ldm_lab.evaluation import evaluate_reconstructions, evaluate_samples, evaluate_samples_against_floor
-from ldm_lab.metrics import ReconstructionMetrics, SampleQuality, make_fid
+from ldm_lab.evaluation.metrics import ReconstructionMetrics, SampleQuality, make_fid
+from ldm_lab.evaluation.offline import (
+    evaluate_reconstructions,
+    evaluate_samples,
+    evaluate_samples_against_floor,
+)
+from ldm_lab.evaluation.synthetic_features import load_feature_net
+from ldm_lab.io.checkpoints import read_checkpoint
+from ldm_lab.io.convert import converted, is_original
+from ldm_lab.io.weights import MissingWeightsError, find_weights, missing_message
 from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.stages.build import load_stage
-from ldm_lab.synthetic_features import load_feature_net
 from ldm_lab.tasks.build import build_datamodule
-from ldm_lab.validate import ConfigError
-from ldm_lab.weights import MissingWeightsError, find_weights, missing_message
 
 FEATURES = ("auto", "inception", "synthetic")  # evaluate.features: the embedding of an LDM's sample FID
 AUTOENCODERS = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
@@ -74,7 +79,7 @@ def _reference_path(cfg: DictConfig, datamodule, split: str, count: int) -> Path
 
 def _model_path(model: str) -> Path:
     """evaluate.model as a lab checkpoint or a diffusers folder: an original checkpoint (LDM's, taming's, SD's
-    VAE) is converted once and cached (ldm_lab/convert.py)."""
+    VAE) is converted once and cached (ldm_lab/io/convert.py)."""
     path = Path(model)
     if not path.exists():
         raise FileNotFoundError(f"evaluate.model={model}: no such file or folder")
@@ -84,8 +89,7 @@ def _model_path(model: str) -> Path:
 def _is_diffusion_model(path: Path) -> bool:
     if path.is_dir():
         return (path / "model_index.json").is_file()
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    return "first_stage" in checkpoint.get("ldm_lab", {})
+    return "first_stage" in read_checkpoint(path, mmap=True)["ldm_lab"]
 
 
 def evaluate_autoencoder(cfg: DictConfig, model_path: Path, device: torch.device) -> tuple[dict, list[str], str]:

@@ -1,4 +1,4 @@
-"""task=export: a training checkpoint as a diffusers folder (ldm_lab/export.py).
+"""task=export: a training checkpoint as a diffusers folder (ldm_lab/io/export.py).
 
     python run.py task=export ckpt_path=outputs/.../checkpoints/last.ckpt
 """
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ldm_lab.export import export_autoencoder, export_pipeline
+from ldm_lab.io.export import export_autoencoder, export_pipeline
 from ldm_lab.stages.build import load_stage
 from ldm_lab.stages.latent_diffusion import LatentDiffusionStage
 from ldm_lab.tasks.build import build_datamodule

@@ -23,7 +23,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ldm_lab.memory import GIB, trace_step
+from ldm_lab.config.memory import GIB, trace_step
 from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.latent_diffusion import LatentDiffusionStage
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
-from ldm_lab.checkpoints import check_resume, claim_run_folder, read_checkpoint
 from ldm_lab.diffusion.samples import draw_samples
-from ldm_lab.export import export_autoencoder, export_pipeline
+from ldm_lab.io.checkpoints import check_resume, claim_run_folder, read_checkpoint
+from ldm_lab.io.export import export_autoencoder, export_pipeline
 from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.encoding import attach_latent_cache
 from ldm_lab.stages.latent_diffusion import LatentDiffusionStage

@@ -15,8 +15,8 @@ from torchmetrics.image import (
     StructuralSimilarityIndexMeasure,
 )
 
+from ldm_lab.io.weights import MissingWeightsError, find_weights, missing_message
 from ldm_lab.losses.perceptual import LPIPS
-from ldm_lab.weights import MissingWeightsError, find_weights, missing_message
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,32 @@ import torch
 from hydra.utils import get_class
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ldm_lab.atomic import atomic_write
+from ldm_lab.io.atomic import atomic_write
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked; the message names the file and what to do."""
+
+
+# Modules that moved (issue 22 grouped the package root): checkpoints store the ``_target_`` paths of their
+# config, and those written before a move name the old module. Read, they name the new one.
+MOVED_MODULES = {
+    "ldm_lab.metrics": "ldm_lab.evaluation.metrics",
+}
+
+
+def current_targets(config: Any) -> Any:
+    """``config`` (nested dicts and lists) with each ``_target_`` in a moved module renamed to where it is now."""
+    if isinstance(config, list):
+        return [current_targets(value) for value in config]
+    if not isinstance(config, dict):
+        return config
+    config = {key: current_targets(value) for key, value in config.items()}
+    target = config.get("_target_")
+    if isinstance(target, str):
+        module, _, name = target.rpartition(".")
+        config["_target_"] = f"{MOVED_MODULES.get(module, module)}.{name}"
+    return config
 
 
 def nonfinite_tensors(tensors: dict[str, Any]) -> list[str]:
@@ -26,8 +47,9 @@ def nonfinite_tensors(tensors: dict[str, Any]) -> list[str]:
 
 
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
-    """A lab training checkpoint on the CPU, refusing empty, unreadable or foreign files and non-finite weights.
-    ``mmap``: tensors are read from disk when touched (cheap checks before the real load)."""
+    """A lab training checkpoint on the CPU, refusing empty, unreadable or foreign files and non-finite weights,
+    its config's ``_target_`` paths made current (:func:`current_targets`). ``mmap``: tensors are read from
+    disk when touched (cheap checks before the real load)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
@@ -49,6 +71,7 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
         raise CheckpointError(f"checkpoint {path} holds non-finite weights in {len(damaged)} tensors "
                               f"({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}): the file is damaged "
                               f"or the run diverged before it was written. Use an earlier checkpoint (best.ckpt)")
+    checkpoint["ldm_lab"]["config"] = current_targets(checkpoint["ldm_lab"]["config"])
     return checkpoint
 
 
@@ -59,7 +82,7 @@ def stage_description(checkpoint: dict) -> str:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint I/O, writing through :func:`~ldm_lab.atomic.atomic_write` (Lightning's own
+    """Lightning's checkpoint I/O, writing through :func:`~ldm_lab.io.atomic.atomic_write` (Lightning's own
     stages the file in the system's temporary folder, which may be another disk) and reading through
     :func:`read_checkpoint`."""
 

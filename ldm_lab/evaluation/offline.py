@@ -1,6 +1,6 @@
 """Evaluation by the published protocols. Autoencoders: PSNR as the mean (and spread) of per-image
 values, SSIM, LPIPS, and rFID with torch-fidelity's Inception and resizing, by the metrics validation
-uses (ldm_lab/metrics.py). Diffusion models: FID of N samples against the real images, whose Inception
+uses (ldm_lab/evaluation/metrics.py). Diffusion models: FID of N samples against the real images, whose Inception
 statistics are cached per (data set, split, resolution); or, offline, FID and precision/recall in another
 feature network's embedding beside their data-vs-data floor."""
 
@@ -15,8 +15,8 @@ import torch
 from torchmetrics.image import FrechetInceptionDistance
 from tqdm import tqdm
 
+from ldm_lab.evaluation.metrics import ReconstructionMetrics, SampleQuality
 from ldm_lab.losses.perceptual import LPIPS
-from ldm_lab.metrics import ReconstructionMetrics, SampleQuality
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def evaluate_reconstructions(
     reference: Path | None = None,
 ) -> dict[str, float]:
     """Metrics of ``reconstruct`` over ``batches`` of images in [-1, 1], by validation's own stack
-    (:class:`~ldm_lab.metrics.ReconstructionMetrics`) plus the spread of per-image PSNR. The real images'
+    (:class:`~ldm_lab.evaluation.metrics.ReconstructionMetrics`) plus the spread of per-image PSNR. The real images'
     FID statistics come from ``reference`` when it exists, and are written there when it does not."""
     metrics = ReconstructionMetrics(lpips=lpips is not None, rfid=False, lpips_model=lpips, fid=fid).to(device)
     metrics.real_statistics_known = fid is not None and reference is not None and load_reference(fid, reference)
