@@ -49,4 +49,4 @@ def test_an_old_ldm_checkpoint_samples_and_exports(compose_cfg, tmp_path):
     out = export.run(compose_cfg(["model=unet_tiny", "task=export", f"ckpt_path={legacy}",
                                   f"paths.output_dir={tmp_path / 'x'}"], tiny=False))
     pipeline = LDMPipeline.from_pretrained(out)
-    assert list(pipeline.unet.config.block_out_channels) == [16, 16, 16]
+    assert list(pipeline.unet.config.block_out_channels) == [8, 8, 8]
