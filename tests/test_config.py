@@ -13,7 +13,7 @@ from omegaconf.errors import ValidationError
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.nn.discriminator import NLayerDiscriminator
 from ldm_lab.stages.build import build_stage
-from ldm_lab.tasks.build import build_datamodule, build_trainer
+from ldm_lab.tasks.trainer import build_datamodule, build_trainer
 from tests.conftest import CONF
 from tests.helpers import save_tiny_first_stage
 

@@ -15,8 +15,8 @@ from hydra.errors import InstantiationException
 
 from ldm_lab.config.validate import ConfigError
 from ldm_lab.io.convert import cache_root, convert, convert_unet, convert_vae, detect_kind, is_original
+from ldm_lab.io.sources import load_first_stage
 from ldm_lab.stages.build import build_stage
-from ldm_lab.stages.first_stage import load_first_stage
 from ldm_lab.tasks import convert as convert_task
 from ldm_lab.tasks import sample
 from tests import parity
@@ -197,9 +197,9 @@ def test_evaluate_measures_original_checkpoints(compose_cfg, tmp_path, monkeypat
     assert samples["samples"] == 3 and samples["fid"] > 0 and samples["resolution"] == "32x32"
     assert len(list(cache_root().iterdir())) == 2  # each file converted once
 
-    with pytest.raises(ConfigError, match="holds a UNet2DModel: task=evaluate measures an autoencoder"):
+    with pytest.raises(ConfigError, match=r"holds a UNet \(UNet2DModel\)\. evaluate.model takes an autoencoder .* or a latent"):
         unet = tmp_path / "unet.ckpt"
         torch.save({"state_dict": fixture("unet")["state_dict"]}, unet)
         evaluate.run(compose_cfg(["task=evaluate", f"evaluate.model={unet}"]))
-    with pytest.raises(FileNotFoundError, match="evaluate.model=.*absent.ckpt: no such file"):
+    with pytest.raises(ConfigError, match="evaluate.model=.*absent.ckpt does not exist"):
         evaluate.run(compose_cfg(["task=evaluate", f"evaluate.model={tmp_path / 'absent.ckpt'}"]))

@@ -1,6 +1,7 @@
 """The package's layering: the data layer knows no model (no import from data/ into stages/ or tasks/),
-no module imports itself back through others (function-level imports included), and each task's options
-live in its own conf/task/ file."""
+networks, losses and diffusion know no stage or Lightning, tasks know no stage class, no module imports
+itself back through others (function-level imports included), and each task's options live in its own
+conf/task/ file."""
 
 from __future__ import annotations
 
@@ -38,6 +39,37 @@ def test_the_data_layer_imports_no_stage_or_task():
     assert crossing == []
 
 
+def _external_imports(module: str) -> set[str]:
+    path = ROOT / (module.replace(".", "/") + ".py")
+    path = path if path.is_file() else path.with_suffix("") / "__init__.py"
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+    return names
+
+
+def test_networks_losses_and_diffusion_are_pure():
+    """nn/, losses/ and diffusion/ import no stage, no task and no Lightning (ldm_lab/io/sources.py loads models)."""
+    graph = _import_graph()
+    pure = [m for m in graph if m.startswith(("ldm_lab.nn", "ldm_lab.losses", "ldm_lab.diffusion"))]
+    assert len(pure) >= 10
+    assert [(m, d) for m in pure for d in graph[m] if d.startswith(("ldm_lab.stages", "ldm_lab.tasks"))] == []
+    assert [m for m in pure if "lightning" in _external_imports(m)] == []
+
+
+def test_tasks_know_no_stage_class():
+    """A task builds or loads a stage (stages/build.py) and calls the methods of its interface (stages/base.py):
+    it imports no stage class to test a type against, so a new stage is one new class."""
+    graph = _import_graph()
+    tasks = [m for m in graph if m.startswith("ldm_lab.tasks")]
+    interface = ("ldm_lab.stages.build", "ldm_lab.stages.base")
+    assert [(m, d) for m in tasks for d in graph[m]
+            if d.startswith("ldm_lab.stages") and not d.startswith(interface)] == []
+
+
 def test_no_import_cycle():
     graph = _import_graph()
     state: dict[str, str] = {}
@@ -60,9 +92,9 @@ def test_no_import_cycle():
 
 def test_tasks_are_thin_and_import_no_other_task():
     """Library code (export, sampling, loading) lives in the package; a task module imports only the
-    shared builders (tasks/build.py), and only the dispatcher (tasks/__init__.py) imports the tasks."""
+    shared builders (tasks/trainer.py), and only the dispatcher (tasks/__init__.py) imports the tasks."""
     graph = _import_graph()
-    tasks = {m for m in graph if m.startswith("ldm_lab.tasks.") and m != "ldm_lab.tasks.build"}
+    tasks = {m for m in graph if m.startswith("ldm_lab.tasks.") and m != "ldm_lab.tasks.trainer"}
     assert len(tasks) >= 9
     assert [(m, d) for m in tasks for d in graph[m] if d in tasks] == []
     assert all(d not in tasks for m, deps in graph.items() if not m.startswith("ldm_lab.tasks") for d in deps)

@@ -16,11 +16,11 @@ from PIL import Image
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.diffusion.sampling import generate_images
 from ldm_lab.io.weights import MissingWeightsError
+from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
 from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.encoding import encode_latent_cache
-from ldm_lab.stages.first_stage import FirstStage
 from ldm_lab.tasks import cache_latents, sample, train
-from ldm_lab.tasks.build import build_datamodule
+from ldm_lab.tasks.trainer import build_datamodule
 from tests.conftest import LDM_TINY
 from tests.helpers import StopAt, fit, save_tiny_first_stage
 
@@ -63,8 +63,8 @@ def test_unet_is_the_seed_000_unet(compose_cfg):
 
 def test_cache_skips_unchanged_images_and_reencodes_a_changed_one(compose_cfg, first_stage, tmp_path, monkeypatch):
     encoded = []
-    original = FirstStage.moments
-    monkeypatch.setattr(FirstStage, "moments", lambda self, x: encoded.append(len(x)) or original(self, x))
+    original = FrozenAutoencoder.moments
+    monkeypatch.setattr(FrozenAutoencoder, "moments", lambda self, x: encoded.append(len(x)) or original(self, x))
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)

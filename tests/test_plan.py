@@ -30,7 +30,7 @@ def test_plan_extrapolated_from_small_traces_matches_the_measured_peak(compose_c
 
 def test_held_memory_counts_adamw_states_as_twice_the_trainable_weights(compose_cfg):
     cfg = compose_cfg(TINY_PLAN + ["plan.trace_sides=[32]", "disc.ndf=8"], tiny=False)
-    stage = build_stage(plan._planning_config(cfg), cfg.disc)
+    stage = build_stage(plan.planning_config(cfg), cfg.disc)
     from ldm_lab.config.memory import trace_step
 
     held, peak = trace_step(stage, lambda: {"pixel_values": __import__("torch").rand(2, 3, 32, 32) * 2 - 1})

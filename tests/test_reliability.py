@@ -31,11 +31,12 @@ from ldm_lab.data.sources import IMAGE_EXTENSIONS, FolderSource
 from ldm_lab.diffusion.sampling import denoise, inference_scheduler
 from ldm_lab.io.atomic import FILE_MODE
 from ldm_lab.io.checkpoints import CheckpointError
+from ldm_lab.io.sources import load_first_stage
 from ldm_lab.stages.base import NonFiniteValidationError
 from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.encoding import encode_latent_cache
 from ldm_lab.tasks import train
-from ldm_lab.tasks.build import build_datamodule, build_trainer
+from ldm_lab.tasks.trainer import build_datamodule, build_trainer
 from tests import parity
 from tests.conftest import CONF, LDM_TINY, ROOT, TINY
 from tests.helpers import fit, random_batches, save_tiny_first_stage
@@ -189,9 +190,14 @@ def test_resuming_an_ldm_with_another_first_stage_is_refused(compose_cfg, tmp_pa
     train.run(compose_cfg([*resume, f"model.first_stage={a}"], tiny=False))  # the same first stage resumes
     assert _step_of(last) == 4
 
-    # An LDM checkpoint is no first stage: say what the file holds.
-    with pytest.raises(InstantiationException, match="holds a latent diffusion UNet.*takes a first stage"):
-        build_stage(compose_cfg([*LDM_TINY, f"model.first_stage={last}"], tiny=False).model, None)
+    # A latent diffusion checkpoint serves as its first stage (as an original whole LDM does); an autoencoder
+    # is no UNet: the one resolver says what the source holds and what the key takes (ldm_lab/io/sources.py).
+    reused = build_stage(compose_cfg([*LDM_TINY, f"model.first_stage={last}"], tiny=False).model, None)
+    assert reused.first_stage.fingerprint() == load_first_stage(a).fingerprint()
+    with pytest.raises(InstantiationException, match=r"model.unet_pretrained=.*first_stage_a holds an autoencoder .*"
+                                                     r"model.unet_pretrained takes a UNet"):
+        build_stage(compose_cfg([*LDM_TINY, f"model.first_stage={a}", f"model.unet_pretrained={a}"], tiny=False).model,
+                    None)
 
 
 def _ldm_datamodule(compose_cfg, first_stage, data_dir):

@@ -9,7 +9,7 @@ from torch import nn
 
 from ldm_lab.config.speed import optimizer_options
 from ldm_lab.stages.build import build_stage
-from ldm_lab.tasks.build import build_trainer
+from ldm_lab.tasks.trainer import build_trainer
 from tests.helpers import fit, random_batches
 
 

@@ -9,11 +9,10 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from hydra.errors import InstantiationException
 
-from ldm_lab.io.export import export_autoencoder
 from ldm_lab.nn.ema import ema_with_warmup
 from ldm_lab.stages.base import NonFiniteLossError
 from ldm_lab.stages.build import build_stage
-from ldm_lab.tasks.build import build_datamodule
+from ldm_lab.tasks.trainer import build_datamodule
 from tests.helpers import StopAt, fit, random_batches
 
 
@@ -83,7 +82,7 @@ def test_export_loads_in_diffusers_and_reproduces_reconstructions(compose_cfg, t
     stage, cfg = _stage(compose_cfg, "model.max_steps=2")
     datamodule = build_datamodule(cfg, stage.downsample_factor)
     fit(stage, datamodule)
-    out = export_autoencoder(stage, datamodule, tmp_path / "export")
+    out = stage.export(tmp_path / "export", lambda: datamodule)
     loaded = AutoencoderKL.from_pretrained(out).eval()
     inputs = next(iter(datamodule.val_dataloader()))["pixel_values"]
     expected = stage.eval().reconstruct(inputs)
@@ -180,9 +179,16 @@ def test_training_starts_from_a_pretrained_diffusers_folder(compose_cfg, tmp_pat
     assert torch.all(stage.ema.module.decoder.conv_out.weight == 0.5)
 
 
-def test_unloadable_pretrained_model_says_how_to_get_it(compose_cfg, tmp_path):
-    with pytest.raises(InstantiationException, match="model.pretrained=/path/to/that/folder"):
+def test_unloadable_pretrained_model_says_how_to_get_it(compose_cfg, tmp_path, monkeypatch):
+    with pytest.raises(InstantiationException, match="sd-vae-ft-mse does not exist. model.pretrained takes an autoencoder"):
         _stage(compose_cfg, f"model.pretrained={tmp_path / 'missing' / 'sd-vae-ft-mse'}")
+
+    def offline(*args, **kwargs):
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", offline)  # a hub id, without a network
+    with pytest.raises(InstantiationException, match="hf download stabilityai/sd-vae-ft-mse .*model.pretrained=/path/to"):
+        _stage(compose_cfg, "model.pretrained=stabilityai/sd-vae-ft-mse")
 
 
 def test_inference_loading_needs_no_lpips_weights(compose_cfg, tmp_path, monkeypatch):

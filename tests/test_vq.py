@@ -9,11 +9,10 @@ import pytest
 import torch
 from diffusers import VQModel
 
-from ldm_lab.io.export import export_autoencoder
 from ldm_lab.nn.codebook import codebook_usage, restart_dead_codes, vq_losses
 from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.vq_autoencoder import VQAutoencoderStage
-from ldm_lab.tasks.build import build_datamodule
+from ldm_lab.tasks.trainer import build_datamodule
 from tests.helpers import fit, random_batches
 
 VQ = ["model=vqvae_tiny", "model.loss.perceptual_weight=0", "model.metrics.lpips=false", "model.metrics.rfid=false",
@@ -113,7 +112,7 @@ def test_exported_vq_folder_reproduces_the_reconstructions(compose_cfg, tmp_path
     stage, cfg = _stage(compose_cfg, "model.max_steps=2")
     datamodule = build_datamodule(cfg, stage.downsample_factor)
     fit(stage, datamodule)
-    out = export_autoencoder(stage, datamodule, tmp_path / "export")
+    out = stage.export(tmp_path / "export", lambda: datamodule)
     loaded = VQModel.from_pretrained(out).eval()
     inputs = next(iter(datamodule.val_dataloader()))["pixel_values"]
     with torch.no_grad():

@@ -27,9 +27,8 @@ from ldm_lab.config.schema import register_configs
 from ldm_lab.diffusion.sampling import generate_images
 from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.stages.build import build_stage
-from ldm_lab.stages.latent_diffusion import LatentDiffusionStage
-from ldm_lab.tasks.build import build_datamodule
-from ldm_lab.tasks.plan import _planning_config
+from ldm_lab.tasks.plan import planning_config
+from ldm_lab.tasks.trainer import build_datamodule
 
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "experiments" / "bench" / "results" / "stages.md"
@@ -77,9 +76,7 @@ def time_steps(cfg, make_batch, steps: int) -> dict:
     """Median seconds per optimizer step (batches from ``make_batch``) over ``steps`` steps after one
     warm-up step, which runs under the FLOP counter."""
     torch.manual_seed(0)
-    stage = build_stage(_planning_config(cfg), cfg.disc, cfg.speed)
-    if isinstance(stage, LatentDiffusionStage):
-        stage.latent_scale.fill_(1.0)
+    stage = build_stage(planning_config(cfg), cfg.disc, cfg.speed)  # a latent scale of 1
     total = 1 + steps
     stage.max_steps = total
     timer = StepTimer(count_flops_at=0)
@@ -101,7 +98,7 @@ def pixels(batch: int, side: int):
 
 def moments(cfg, batch: int, side: int):
     """Random cached-latent batches shaped like the first stage's moments (KL: mean and logvar)."""
-    first = _planning_config(cfg).first_stage
+    first = planning_config(cfg).first_stage
     config = first["config"]
     channels = 2 * config["latent_channels"] if first["class_name"] == "AutoencoderKL" else config["vq_embed_dim"]
     factor = downsampling(config)
@@ -208,8 +205,7 @@ def main() -> None:
 
     # Sampling: seconds per image, DDIM 50 against DDPM 1000, same UNet.
     cfg = compose_cfg(*ldm_tiny, "data.resolution=64")
-    stage = build_stage(_planning_config(cfg), None).eval().to("cuda" if CUDA else "cpu")
-    stage.latent_scale.fill_(1.0)
+    stage = build_stage(planning_config(cfg), None).eval().to("cuda" if CUDA else "cpu")
 
     def sample(sampler, steps):
         return lambda: generate_images(stage.eval_unet, stage.first_stage, 1.0, stage.noise_scheduler, 4, 64, 64,

@@ -59,12 +59,11 @@ class CudaPeakOfSecondStep(L.Callback):
 
 def measured_peak(cfg) -> int:
     """The CUDA allocator's peak over a real second training step of the planned stage."""
-    from ldm_lab.tasks.plan import build_for_planning, random_batches, target_side
+    from ldm_lab.tasks.plan import build_for_planning, target_side
 
     stage = build_for_planning(cfg)
     stage.max_steps = 2
-    make = random_batches(stage, target_side(cfg), cfg.data.batch_size)
-    batches = [make() for _ in range(2 * stage.accumulate_grad_batches)]
+    batches = [stage.planning_batch(cfg.data.batch_size, target_side(cfg)) for _ in range(2 * stage.accumulate_grad_batches)]
     peak = CudaPeakOfSecondStep()
     trainer = L.Trainer(accelerator="cuda", devices=1, precision=cfg.trainer.precision, max_epochs=-1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

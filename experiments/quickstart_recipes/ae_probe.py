@@ -16,7 +16,7 @@ from diffusers import AutoencoderKL
 from hydra import compose, initialize_config_dir
 
 from ldm_lab.config.schema import register_configs
-from ldm_lab.tasks.build import build_datamodule
+from ldm_lab.tasks.trainer import build_datamodule
 
 ROOT = Path(__file__).resolve().parents[2]
 

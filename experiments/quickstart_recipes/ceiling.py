@@ -18,8 +18,8 @@ from ldm_lab.config.schema import register_configs
 from ldm_lab.evaluation.metrics import SampleQuality
 from ldm_lab.evaluation.offline import split_real_images
 from ldm_lab.evaluation.synthetic_features import load_feature_net
-from ldm_lab.tasks.build import build_datamodule
-from ldm_lab.tasks.evaluate import load_autoencoder
+from ldm_lab.io.sources import load_first_stage
+from ldm_lab.tasks.trainer import build_datamodule
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,8 +34,8 @@ def main() -> None:
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("config", overrides=["experiment=quickstart_ldm", "task=evaluate", *args.overrides])
-    reconstruct, factor, _ = load_autoencoder(args.first_stage)
-    datamodule = build_datamodule(cfg, factor)
+    autoencoder = load_first_stage(args.first_stage, "first_stage")
+    datamodule = build_datamodule(cfg, autoencoder.downsample_factor)
     datamodule.prepare_data()
     datamodule.setup("validate")
     feature_net, described = load_feature_net(cfg.evaluate.reference_dir, datamodule.resolution)
@@ -46,7 +46,7 @@ def main() -> None:
             quality.update(held_out, "held_out")
             wanted = held_out[: args.num_images - sum(map(len, quality.embeddings["samples"]))]
             if len(wanted):
-                quality.update(reconstruct(wanted).clamp(-1, 1), "samples")
+                quality.update(autoencoder.reconstruct(wanted).clamp(-1, 1), "samples")
     r = quality.compute()
     print(f"{described}\nreconstructions of {r['samples']} held-out images: FID {r['fid']:.2f} against a floor of "
           f"{r['floor_fid']:.2f} ({r['fid'] / r['floor_fid']:.2f}x); precision {r['precision']:.2f}, recall "

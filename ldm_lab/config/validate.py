@@ -95,9 +95,7 @@ def check_devices(cfg: DictConfig) -> None:
         raise ConfigError(
             f"trainer.devices={devices}, but {where}. Use trainer.devices={max(gpus, 1)}, or for DDP over CPU "
             f"processes say so: trainer.accelerator=cpu trainer.strategy=ddp_find_unused_parameters_true")
-    from ldm_lab.stages.autoencoder import AutoencoderStage
-
-    if issubclass(get_class(cfg.model._target_), AutoencoderStage) and "find_unused_parameters_true" not in strategy:
+    if get_class(cfg.model._target_).adversarial and "find_unused_parameters_true" not in strategy:
         raise ConfigError(
             f"trainer.strategy={strategy} with trainer.devices={devices}: the autoencoder's generator and "
             f"discriminator steps each leave the other's parameters unused, which plain DDP refuses mid-run. "

@@ -1,10 +1,12 @@
 """Sampling the reverse process with diffusers schedulers: DDPM (Ho et al. 2020, ancestral, up to the
 training steps) or DDIM (Song et al. 2021, ``eta`` = 0 deterministic, 1 DDPM-like), both with the
-training schedule's betas."""
+training schedule's betas. Pure: networks and schedulers in, latents and images out (loading a trained
+model from a checkpoint or folder is ldm_lab/io/sources.py)."""
 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
@@ -14,8 +16,36 @@ from torch import nn
 from tqdm import tqdm
 
 from ldm_lab.nn.downsampling import downsampling
+from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
 
 SAMPLERS = ("ddim", "ddpm")
+
+
+@dataclass
+class LatentDiffusionModel:
+    """What sampling a trained latent diffusion model needs, wherever it came from (a training stage, an
+    exported ``LDMPipeline`` folder, an original checkpoint): the evaluation UNet, the frozen first stage,
+    the latent scale and the scheduler with the training betas and the sampling spacing."""
+
+    unet: nn.Module
+    first_stage: FrozenAutoencoder
+    latent_scale: float
+    scheduler: SchedulerMixin
+
+    def to(self, device: torch.device | str) -> LatentDiffusionModel:
+        self.unet.to(device)
+        self.first_stage.to(device)
+        return self
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent times the UNet's own downsampling: image sides must divide by it."""
+        return self.first_stage.downsample_factor * downsampling(self.unet.config)
+
+    def generate(self, num_images: int, height: int, width: int, **options) -> torch.Tensor:
+        """:func:`generate_images` with this model's parts."""
+        return generate_images(self.unet, self.first_stage, self.latent_scale, self.scheduler, num_images, height,
+                               width, **options)
 
 
 def inference_scheduler(train_scheduler: SchedulerMixin, sampler: str) -> SchedulerMixin:
@@ -50,7 +80,7 @@ def generate_images(unet: nn.Module, first_stage: nn.Module, latent_scale: float
                     progress: bool = False) -> torch.Tensor:
     """``num_images`` images of ``height`` x ``width`` pixels in [-1, 1]: noise drawn on the CPU from
     ``generator`` batch after batch (as ``LDMPipeline`` draws it), denoised by ``unet``, divided by the
-    latent scale and decoded by the first stage (:class:`~ldm_lab.stages.first_stage.FirstStage`)."""
+    latent scale and decoded by the first stage."""
     factor = first_stage.downsample_factor
     multiple = factor * downsampling(unet.config)
     if height % multiple or width % multiple:

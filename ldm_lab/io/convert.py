@@ -12,7 +12,6 @@ package) and checked against the original code's outputs (tests/fixtures/make_pa
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import pickle
@@ -307,14 +306,10 @@ def cache_root() -> Path:
     return Path(os.environ.get("LDM_LAB_CACHE", Path.home() / ".cache" / "ldm_lab")) / "converted"
 
 
-PARTS = {"first_stage": ("VQModel", "AutoencoderKL"), "unet": ("UNet2DModel",), "pipeline": ("LDMPipeline",)}
-
-
-def converted(source: str | os.PathLike, part: str | None = None) -> Path:
-    """The diffusers folder of ``part`` (first_stage | unet | pipeline; None: whatever the file holds) of an
-    original checkpoint: the file is converted once and cached (by its and its config.yaml's path, size and
-    modification time) under $LDM_LAB_CACHE/converted (default ~/.cache/ldm_lab/converted). A whole LDM gives
-    its first stage or its UNet too."""
+def converted(source: str | os.PathLike) -> Path:
+    """The diffusers folder of an original checkpoint: the file is converted once and cached (by its and its
+    config.yaml's path, size and modification time) under $LDM_LAB_CACHE/converted (default
+    ~/.cache/ldm_lab/converted). What it holds is read by ldm_lab/io/sources.py."""
     source = Path(source).resolve()
     stamps = [f"{p}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in (source, source.with_name("config.yaml"))
               if p.is_file()]
@@ -325,16 +320,6 @@ def converted(source: str | os.PathLike, part: str | None = None) -> Path:
         shutil.rmtree(partial, ignore_errors=True)
         convert(source, partial)
         os.replace(partial, folder)
-    if part is None:
-        return folder
-    if (folder / "model_index.json").is_file():
-        if part == "pipeline":
-            return folder
-        folder = folder / ("vqvae" if part == "first_stage" else "unet")
-    held = json.loads((folder / "config.json").read_text())["_class_name"]
-    if held not in PARTS[part]:
-        raise ValueError(f"{source} holds a {held}, which cannot serve as the {part.replace('_', ' ')} here "
-                         f"(that takes a {' or '.join(PARTS[part])})")
     return folder
 
 

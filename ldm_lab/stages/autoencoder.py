@@ -11,25 +11,32 @@ generator steps, which disc_start, the schedules and the EMA follow.
 from __future__ import annotations
 
 import functools
+import itertools
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from omegaconf import DictConfig, open_dict
 from torch import nn
 
 from ldm_lab.config.speed import optimizer_options
 from ldm_lab.evaluation.metrics import ReconstructionMetrics
+from ldm_lab.io.export import export_autoencoder
+from ldm_lab.io.sources import load_autoencoder
 from ldm_lab.losses.autoencoder import AutoencoderLoss
 from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.nn.ema import ema_with_warmup
-from ldm_lab.nn.pretrained import build_or_load
 from ldm_lab.stages.base import TrainingStage
 
 
 class AutoencoderStage(TrainingStage):
-    """Subclasses implement ``encode_decode`` (training), ``reconstruct`` (evaluation) and
-    ``sample_latents`` (what a latent diffusion model would be trained on)."""
+    """Subclasses implement ``encode_decode`` (training) and ``reconstruct`` (evaluation).
+    ``pretrained``: start from these weights (any autoencoder source of ldm_lab/io/sources.py, or a hub id;
+    its own config wins over ``vae``'s)."""
 
     monitor, monitor_mode = "val/psnr", "max"
     description = "a first stage: an autoencoder checkpoint (model=vae, vqvae or their tiny variants)"
+    produces, adversarial = "autoencoder", True
 
     def __init__(
         self,
@@ -54,7 +61,8 @@ class AutoencoderStage(TrainingStage):
         seed: int = 0,
     ):
         super().__init__(max_steps, accumulate_grad_batches, gradient_clip_val, max_consecutive_nonfinite, seed)
-        self.vae = build_or_load(vae, pretrained, pretrained_subfolder)
+        self.vae = vae() if pretrained is None else load_autoencoder(pretrained, "model.pretrained",
+                                                                     pretrained_subfolder, model_class=vae.func)
         if gradient_checkpointing:
             if not self.vae._supports_gradient_checkpointing:
                 raise ValueError(f"{type(self.vae).__name__} has no gradient checkpointing in diffusers; "
@@ -71,6 +79,35 @@ class AutoencoderStage(TrainingStage):
         self.val_metrics: ReconstructionMetrics = metrics(lpips_model=loss.perceptual)
         self.make_optimizer, self.make_disc_optimizer, self.make_scheduler = optimizer, disc_optimizer, scheduler
         self.lr, self.disc_lr = lr, disc_lr
+
+    # ----------------------------------------------------------------------------- what the tasks ask
+    @classmethod
+    def downsample_factor_of(cls, model: DictConfig) -> int:
+        return downsampling(model.vae)
+
+    @classmethod
+    def inference_config(cls, model: dict, state: dict) -> dict:
+        """No LPIPS loss and no validation metrics: inference needs neither, nor their weights."""
+        model["loss"]["perceptual_weight"] = 0.0
+        model["metrics"].update(lpips=False, rfid=False)
+        return model
+
+    @classmethod
+    def planning_config(cls, model: DictConfig, random_first_stage: Callable[[], dict]) -> DictConfig:
+        """LPIPS with a random backbone (the same network), no validation metrics, the adversarial terms
+        on from the start (the step's worst case)."""
+        with open_dict(model):
+            model.loss.update(lpips_backbone="random", require_perceptual_weights=False, disc_start=0)
+            model.metrics.update(lpips=False, rfid=False)
+        return model
+
+    def export(self, out_dir: Path, datamodule: Callable[[], object], scale_batches: int = 4) -> Path:
+        """The evaluation weights, with the latent scale measured on up to ``scale_batches`` validation batches."""
+        data = datamodule()
+        data.prepare_data()
+        data.setup("validate")
+        self.eval()
+        return export_autoencoder(self.eval_vae, itertools.islice(data.val_dataloader(), scale_batches), out_dir)
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -107,10 +144,6 @@ class AutoencoderStage(TrainingStage):
 
     def reconstruct(self, inputs: torch.Tensor) -> torch.Tensor:
         """Deterministic reconstruction with the evaluation weights."""
-        raise NotImplementedError
-
-    def sample_latents(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The latents a diffusion model trains on, from the evaluation weights."""
         raise NotImplementedError
 
     @torch.no_grad()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -21,7 +22,9 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
+from omegaconf import DictConfig
 
+from ldm_lab.config.validate import ConfigError
 from ldm_lab.io.checkpoints import nonfinite_tensors
 
 log = logging.getLogger(__name__)
@@ -39,11 +42,20 @@ class TrainingStage(L.LightningModule):
     """Subclasses build their networks, optimizers (first one: the model the stage is named after) and
     ``training_step``; they may extend :meth:`on_optimizer_step` and :meth:`train_scalars`.
     ``monitor`` / ``monitor_mode`` name the validation value the best checkpoint is chosen on;
-    ``description`` says what the stage is in the words of its model option (for error messages)."""
+    ``description`` says what the stage is in the words of its model option (for error messages);
+    ``produces`` what kind of model the trained stage is (ldm_lab/io/sources.py); ``adversarial`` whether
+    it trains against the ``disc`` discriminator.
+
+    What the tasks ask of a stage, so that a new stage is one new class: its downsampling from the config
+    (:meth:`downsample_factor_of`), configs for inference and for the memory plan (:meth:`inference_config`,
+    :meth:`planning_config`, :meth:`planning_batch`), the data it needs (:meth:`attach_data`,
+    :meth:`encode_latent_cache`), its export (:meth:`export`) and what follows training (:meth:`after_training`)."""
 
     monitor: str
     monitor_mode: str
     description = "a training stage"
+    produces: str
+    adversarial = False
 
     def __init__(self, max_steps: int, accumulate_grad_batches: int = 1, gradient_clip_val: float | None = 1.0,
                  max_consecutive_nonfinite: int = 5, seed: int = 0):
@@ -79,6 +91,44 @@ class TrainingStage(L.LightningModule):
             self.trainer.should_stop = True
             return -1  # Lightning: skip this batch and end the epoch
         return None
+
+    # ----------------------------------------------------------------------------- what the tasks ask
+    @classmethod
+    def downsample_factor_of(cls, model: DictConfig) -> int:
+        """Pixels per side of the networks' smallest feature map, from the model config (without building it)."""
+        raise NotImplementedError
+
+    @classmethod
+    def inference_config(cls, model: dict, state: dict) -> dict:
+        """The model config a stage is rebuilt from for inference, from the one ``state`` (a checkpoint's
+        ``ldm_lab`` entry) stored: what inference does not need is switched off."""
+        return model
+
+    @classmethod
+    def planning_config(cls, model: DictConfig, random_first_stage: Callable[[], dict]) -> DictConfig:
+        """The model config made buildable offline for the memory plan without changing its memory
+        (``random_first_stage``: the description of a randomly initialised first stage, for a stage that needs one)."""
+        return model
+
+    def planning_batch(self, batch_size: int, side: int) -> dict[str, torch.Tensor]:
+        """A random training batch of ``side`` x ``side`` images, for the memory plan."""
+        return {"pixel_values": torch.rand(batch_size, 3, side, side) * 2 - 1}
+
+    def attach_data(self, datamodule, latent_cache_root: str | Path) -> None:
+        """Before training: prepare what the stage reads from ``datamodule`` beyond its pixels."""
+
+    def encode_latent_cache(self, datamodule, latent_cache_root: str | Path) -> Path:
+        """task=cache_latents: encode the data into the latent cache; returns its folder."""
+        raise ConfigError(f"task=cache_latents encodes images with a latent diffusion model's first stage, and "
+                          f"this model is {self.description}: use model=unet (or unet_tiny) "
+                          f"model.first_stage=<first-stage checkpoint or export folder>")
+
+    def export(self, out_dir: Path, datamodule: Callable[[], object]) -> Path:
+        """Write the trained model as a diffusers folder; ``datamodule`` builds the data (if the export measures it)."""
+        raise NotImplementedError
+
+    def after_training(self, output_dir: Path, datamodule, sample_options: DictConfig) -> None:
+        """What task=train does after the export (a latent diffusion model draws a grid of samples)."""
 
     @property
     def trained_network(self) -> torch.nn.Module:

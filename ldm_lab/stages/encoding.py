@@ -13,13 +13,13 @@ from tqdm import tqdm
 
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.data.latent_cache import KeyedImages, LatentCache
-from ldm_lab.stages.first_stage import FirstStage, LatentScale
+from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder, LatentScale
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def encode_latent_cache(first_stage: FirstStage, datamodule: ImageDataModule, root: str | os.PathLike) -> dict:
+def encode_latent_cache(first_stage: FrozenAutoencoder, datamodule: ImageDataModule, root: str | os.PathLike) -> dict:
     """Encode every image of ``datamodule`` the cache under ``root`` lacks, at its bucket resolution (center
     crop, no flip) and, with buckets, at the leftover resolution too; write the manifest (per image, its
     key at each resolution; the latent scale over the training images at their bucket resolution), point
@@ -61,7 +61,7 @@ def encode_latent_cache(first_stage: FirstStage, datamodule: ImageDataModule, ro
     return manifest
 
 
-def attach_latent_cache(first_stage: FirstStage, datamodule: ImageDataModule, root: str | os.PathLike) -> None:
+def attach_latent_cache(first_stage: FrozenAutoencoder, datamodule: ImageDataModule, root: str | os.PathLike) -> None:
     """Before training: each node's first process encodes what the cache lacks; under DDP the others, which
     Lightning starts later, read the manifest it wrote (in the datamodule's setup)."""
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:

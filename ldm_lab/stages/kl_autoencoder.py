@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ldm_lab.nn.frozen_autoencoder import reconstruct
 from ldm_lab.stages.autoencoder import AutoencoderStage
 
 
@@ -25,11 +26,5 @@ class KLAutoencoderStage(AutoencoderStage):
         kl = posterior.kl().mean()
         return reconstructions, self.kl_weight * kl, {"kl": kl.detach()}
 
-    @torch.no_grad()
     def reconstruct(self, inputs: torch.Tensor) -> torch.Tensor:
-        vae = self.eval_vae
-        return vae.decode(vae.encode(inputs).latent_dist.mode()).sample
-
-    @torch.no_grad()
-    def sample_latents(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return self.eval_vae.encode(inputs).latent_dist.sample(generator=generator)
+        return reconstruct(self.eval_vae, inputs)  # from the posterior's mode

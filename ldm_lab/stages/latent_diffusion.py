@@ -15,23 +15,28 @@ import functools
 import itertools
 import logging
 import math
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, UNet2DModel
+from diffusers import DDIMScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
+from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from ldm_lab.config.speed import optimizer_options
-from ldm_lab.diffusion.sampling import generate_images
-from ldm_lab.io.convert import converted
+from ldm_lab.diffusion.sampling import LatentDiffusionModel
+from ldm_lab.io.export import export_pipeline
+from ldm_lab.io.samples import draw_samples
+from ldm_lab.io.sources import load_first_stage, load_unet
 from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.nn.ema import ema_with_warmup
+from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
 from ldm_lab.stages.base import TrainingStage
-from ldm_lab.stages.first_stage import describe, load_first_stage
+from ldm_lab.stages.encoding import attach_latent_cache, encode_latent_cache
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,7 @@ class LatentDiffusionStage(TrainingStage):
 
     monitor, monitor_mode = "val/loss_simple_ema", "min"
     description = "a latent diffusion UNet (model=unet or unet_tiny)"
+    produces = "latent_diffusion"
 
     def __init__(
         self,
@@ -90,8 +96,12 @@ class LatentDiffusionStage(TrainingStage):
             raise ValueError("model=unet trains in the latent space of a first stage: set model.first_stage to a "
                              "first-stage checkpoint (.ckpt) or exported folder, e.g. from python run.py "
                              "experiment=quickstart: model.first_stage=outputs/<date>/<time>/checkpoints/last.ckpt")
-        self.first_stage = load_first_stage(first_stage)
-        self.first_stage_source = first_stage if isinstance(first_stage, str) else None  # recorded in checkpoints
+        if isinstance(first_stage, Mapping):  # a checkpoint's description: the architecture, weights follow
+            self.first_stage = FrozenAutoencoder.from_description(OmegaConf.to_container(OmegaConf.create(first_stage)))
+            self.first_stage_source = None
+        else:
+            self.first_stage = load_first_stage(first_stage)
+            self.first_stage_source = str(first_stage)  # recorded in checkpoints
         channels = self.first_stage.latent_channels
         self.unet: nn.Module = unet(in_channels=channels, out_channels=channels)
         if unet_pretrained is not None:
@@ -109,6 +119,63 @@ class LatentDiffusionStage(TrainingStage):
         self.preview = dict(preview or {})  # generate_images' keyword arguments
         self.snr_gamma = snr_gamma
         self._val_sums: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------- what the tasks ask
+    @classmethod
+    def downsample_factor_of(cls, model: DictConfig) -> int:
+        """The UNet's downsampling times its first stage's (when ``model.first_stage`` is set; without one,
+        image sides then fit any first stage up to the UNet's step)."""
+        first_stage = load_first_stage(model.first_stage).downsample_factor if model.first_stage else 1
+        return first_stage * downsampling(model.unet)
+
+    @classmethod
+    def inference_config(cls, model: dict, state: dict) -> dict:
+        """The first stage rebuilt from the checkpoint's description (its weights are in the state dict), not its source."""
+        model["first_stage"] = state["first_stage"]
+        return model
+
+    @classmethod
+    def planning_config(cls, model: DictConfig, random_first_stage: Callable[[], dict]) -> DictConfig:
+        """An unscaled learning rate (its value takes no memory; scaling it needs a datamodule), a latent
+        scale of 1, and without a first stage a random one."""
+        with open_dict(model):
+            model.scale_lr = False
+            model.latent_scale = model.latent_scale or 1.0
+            if model.first_stage is None:
+                model.first_stage = random_first_stage()
+        return model
+
+    def planning_batch(self, batch_size: int, side: int) -> dict[str, torch.Tensor]:
+        """Pixels, or with the latent cache the first stage's moments, as training reads them."""
+        if not self.latent_cache:
+            return super().planning_batch(batch_size, side)
+        first = self.first_stage
+        channels = first.latent_channels * (2 if first.kind == "kl" else 1)
+        latent_side = side // first.downsample_factor
+        return {"latents": torch.randn(batch_size, channels, latent_side, latent_side)}
+
+    def attach_data(self, datamodule, latent_cache_root: str | Path) -> None:
+        if self.latent_cache:
+            attach_latent_cache(self.first_stage, datamodule, latent_cache_root)
+
+    def encode_latent_cache(self, datamodule, latent_cache_root: str | Path) -> Path:
+        encode_latent_cache(self.first_stage, datamodule, latent_cache_root)
+        return datamodule.latent_cache.dir
+
+    def export(self, out_dir: Path, datamodule: Callable[[], object]) -> Path:
+        """An ``LDMPipeline`` folder of the evaluation UNet and the sampling scheduler (no data needed)."""
+        return export_pipeline(self.sampling_model(), out_dir)
+
+    def after_training(self, output_dir: Path, datamodule, sample_options: DictConfig) -> None:
+        """A grid of ``sample.*`` samples at the leftover bucket's resolution, on the GPU when there is one."""
+        self.to("cpu")
+        width, height = datamodule.leftover_resolution
+        grid = draw_samples(sample_options, self.sampling_model(), output_dir / "samples", (height, width))
+        log.info("sample grid: %s", grid)
+
+    def sampling_model(self) -> LatentDiffusionModel:
+        """The parts sampling needs: the evaluation UNet, the first stage, the latent scale, the sampling scheduler."""
+        return LatentDiffusionModel(self.eval_unet, self.first_stage, float(self.latent_scale), self.sampling_scheduler)
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -236,29 +303,20 @@ class LatentDiffusionStage(TrainingStage):
         """For :class:`~ldm_lab.callbacks.image_logger.ImageLogger`: samples from the same noise every time."""
         width, height = datamodule.leftover_resolution
         generator = torch.Generator().manual_seed(self.seed)
-        images = generate_images(self.eval_unet, self.first_stage, float(self.latent_scale), self.sampling_scheduler,
-                                 num_images, height, width, generator=generator, **self.preview)
+        images = self.sampling_model().generate(num_images, height, width, generator=generator, **self.preview)
         return "samples", images, math.ceil(math.sqrt(num_images))
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        checkpoint["ldm_lab"]["first_stage"] = describe(self.first_stage.vae)  # rebuilds it without its source
+        checkpoint["ldm_lab"]["first_stage"] = self.first_stage.describe()  # rebuilds it without its source
         checkpoint["ldm_lab"]["first_stage_source"] = self.first_stage_source  # named when a resume does not match
 
 
 def load_pretrained_unet(unet: nn.Module, source: str) -> None:
-    """Copy into ``unet`` the weights of a diffusers UNet2DModel folder, an LDMPipeline folder (its unet/),
-    or an original LDM checkpoint (converted and cached); the architectures must be the same."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        path = converted(path, "unet")
-    elif (path / "model_index.json").is_file():
-        path = path / "unet"
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"model.unet_pretrained={source} is neither a checkpoint file nor a diffusers "
-                                f"UNet2DModel or LDMPipeline folder")
-    pretrained = UNet2DModel.from_pretrained(path)
+    """Copy into ``unet`` the weights of a UNet source (ldm_lab/io/sources.py: a latent diffusion training
+    checkpoint, a UNet2DModel or LDMPipeline folder, an original LDM checkpoint); the architectures must be the same."""
+    pretrained = load_unet(source, "model.unet_pretrained")
     keys = ("block_out_channels", "layers_per_block", "down_block_types", "attention_head_dim", "in_channels")
     differ = {k: (_plain(pretrained.config[k]), _plain(unet.config[k])) for k in keys
               if _plain(pretrained.config[k]) != _plain(unet.config[k])}

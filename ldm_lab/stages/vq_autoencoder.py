@@ -93,11 +93,6 @@ class VQAutoencoderStage(AutoencoderStage):
     def reconstruct(self, inputs: torch.Tensor) -> torch.Tensor:
         return self._reconstruct_with_indices(inputs)[0]
 
-    @torch.no_grad()
-    def sample_latents(self, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The pre-quantization latents, which LDM's UNet trains on (decoding quantizes them)."""
-        return self.eval_vae.encode(inputs).latents
-
     def on_validation_epoch_start(self) -> None:
         super().on_validation_epoch_start()
         self.val_code_counts = torch.zeros_like(self.train_code_counts, device=self.device)

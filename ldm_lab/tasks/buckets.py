@@ -10,14 +10,12 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig
 
 from ldm_lab.data.buckets import assign_buckets
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.data.index import ImageIndex
-from ldm_lab.nn.downsampling import downsampling
-from ldm_lab.stages.first_stage import load_first_stage
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -63,17 +61,10 @@ def plot_buckets(rows: list[dict], aspects: np.ndarray, path: Path) -> None:
     plt.close(figure)
 
 
-def model_downsampling(model: DictConfig) -> int:
-    """What the buckets must divide by: an autoencoder's downsampling, or an LDM UNet's times its first
-    stage's (when ``model.first_stage`` is set; the buckets then fit any first stage up to the UNet's step)."""
-    if "vae" in model:
-        return downsampling(model.vae)
-    first_stage = load_first_stage(model.first_stage).downsample_factor if model.first_stage else 1
-    return first_stage * downsampling(model.unet)
-
-
 def run(cfg: DictConfig) -> Path:
-    datamodule: ImageDataModule = instantiate(cfg.data, downsample_factor=model_downsampling(cfg.model))
+    # what the buckets must divide by, read from the model config without building the model
+    downsample_factor = get_class(cfg.model._target_).downsample_factor_of(cfg.model)
+    datamodule: ImageDataModule = instantiate(cfg.data, downsample_factor=downsample_factor)
     datamodule.prepare_data()
     index = datamodule.source.index(datamodule.cache_dir)
     table, rows = bucket_table(datamodule, index)

@@ -11,16 +11,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ldm_lab.stages.build import build_stage
-from ldm_lab.stages.encoding import encode_latent_cache
-from ldm_lab.stages.latent_diffusion import LatentDiffusionStage
-from ldm_lab.tasks.build import build_datamodule
+from ldm_lab.tasks.trainer import build_datamodule
 
 
 def run(cfg: DictConfig) -> Path:
     stage = build_stage(cfg.model, cfg.disc, cfg.speed)
-    if not isinstance(stage, LatentDiffusionStage):
-        raise ValueError("task=cache_latents needs a latent diffusion model: model=unet (or unet_tiny) "
-                         "model.first_stage=<first-stage checkpoint or export folder>")
-    datamodule = build_datamodule(cfg, stage.downsample_factor)
-    encode_latent_cache(stage.first_stage, datamodule, cfg.paths.latent_cache)
-    return datamodule.latent_cache.dir
+    return stage.encode_latent_cache(build_datamodule(cfg, stage.downsample_factor), cfg.paths.latent_cache)

@@ -18,13 +18,10 @@ import logging
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, VQModel
 from omegaconf import DictConfig
 
 from ldm_lab.config.validate import ConfigError
 from ldm_lab.data.synthetic import SyntheticSource
-from ldm_lab.diffusion.samples import load_sampler_parts
-from ldm_lab.diffusion.sampling import generate_images
 from ldm_lab.evaluation.metrics import ReconstructionMetrics, SampleQuality, make_fid
 from ldm_lab.evaluation.offline import (
     evaluate_reconstructions,
@@ -32,37 +29,20 @@ from ldm_lab.evaluation.offline import (
     evaluate_samples_against_floor,
 )
 from ldm_lab.evaluation.synthetic_features import load_feature_net
-from ldm_lab.io.checkpoints import read_checkpoint
-from ldm_lab.io.convert import converted, is_original
+from ldm_lab.io.sources import (
+    AUTOENCODER,
+    LATENT_DIFFUSION,
+    Source,
+    load_first_stage,
+    load_latent_diffusion,
+    resolve,
+)
 from ldm_lab.io.weights import MissingWeightsError, find_weights, missing_message
-from ldm_lab.nn.downsampling import downsampling
-from ldm_lab.stages.build import load_stage
-from ldm_lab.tasks.build import build_datamodule
+from ldm_lab.tasks.trainer import build_datamodule
 
 FEATURES = ("auto", "inception", "synthetic")  # evaluate.features: the embedding of an LDM's sample FID
-AUTOENCODERS = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
 
 log = logging.getLogger(__name__)
-
-
-def load_autoencoder(path: Path):
-    """(reconstruct function, downsample factor, the module to move to the device) for a Lightning
-    checkpoint or a diffusers folder."""
-    if path.is_file():
-        stage = load_stage(path)
-        return stage.eval().reconstruct, stage.downsample_factor, stage.eval_vae
-    held = json.loads((path / "config.json").read_text())["_class_name"]
-    if held not in AUTOENCODERS:
-        raise ConfigError(f"evaluate.model={path} holds a {held}: task=evaluate measures an autoencoder "
-                          f"({' or '.join(AUTOENCODERS)}) or a whole latent diffusion model")
-    model = AUTOENCODERS[held].from_pretrained(path).eval()
-
-    def reconstruct(inputs: torch.Tensor) -> torch.Tensor:
-        if isinstance(model, AutoencoderKL):
-            return model.decode(model.encode(inputs).latent_dist.mode()).sample
-        return model.decode(model.encode(inputs).latents).sample  # decode quantizes
-
-    return reconstruct, downsampling(model.config), model
 
 
 def _datamodule(cfg: DictConfig, downsample_factor: int):
@@ -77,25 +57,10 @@ def _reference_path(cfg: DictConfig, datamodule, split: str, count: int) -> Path
     return Path(cfg.evaluate.reference_dir) / f"{name}-{split}{count}-{datamodule.resolution}px-inception2048.npz"
 
 
-def _model_path(model: str) -> Path:
-    """evaluate.model as a lab checkpoint or a diffusers folder: an original checkpoint (LDM's, taming's, SD's
-    VAE) is converted once and cached (ldm_lab/io/convert.py)."""
-    path = Path(model)
-    if not path.exists():
-        raise FileNotFoundError(f"evaluate.model={model}: no such file or folder")
-    return converted(path) if path.is_file() and is_original(path) else path
-
-
-def _is_diffusion_model(path: Path) -> bool:
-    if path.is_dir():
-        return (path / "model_index.json").is_file()
-    return "first_stage" in read_checkpoint(path, mmap=True)["ldm_lab"]
-
-
-def evaluate_autoencoder(cfg: DictConfig, model_path: Path, device: torch.device) -> tuple[dict, list[str], str]:
-    reconstruct, factor, model = load_autoencoder(model_path)
-    model.to(device)
-    datamodule = _datamodule(cfg, factor)
+def evaluate_autoencoder(cfg: DictConfig, source: Source, device: torch.device) -> tuple[dict, list[str], str]:
+    """PSNR, SSIM, LPIPS and rFID of the autoencoder's reconstructions of the validation images."""
+    autoencoder = load_first_stage(source.path, source.key).to(device)
+    datamodule = _datamodule(cfg, autoencoder.downsample_factor)
     # The validation stack decides what it can measure offline (weights present) and says what it cannot.
     available = ReconstructionMetrics(lpips=cfg.evaluate.lpips, rfid=cfg.evaluate.rfid,
                                       vgg16_weights=cfg.paths.weights.vgg16,
@@ -103,7 +68,7 @@ def evaluate_autoencoder(cfg: DictConfig, model_path: Path, device: torch.device
     reference = None
     if available.fid is not None:
         reference = _reference_path(cfg, datamodule, "val", int(datamodule.is_val.sum()))
-    results = evaluate_reconstructions(reconstruct, datamodule.val_dataloader(), device, available.lpips_model,
+    results = evaluate_reconstructions(autoencoder.reconstruct, datamodule.val_dataloader(), device, available.lpips_model,
                                        available.fid, reference)
     notes = list(available.notes)
     results.update(resolution=datamodule.resolution)
@@ -126,20 +91,18 @@ def _features(cfg: DictConfig, datamodule) -> tuple[str, Path | None]:
     return features, weights
 
 
-def evaluate_diffusion(cfg: DictConfig, model_path: Path, device: torch.device) -> tuple[dict, list[str], str]:
+def evaluate_diffusion(cfg: DictConfig, source: Source, device: torch.device) -> tuple[dict, list[str], str]:
     """FID of ``evaluate.num_samples`` samples (drawn as ``sample.*`` says) against the training images."""
-    unet, first_stage, latent_scale, noise_scheduler = load_sampler_parts(model_path)
-    unet.to(device)
-    first_stage.to(device)
-    datamodule = _datamodule(cfg, first_stage.downsample_factor * downsampling(unet.config))
+    model = load_latent_diffusion(source.path, source.key).to(device)
+    datamodule = _datamodule(cfg, model.downsample_factor)
     features, weights = _features(cfg, datamodule)
     options = cfg.sample
     height, width = options.height or datamodule.resolution, options.width or datamodule.resolution
     generator = torch.Generator().manual_seed(options.seed)
 
     def generate(n: int) -> torch.Tensor:
-        return generate_images(unet, first_stage, latent_scale, noise_scheduler, n, height, width, options.sampler,
-                               options.num_inference_steps, options.eta, n, generator)
+        return model.generate(n, height, width, sampler=options.sampler, num_inference_steps=options.num_inference_steps,
+                              eta=options.eta, batch_size=n, generator=generator)
 
     notes = []
     if features == "inception":
@@ -161,16 +124,18 @@ def evaluate_diffusion(cfg: DictConfig, model_path: Path, device: torch.device) 
     return results, notes, datamodule.source.name
 
 
+EVALUATIONS = {AUTOENCODER: evaluate_autoencoder, LATENT_DIFFUSION: evaluate_diffusion}
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.evaluate.model is None:
-        raise ValueError("task=evaluate needs evaluate.model=<a .ckpt, an exported diffusers folder or an original "
+        raise ConfigError("task=evaluate needs evaluate.model=<a .ckpt, an exported diffusers folder or an original "
                          "checkpoint>")
     if cfg.evaluate.features not in FEATURES:
         raise ConfigError(f"evaluate.features={cfg.evaluate.features}: choose one of {', '.join(FEATURES)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model_path = _model_path(cfg.evaluate.model)
-    evaluate = evaluate_diffusion if _is_diffusion_model(model_path) else evaluate_autoencoder
-    results, notes, data_name = evaluate(cfg, model_path, device)
+    source = resolve(cfg.evaluate.model, "evaluate.model", (AUTOENCODER, LATENT_DIFFUSION))
+    results, notes, data_name = EVALUATIONS[source.holds](cfg, source, device)
     results.update(model=str(cfg.evaluate.model), data=data_name)
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -21,35 +21,29 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.utils import get_class
+from omegaconf import DictConfig, OmegaConf
 
 from ldm_lab.config.memory import GIB, trace_step
 from ldm_lab.stages.build import build_stage
-from ldm_lab.stages.latent_diffusion import LatentDiffusionStage
 
 log = logging.getLogger(__name__)
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
-def _planning_config(cfg: DictConfig) -> DictConfig:
-    """The model config, made buildable offline without changing its memory: LPIPS with a random
-    backbone (the same network), no validation metrics, the adversarial terms on from the start (the
-    step's worst case); for an LDM an unscaled learning rate and, without a first stage, a random one of
-    the ``plan.first_stage`` architecture."""
+def planning_config(cfg: DictConfig) -> DictConfig:
+    """The model config made buildable offline without changing its memory (the stage's ``planning_config``);
+    a first stage it lacks is a random one of the ``plan.first_stage`` architecture."""
     model = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
-    with open_dict(model):
-        if "loss" in model:
-            model.loss.update(lpips_backbone="random", require_perceptual_weights=False, disc_start=0)
-            model.metrics.update(lpips=False, rfid=False)
-        if "scale_lr" in model:  # the value of the learning rate takes no memory; scaling it needs a datamodule
-            model.scale_lr = False
-        if "first_stage" in model and model.first_stage is None:
-            vae = _compose_model(cfg.plan.first_stage).vae
-            config = {k: v for k, v in OmegaConf.to_container(vae).items() if not k.startswith("_")}
-            model.first_stage = {"class_name": vae._target_.split(".")[-1], "config": config}
-            log.info("model.first_stage is unset: planning with a randomly initialised model/%s first stage",
-                     cfg.plan.first_stage)
-    return model
+    return get_class(model._target_).planning_config(model, lambda: random_first_stage(cfg.plan.first_stage))
+
+
+def random_first_stage(name: str) -> dict:
+    """The description (class and config) of conf/model/<name>.yaml's network, randomly initialised."""
+    vae = _compose_model(name).vae
+    config = {k: v for k, v in OmegaConf.to_container(vae).items() if not k.startswith("_")}
+    log.info("model.first_stage is unset: planning with a randomly initialised model/%s first stage", name)
+    return {"class_name": vae._target_.split(".")[-1], "config": config}
 
 
 def _compose_model(name: str) -> DictConfig:
@@ -67,28 +61,15 @@ def target_side(cfg: DictConfig) -> int:
     return int(math.sqrt(buckets.max_area)) if buckets else int(cfg.data.resolution)
 
 
-def random_batches(stage, side: int, batch_size: int):
-    """Random batches like the training ones: pixels, or for a cached LDM the first stage's moments."""
-    if isinstance(stage, LatentDiffusionStage) and stage.latent_cache:
-        first = stage.first_stage
-        channels = first.latent_channels * (2 if first.kind == "kl" else 1)
-        latent_side = side // first.downsample_factor
-        return lambda: {"latents": torch.randn(batch_size, channels, latent_side, latent_side)}
-    return lambda: {"pixel_values": torch.rand(batch_size, 3, side, side) * 2 - 1}
-
-
 def build_for_planning(cfg: DictConfig):
     torch.manual_seed(0)
-    stage = build_stage(_planning_config(cfg), cfg.disc, cfg.speed)
-    if isinstance(stage, LatentDiffusionStage):
-        stage.latent_scale.fill_(1.0)
-    return stage
+    return build_stage(planning_config(cfg), cfg.disc, cfg.speed)
 
 
 def measure(cfg: DictConfig, side: int, stage=None) -> dict[str, int]:
     """Trace a step of a fresh stage (or ``stage``, untrained) at ``side`` px: held bytes by kind and the step's peak."""
     stage = stage if stage is not None else build_for_planning(cfg)
-    held, peak = trace_step(stage, random_batches(stage, side, cfg.data.batch_size), cfg.trainer.precision)
+    held, peak = trace_step(stage, lambda: stage.planning_batch(cfg.data.batch_size, side), cfg.trainer.precision)
     return {"weights": held.weights, "ema": held.ema, "optimizer": held.optimizer, "gradients": held.gradients,
             "peak": peak}
 

@@ -1,4 +1,4 @@
-"""task=sample: images from a latent diffusion model, as PNG files and one grid (ldm_lab/diffusion/samples.py).
+"""task=sample: images from a latent diffusion model, as PNG files and one grid (ldm_lab/io/samples.py).
 
     python run.py task=sample ckpt_path=outputs/.../checkpoints/last.ckpt sample.num_images=64
     python run.py task=sample sample.model=outputs/.../export sample.sampler=ddpm sample.num_inference_steps=1000
@@ -11,17 +11,18 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ldm_lab.diffusion.samples import draw_samples, load_sampler_parts
+from ldm_lab.config.validate import ConfigError
+from ldm_lab.io.samples import draw_samples
+from ldm_lab.io.sources import load_latent_diffusion
 
 log = logging.getLogger(__name__)
 
 
 def run(cfg: DictConfig) -> Path:
     if cfg.sample.model is None:
-        raise ValueError("task=sample needs ckpt_path=<an LDM checkpoint> or sample.model=<an exported pipeline folder>")
-    unet, first_stage, latent_scale, noise_scheduler = load_sampler_parts(Path(cfg.sample.model))
-    side = unet.config.sample_size * first_stage.downsample_factor
-    grid = draw_samples(cfg.sample, unet, first_stage, latent_scale, noise_scheduler,
-                        Path(cfg.paths.output_dir) / "samples", (side, side))
+        raise ConfigError("task=sample needs ckpt_path=<an LDM checkpoint> or sample.model=<an exported pipeline folder>")
+    model = load_latent_diffusion(cfg.sample.model, "sample.model")
+    side = model.unet.config.sample_size * model.first_stage.downsample_factor
+    grid = draw_samples(cfg.sample, model, Path(cfg.paths.output_dir) / "samples", (side, side))
     log.info("sample grid: %s", grid)
     return grid

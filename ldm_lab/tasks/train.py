@@ -1,5 +1,5 @@
-"""task=train: fit the stage, validate before and after, export a diffusers folder (and, for the LDM,
-draw a grid of samples)."""
+"""task=train: fit the stage, validate before and after, export a diffusers folder and do what the stage
+does after training (a latent diffusion model draws a grid of samples)."""
 
 from __future__ import annotations
 
@@ -10,13 +10,9 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
-from ldm_lab.diffusion.samples import draw_samples
 from ldm_lab.io.checkpoints import check_resume, claim_run_folder, read_checkpoint
-from ldm_lab.io.export import export_autoencoder, export_pipeline
 from ldm_lab.stages.build import build_stage
-from ldm_lab.stages.encoding import attach_latent_cache
-from ldm_lab.stages.latent_diffusion import LatentDiffusionStage
-from ldm_lab.tasks.build import build_datamodule, build_trainer
+from ldm_lab.tasks.trainer import build_datamodule, build_trainer
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +37,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         resumed = read_checkpoint(cfg.ckpt_path, mmap=True)
         check_resume(resumed, cfg.ckpt_path, stage)
         log.info("resuming from %s at step %d", cfg.ckpt_path, resumed["ldm_lab"]["step"])
-    diffusion = isinstance(stage, LatentDiffusionStage)
-    if diffusion and stage.latent_cache:  # after the checks, which a refused run should not wait for
-        attach_latent_cache(stage.first_stage, datamodule, cfg.paths.latent_cache)
+    stage.attach_data(datamodule, cfg.paths.latent_cache)  # after the checks, which a refused run should not wait for
     log.info("run folder: %s", output_dir)
     log.info("TensorBoard: tensorboard --logdir %s", output_dir / "tensorboard")
 
@@ -62,15 +56,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     log.info("checkpoints: %s (resume: python run.py ckpt_path=%s)", checkpoint_dir,
              checkpoint_dir / "last.ckpt" if checkpoint_dir else "<checkpoint>")
     log.info("image grids: %s", output_dir / "images")
-    if diffusion:
-        export_dir = export_pipeline(stage, output_dir / "export")
-        log.info("diffusers folder: %s (LDMPipeline.from_pretrained)", export_dir)
-        stage.to("cpu")
-        height, width = datamodule.leftover_resolution[1], datamodule.leftover_resolution[0]
-        grid = draw_samples(cfg.sample, stage.eval_unet, stage.first_stage, float(stage.latent_scale), stage.sampling_scheduler,
-                      output_dir / "samples", (height, width))
-        log.info("sample grid: %s", grid)
-    else:
-        export_dir = export_autoencoder(stage, datamodule, output_dir / "export")
-        log.info("diffusers folder: %s (%s.from_pretrained)", export_dir, type(stage.eval_vae).__name__)
+    log.info("diffusers folder: %s", stage.export(output_dir / "export", lambda: datamodule))
+    stage.after_training(output_dir, datamodule, cfg.sample)
     return stage.last_val_metrics

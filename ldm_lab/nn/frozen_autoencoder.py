@@ -11,24 +11,26 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import diffusers
 import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ldm_lab.io.convert import converted, is_original
 from ldm_lab.nn.downsampling import downsampling
-from ldm_lab.stages.autoencoder import AutoencoderStage
-from ldm_lab.stages.build import load_stage
 
 
 def kind_of(vae: nn.Module) -> str:
     return "kl" if isinstance(vae, AutoencoderKL) else "vq"
+
+
+@torch.no_grad()
+def reconstruct(vae: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Deterministic reconstruction: KL decodes the posterior's mode, VQ decodes the quantized latents."""
+    encoded = vae.encode(pixel_values)
+    return vae.decode(encoded.latent_dist.mode() if kind_of(vae) == "kl" else encoded.latents).sample
 
 
 @torch.no_grad()
@@ -79,14 +81,19 @@ def measure_latent_scale(vae: nn.Module, pixel_batches) -> float:
     return measured.scaling_factor
 
 
-class FirstStage(nn.Module):
-    """A diffusers autoencoder, frozen and always in eval mode."""
+class FrozenAutoencoder(nn.Module):
+    """A diffusers autoencoder, frozen and always in eval mode: a latent diffusion model's first stage."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
         self.vae = vae.requires_grad_(False).eval()
 
-    def train(self, mode: bool = True) -> FirstStage:
+    @classmethod
+    def from_description(cls, description: dict) -> FrozenAutoencoder:
+        """The architecture :meth:`describe` gives, with random weights (a state dict fills them)."""
+        return cls(getattr(diffusers, description["class_name"]).from_config(description["config"]))
+
+    def train(self, mode: bool = True) -> FrozenAutoencoder:
         return super().train(False)  # frozen: never dropout or batch statistics
 
     @property
@@ -112,46 +119,25 @@ class FirstStage(nn.Module):
         """Unscaled latents from moments: a posterior sample (KL) or the moments themselves (VQ)."""
         return DiagonalGaussianDistribution(moments).sample(generator) if self.kind == "kl" else moments
 
+    def reconstruct(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return reconstruct(self.vae, pixel_values)
+
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Unscaled latents to pixels in [-1, 1] (a VQModel quantizes them first)."""
         return self.vae.decode(latents).sample
 
+    def describe(self) -> dict:
+        """Class and config: what rebuilds the architecture (weights come from a state dict)."""
+        config = {k: v for k, v in dict(self.vae.config).items() if not k.startswith("_")}
+        config.pop("scaling_factor", None)  # measured, not architecture
+        return {"class_name": type(self.vae).__name__, "config": config}
+
     def fingerprint(self) -> str:
         """A hash of the architecture and the weights: the latent cache's key for this first stage."""
-        digest = hashlib.sha256(json.dumps(describe(self.vae), sort_keys=True, default=str).encode())
+        digest = hashlib.sha256(json.dumps(self.describe(), sort_keys=True, default=str).encode())
         for name, tensor in sorted(self.vae.state_dict().items()):
             digest.update(name.encode())
             digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
-
-def describe(vae: nn.Module) -> dict:
-    """Class and config: what rebuilds the architecture (weights come from a state dict)."""
-    config = {k: v for k, v in dict(vae.config).items() if not k.startswith("_")}
-    config.pop("scaling_factor", None)  # measured, not architecture
-    return {"class_name": type(vae).__name__, "config": config}
-
-
-def load_first_stage(source: str | Path | dict | DictConfig) -> FirstStage:
-    """A first stage from a training checkpoint (.ckpt: its evaluation weights, the EMA when on), an
-    exported diffusers folder (AutoencoderKL or VQModel), an original checkpoint (LDM's vq-f4 / kl-f8
-    model.ckpt, a whole LDM's first stage, SD's VAE .safetensors; converted and cached by
-    :func:`~ldm_lab.io.convert.converted`) or a :func:`describe` dict (architecture only)."""
-    if isinstance(source, DictConfig):
-        source = OmegaConf.to_container(source)
-    if isinstance(source, dict):
-        return FirstStage(getattr(diffusers, source["class_name"]).from_config(source["config"]))
-    path = Path(str(source)).expanduser()
-    if path.is_file() and is_original(path):  # LDM's / taming's / SD's own checkpoint, converted once
-        path = converted(path, "first_stage")
-    elif path.is_file():
-        return FirstStage(load_stage(path, expect=AutoencoderStage, key="model.first_stage").eval_vae)
-    if (path / "config.json").is_file():
-        class_name = json.loads((path / "config.json").read_text())["_class_name"]
-        return FirstStage(getattr(diffusers, class_name).from_pretrained(path))
-    raise FileNotFoundError(
-        f"model.first_stage={source} is neither a checkpoint (.ckpt, .safetensors) nor a diffusers folder with a "
-        f"config.json. Train a first stage (python run.py model=vqvae or experiment=quickstart) and pass "
-        f"model.first_stage=<run>/checkpoints/last.ckpt or model.first_stage=<run>/export"
-    )

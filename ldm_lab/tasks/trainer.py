@@ -1,5 +1,5 @@
-"""Instantiate a run's data and Trainer from its composed config, each through its ``_target_`` (the stage:
-ldm_lab/stages/build.py)."""
+"""The Trainer and the datamodule it fits, from a run's composed config, each through its ``_target_`` (the
+stage: ldm_lab/stages/build.py)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,147 @@
+"""Where a trained model comes from: one resolver for every key that names one (``model.first_stage``,
+``model.pretrained``, ``model.unet_pretrained``, ``sample.model``, ``evaluate.model``). Each takes the same
+kinds of source: a lab training checkpoint (.ckpt), an exported diffusers folder, or an original checkpoint
+of LDM, taming or Stable Diffusion (converted once and cached, ldm_lab/io/convert.py). A whole latent
+diffusion model also serves as its first stage or its UNet. ``model.pretrained`` takes a Hugging Face hub
+id too (``from_pretrained`` downloads it where there is a network)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel, VQModel
+from hydra.utils import get_class
+from torch import nn
+
+from ldm_lab.config.validate import ConfigError
+from ldm_lab.diffusion.sampling import LatentDiffusionModel
+from ldm_lab.io.checkpoints import read_checkpoint
+from ldm_lab.io.convert import converted, is_original
+from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
+from ldm_lab.stages.build import load_stage
+
+AUTOENCODER, UNET, LATENT_DIFFUSION = "autoencoder", "unet", "latent_diffusion"
+WHAT = {AUTOENCODER: "an autoencoder (model=vae, vqvae or their tiny variants; AutoencoderKL or VQModel)",
+        UNET: "a UNet (UNet2DModel)", LATENT_DIFFUSION: "a latent diffusion model (model=unet; LDMPipeline)"}
+FOLDER_CLASSES = {"AutoencoderKL": AUTOENCODER, "VQModel": AUTOENCODER, "UNet2DModel": UNET}
+FOLDER_MODELS = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
+PARTS = {AUTOENCODER: "vqvae", UNET: "unet"}  # an LDMPipeline folder's subfolders
+
+
+class SourceError(ConfigError):
+    """A model source the key cannot take; the message names the key, what it holds and what it takes."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved model source: a lab training checkpoint or a diffusers folder (an original checkpoint is
+    converted to one), and what it holds."""
+
+    key: str
+    path: Path
+    holds: str  # AUTOENCODER | UNET | LATENT_DIFFUSION
+    checkpoint: bool  # a lab training checkpoint, else a diffusers folder
+
+    def folder(self, part: str) -> Path:
+        """The diffusers folder of ``part``: the folder itself, or a pipeline's subfolder."""
+        return self.path / PARTS[part] if self.holds == LATENT_DIFFUSION and part != LATENT_DIFFUSION else self.path
+
+
+def _error(key: str, value, problem: str, accepts: tuple[str, ...]) -> SourceError:
+    return SourceError(
+        f"{key}={value} {problem}. {key} takes {' or '.join(WHAT[a] for a in accepts)}, as a training checkpoint "
+        f"(<run>/checkpoints/last.ckpt), an exported diffusers folder (<run>/export) or an original checkpoint "
+        f"(LDM's or taming's model.ckpt, Stable Diffusion's VAE .safetensors)")
+
+
+def _folder_holds(path: Path) -> str | None:
+    if (path / "model_index.json").is_file():
+        return LATENT_DIFFUSION
+    if (path / "config.json").is_file():
+        return FOLDER_CLASSES.get(json.loads((path / "config.json").read_text()).get("_class_name"))
+    return None
+
+
+def resolve(value, key: str, accepts: tuple[str, ...]) -> Source:
+    """What ``key=value`` holds, checked against what the key ``accepts`` (a latent diffusion model serves
+    as its parts): the one place a source is told apart and refused."""
+    path = Path(str(value)).expanduser()
+    checkpoint = path.is_file() and not is_original(path)
+    if checkpoint:
+        held = get_class(read_checkpoint(path, mmap=True)["ldm_lab"]["config"]["model"]["_target_"]).produces
+    elif path.is_file():
+        path = converted(path)
+        held = _folder_holds(path)
+    elif path.is_dir():
+        held = _folder_holds(path)
+        if held is None:
+            raise _error(key, value, "is a folder without a diffusers config.json or model_index.json", accepts)
+    else:
+        raise _error(key, value, "does not exist", accepts)
+    if held not in accepts and not (held == LATENT_DIFFUSION and set(accepts) & set(PARTS)):
+        raise _error(key, value, f"holds {WHAT[held]}", accepts)
+    return Source(key, path, held, checkpoint)
+
+
+def load_autoencoder(value, key: str, subfolder: str | None = None, model_class: type | None = None) -> nn.Module:
+    """The diffusers autoencoder of a source (a training checkpoint's evaluation weights: the EMA when on).
+    ``subfolder``: of a folder or hub repository (``model.pretrained_subfolder``, e.g. "vae"); ``model_class``:
+    the class the config builds (AutoencoderKL or VQModel), which the source must hold."""
+    local = Path(str(value)).expanduser()
+    if not local.exists() and _is_hub_id(value):
+        return _from_hub(model_class or AutoencoderKL, value, key, subfolder)
+    source = resolve(local / subfolder if subfolder else value, key, (AUTOENCODER,))
+    if source.checkpoint:
+        stage = load_stage(source.path)
+        vae = stage.first_stage.vae if source.holds == LATENT_DIFFUSION else stage.eval_vae
+    else:
+        folder = source.folder(AUTOENCODER)
+        vae = FOLDER_MODELS[json.loads((folder / "config.json").read_text())["_class_name"]].from_pretrained(folder)
+    if model_class is not None and not isinstance(vae, model_class):
+        raise SourceError(f"{key}={value} holds a {type(vae).__name__}, but the model config builds a "
+                          f"{model_class.__name__}: choose the model option of that kind (model=vae for an "
+                          f"AutoencoderKL, model=vqvae for a VQModel)")
+    return vae
+
+
+def load_first_stage(value, key: str = "model.first_stage") -> FrozenAutoencoder:
+    """A latent diffusion model's frozen first stage from any autoencoder source."""
+    return FrozenAutoencoder(load_autoencoder(value, key))
+
+
+def load_unet(value, key: str) -> UNet2DModel:
+    """The UNet of a source: a UNet folder, or a latent diffusion model's (evaluation weights: the EMA when on)."""
+    source = resolve(value, key, (UNET,))
+    if source.checkpoint:
+        return load_stage(source.path).eval_unet
+    return UNet2DModel.from_pretrained(source.folder(UNET))
+
+
+def load_latent_diffusion(value, key: str) -> LatentDiffusionModel:
+    """A whole latent diffusion model, for sampling: a training checkpoint's evaluation UNet and sampling
+    scheduler, or an ``LDMPipeline`` folder's (``vqvae.config.scaling_factor`` is its latent scale)."""
+    source = resolve(value, key, (LATENT_DIFFUSION,))
+    if source.checkpoint:
+        return load_stage(source.path).sampling_model()
+    first_stage = load_first_stage(source.path / "vqvae", key)
+    return LatentDiffusionModel(UNet2DModel.from_pretrained(source.path / "unet").eval(), first_stage,
+                                first_stage.vae.config.scaling_factor,
+                                DDIMScheduler.from_pretrained(source.path / "scheduler"))
+
+
+def _is_hub_id(value) -> bool:
+    """``owner/name``: what Hugging Face's hub names a repository by."""
+    parts = str(value).split("/")
+    return len(parts) == 2 and all(parts) and not str(value).startswith((".", "~"))
+
+
+def _from_hub(model_class: type, value, key: str, subfolder: str | None) -> nn.Module:
+    try:
+        return model_class.from_pretrained(value, subfolder=subfolder)
+    except (OSError, ValueError) as error:
+        raise SourceError(
+            f"{key}={value} (subfolder {subfolder!r}) could not be loaded from the Hugging Face hub: {error}\n"
+            f"Without network access, download it where you have one (`hf download {value} --local-dir "
+            f"./{str(value).split('/')[-1]}`), copy the folder here and pass {key}=/path/to/that/folder") from error
