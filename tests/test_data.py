@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm_lab.config.errors import ConfigError
 from ldm_lab.data import index as index_module
 from ldm_lab.data.datamodule import BucketConfig, ImageDataModule
 from ldm_lab.data.images import to_rgb
@@ -151,7 +152,8 @@ def test_bucketed_batches_hold_one_resolution_near_each_image_shape(tmp_path):
             root / f"{i}.png")
     Image.new("RGB", (400, 20)).save(root / "extreme.png")
     Image.new("RGB", (10, 12)).save(root / "tiny.png")
-    buckets = BucketConfig(max_area=64 * 64, min_side=32, max_side=128, step=32, base_side=64, max_ar_error=0.6)
+    buckets = BucketConfig(max_area=64 * 64, min_side=32, max_side=128, step=32, base_side=64, max_ar_error=0.6,
+                           no_upscale=False)
     dm = ImageDataModule(FolderSource(root), buckets=buckets, batch_size=4, num_val=4, num_workers=0,
                          min_image_side=16, downsample_factor=8)
     dm.setup("fit")
@@ -248,3 +250,10 @@ def test_ranks_indexing_at_once_do_not_trip_over_the_cache(tmp_path, monkeypatch
     assert interleaved and len(first) == len(VALID)
     assert not list(cache.glob("*.tmp.npz"))
     assert index_folder(images, IMAGE_EXTENSIONS, cache).locations == first.locations
+
+
+def test_a_partial_bucket_set_names_the_missing_keys(tmp_path):
+    """The bucket values live in conf/data/buckets/ only: a set lacking some says which and where to start."""
+    partial = {"max_area": 64 * 64, "min_side": 32, "max_side": 128, "step": 32, "base_side": 64}
+    with pytest.raises(ConfigError, match=r"data.buckets lacks max_ar_error, no_upscale: .*\+data/buckets=novelai"):
+        ImageDataModule(FolderSource(tmp_path), buckets=partial)

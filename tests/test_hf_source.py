@@ -11,6 +11,7 @@ import datasets
 import pytest
 from PIL import Image
 
+from ldm_lab.config.errors import ConfigError
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.data.sources import HFSource
 
@@ -63,7 +64,7 @@ def test_local_copy_trains_through_the_datamodule(local_copy):
 
 
 def test_missing_column_names_the_key(local_copy):
-    with pytest.raises(KeyError, match="data.source.image_column"):
+    with pytest.raises(ConfigError, match="data.source.image_column"):
         HFSource(local_copy, image_column="img").prepare()
 
 

@@ -111,7 +111,7 @@ def test_each_task_composes_with_its_own_options_only(compose_cfg):
         assert cfg.task == task
         assert {key for key, owner in owned.items() if key in cfg} == {k for k, o in owned.items() if o == task}
         assert ("model" in cfg.sample) == (task == "sample")
-        assert cfg.model.preview.num_inference_steps == cfg.sample.num_inference_steps == 50
+        assert cfg.callbacks.image_logger.sampling.num_inference_steps == cfg.sample.num_inference_steps == 50
 
 
 def test_another_tasks_option_is_refused_with_its_task():

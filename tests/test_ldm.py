@@ -176,7 +176,7 @@ def test_ema_follows_its_formula_and_is_what_validation_and_sampling_use(compose
     class Data:
         leftover_resolution = (32, 32)
 
-    _, previews, _ = stage.preview_images(Data(), 2)
+    _, previews, _ = stage.preview_images(Data(), 2, cfg.sample)
     args = (stage.first_stage, 1.0, stage.sampling_scheduler, 2, 32, 32)
     with_ema = generate_images(stage.ema.module, *args, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     with_unet = generate_images(stage.unet, *args, num_inference_steps=2, generator=torch.Generator().manual_seed(0))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 import subprocess
 import sys
 
@@ -85,6 +87,40 @@ def test_misspelt_norm_type_fails_before_training(tmp_path):
     assert "spectral_grp" in result.stderr
     assert "spectral_group" in result.stderr and "batch" in result.stderr and "none" in result.stderr
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.ckpt"))
+
+
+USER_ERRORS = {
+    "wrong_kind_checkpoint": (["ckpt_path={root}/tests/fixtures/legacy_ldm.ckpt"],
+                              "error: ckpt_path=.*legacy_ldm.ckpt holds a latent diffusion UNet .* this run trains a KL"),
+    "empty_data_folder": (["data=folder", "data.source.root={tmp}/empty"], "error: no usable .* images under data.source.root="),
+    "too_few_images": (["data=folder", "data.source.root={tmp}/few", "data.num_val=1"],
+                       "error: 2 images cannot fill one batch of 8 .* lower data.batch_size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(USER_ERRORS))
+def test_an_error_the_user_caused_is_one_line_and_exit_status_2(case, tmp_path):
+    """As the config errors are shown: no Hydra traceback before the message (issue 22, item 7)."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "few").mkdir()
+    for i in range(3):
+        Image.new("RGB", (40, 40), (60 * i, 0, 0)).save(tmp_path / "few" / f"{i}.png")
+    overrides, expected = USER_ERRORS[case]
+    tiny = [o for o in TINY if not o.startswith(("data.source", "data.num_val", "data.batch_size"))]
+    args = [*tiny, *(o.format(root=ROOT, tmp=tmp_path) for o in overrides), f"paths.root_dir={tmp_path}",
+            "data.num_workers=0", "data.source.index_workers=0" if "data=folder" in overrides else "seed=0"]
+    result = _run(*args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Error executing job" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.match(expected, errors[0]), result.stderr[-2000:]
+
+
+def test_hydra_full_error_shows_the_traceback_of_a_user_error(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "task=sample", f"sample.model={tmp_path / 'absent'}",
+                             f"paths.root_dir={tmp_path}"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "HYDRA_FULL_ERROR": "1"})
+    assert result.returncode == 1 and "Traceback" in result.stderr and "SourceError: sample.model=" in result.stderr
 
 
 @pytest.mark.slow
@@ -181,7 +217,7 @@ def test_two_process_ddp_on_buckets_disjoint_images_per_rank_one_sync_per_step(t
     for i in range(36):
         size = (48, 32) if i % 3 == 0 else (32, 48) if i % 3 == 1 else (40, 40)
         Image.new("RGB", size, (i * 7, 100, 200 - i * 5)).save(images / f"{i}.png")
-    buckets = "{max_area: 2048, min_side: 16, max_side: 64, step: 16, base_side: 32, max_ar_error: 0.5}"
+    buckets = "{max_area: 2048, min_side: 16, max_side: 64, step: 16, base_side: 32, max_ar_error: 0.5, no_upscale: false}"
     tiny = [o for o in TINY if not o.startswith(("data.source", "data.resolution"))]
     result = _run(*tiny, "trainer.devices=2", "trainer.strategy=ddp_find_unused_parameters_true", "data=folder",
                   f"data.source.root={images}", "data.source.index_workers=0", f"data.buckets={buckets}",

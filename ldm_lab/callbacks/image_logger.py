@@ -3,6 +3,7 @@ images over their reconstructions; a diffusion model: samples from the same nois
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
@@ -12,13 +13,16 @@ from torchvision.utils import make_grid, save_image
 
 class ImageLogger(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and before the first) the grid of
-    ``pl_module.preview_images(datamodule, num_images)`` (``(name, images in [-1, 1], images per row)``):
-    to TensorBoard (``val/<name>``) and as ``<dirpath>/<name>_step<step>.png``."""
+    ``pl_module.preview_images(datamodule, num_images, sampling)`` (``(name, images in [-1, 1], images per row)``):
+    to TensorBoard (``val/<name>``) and as ``<dirpath>/<name>_step<step>.png``. ``sampling``: the run's
+    ``sample.*``, so a diffusion model's grid is drawn as task=sample would draw it."""
 
-    def __init__(self, every_n_steps: int, num_images: int = 8, dirpath: str | Path = "images"):
+    def __init__(self, every_n_steps: int, num_images: int = 8, dirpath: str | Path = "images",
+                 sampling: Mapping | None = None):
         self.every_n_steps = every_n_steps
         self.num_images = num_images
         self.dirpath = Path(dirpath)
+        self.sampling = dict(sampling or {})
         self._logged_step: int | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -36,7 +40,7 @@ class ImageLogger(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         with trainer.precision_plugin.forward_context():
-            name, images, nrow = pl_module.preview_images(trainer.datamodule, self.num_images)
+            name, images, nrow = pl_module.preview_images(trainer.datamodule, self.num_images, self.sampling)
         pl_module.train(was_training)
         # TensorBoard takes no bf16 images: float, clamp, then [0, 1].
         grid = make_grid(images.float().cpu().clamp(-1, 1).add(1).div(2), nrow=nrow, padding=2, pad_value=1.0)

@@ -11,9 +11,7 @@ import yaml
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-
-class ConfigError(ValueError):
-    """A value the run cannot work with; the message names the key and what to give instead."""
+from ldm_lab.config.errors import ConfigError
 
 
 def check_group_choices(overrides: list[str], conf_dir: Path) -> None:

@@ -16,6 +16,8 @@ from typing import NamedTuple
 import numpy as np
 from torch.utils.data import Sampler
 
+from ldm_lab.config.errors import ConfigError
+
 
 def bucket_resolutions(
     max_area: int, min_side: int, max_side: int, step: int, base_side: int | None = None
@@ -135,8 +137,8 @@ class BucketBatchSampler(Sampler[list[Item]]):
         if not drop_last and num_replicas != 1:
             raise ValueError("drop_last=False is for one rank (validation)")
         if drop_last and len(self.kept) < per_step:
-            raise ValueError(f"{len(self.kept)} images cannot fill one batch of {batch_size} on {num_replicas} "
-                             f"rank(s); lower data.batch_size or add images")
+            raise ConfigError(f"{len(self.kept)} images cannot fill one batch of {batch_size} on {num_replicas} "
+                              f"rank(s); lower data.batch_size or add images")
         self.num_batches = len(self.kept) // per_step if drop_last else None
 
     def __len__(self) -> int:

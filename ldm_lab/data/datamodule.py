@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import lightning as L
 import numpy as np
@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ldm_lab.config.errors import ConfigError
 from ldm_lab.data.buckets import BucketBatchSampler, Item, assign_buckets, bucket_resolutions
 from ldm_lab.data.images import to_rgb
 from ldm_lab.data.index import ImageIndex
@@ -30,15 +31,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class BucketConfig:
-    """NovelAI's defaults: 512x768 area, sides 256-1024 in steps of 64, plus 512x512."""
+    """Aspect-ratio buckets (seed 002): the values, NovelAI's among them, live in conf/data/buckets/."""
 
-    max_area: int = 512 * 768
-    min_side: int = 256
-    max_side: int = 1024
-    step: int = 64
-    base_side: int | None = 512
-    max_ar_error: float = 0.25  # |log aspect| error; about 28% off at most
-    no_upscale: bool = False
+    max_area: int
+    min_side: int
+    max_side: int
+    step: int
+    base_side: int | None
+    max_ar_error: float  # |log aspect| error to the nearest bucket above which an image is skipped
+    no_upscale: bool
+
+    @classmethod
+    def of(cls, values: Mapping) -> BucketConfig:
+        missing = [f.name for f in fields(cls) if f.name not in values]
+        if missing:
+            raise ConfigError(f"data.buckets lacks {', '.join(missing)}: start from a bucket set and change its keys, "
+                              f"e.g. +data/buckets=novelai data.buckets.max_area=65536")
+        return cls(**values)
 
 
 class BucketedImages(Dataset):
@@ -80,7 +89,7 @@ class BucketedImages(Dataset):
             pixels = bucket_transform(image, (width, height), self.random_crop, self.random_flip,
                                       self._augmentation_generator(item))
             return {"pixel_values": pixels, "index": index}
-        raise RuntimeError("no image of the data set could be decoded")
+        raise ConfigError("no image of the data set could be decoded")
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -109,7 +118,7 @@ class ImageDataModule(L.LightningDataModule):
         super().__init__()
         self.source = source
         self.val_source = val_source
-        self.buckets = BucketConfig(**buckets) if isinstance(buckets, Mapping) else buckets  # unset keys: defaults
+        self.buckets = BucketConfig.of(buckets) if isinstance(buckets, Mapping) else buckets
         if self.buckets is None:
             self.resolutions = [(resolution, resolution)]
             self.leftover_resolution = (resolution, resolution)
@@ -122,7 +131,7 @@ class ImageDataModule(L.LightningDataModule):
         bad = [wh for wh in self.resolutions if wh[0] % downsample_factor or wh[1] % downsample_factor]
         if bad:
             key = "data.resolution" if self.buckets is None else "data.buckets.step/min_side/max_side"
-            raise ValueError(
+            raise ConfigError(
                 f"{key} gives {bad[0][0]}x{bad[0][1]}, not divisible by the model's downsampling factor "
                 f"{downsample_factor}; use multiples of it (e.g. data.resolution="
                 f"{max(downsample_factor, resolution // downsample_factor * downsample_factor)})"
@@ -226,7 +235,7 @@ class ImageDataModule(L.LightningDataModule):
         self.num_val = int(self.num_val)
         if self.val_source is None:  # a seeded hold-out of the source
             if len(train) <= self.num_val:
-                raise ValueError(f"{len(train)} usable images cannot spare data.num_val={self.num_val} for "
+                raise ConfigError(f"{len(train)} usable images cannot spare data.num_val={self.num_val} for "
                                  f"validation; lower data.num_val or add images")
             self.index, self.image_buckets, self.boundary = train, train_buckets, len(train)
             self.is_val = np.zeros(len(train), dtype=bool)

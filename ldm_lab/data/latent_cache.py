@@ -28,6 +28,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch.utils.data import Dataset
 
+from ldm_lab.config.errors import ConfigError
 from ldm_lab.data.buckets import Item
 from ldm_lab.io.atomic import atomic_write, atomic_write_text
 
@@ -59,7 +60,7 @@ class KeyedImages(Dataset):
 SHARD_NAME = re.compile(r"shard-([0-9a-f]{64})\.safetensors")
 
 
-class LatentCacheError(RuntimeError):
+class LatentCacheError(ConfigError):
     """A cache file that cannot be used; the message names it and how to rebuild it."""
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from ldm_lab.config.errors import ConfigError, MissingPathError
 from ldm_lab.data.index import ImageIndex, index_folder, index_records
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -31,14 +32,14 @@ class FolderSource:
 
     def index(self, cache_dir: str | os.PathLike | None) -> ImageIndex:
         if not self.root.is_dir():
-            raise FileNotFoundError(
+            raise MissingPathError(
                 f"data.source.root={self.root} is not a folder. Point it at a folder of images: "
                 f"python run.py data=folder data.source.root=/path/to/images"
             )
         index = index_folder(self.root, self.extensions, cache_dir, self.index_workers)
         if not len(index):
-            raise FileNotFoundError(f"no usable {'/'.join(self.extensions)} images under data.source.root={self.root}"
-                                    f"\n{index.report(self.name)}")
+            raise MissingPathError(f"no usable {'/'.join(self.extensions)} images under data.source.root={self.root}"
+                                   f"\n{index.report(self.name)}")
         return index
 
     def open(self, location: str) -> Image.Image:
@@ -79,7 +80,7 @@ class HFSource:
             else:
                 dataset = datasets.load_dataset(self.path, self.config_name, split=self.split, revision=self.revision)
         except Exception as error:  # network, hub, missing split: say how to use a local copy
-            raise RuntimeError(
+            raise ConfigError(
                 f"could not load the data set {self.path!r} (split {self.split!r}): {type(error).__name__}: {error}\n"
                 f"Without network access, make a local copy where you have one, e.g. "
                 f"`python -c \"import datasets; datasets.load_dataset('{self.path}', split='{self.split}')"
@@ -87,8 +88,8 @@ class HFSource:
                 f"(a save_to_disk folder, parquet files or an image folder all work)."
             ) from error
         if self.image_column not in dataset.column_names:
-            raise KeyError(f"{self.name} has no column {self.image_column!r} (columns: {dataset.column_names}); "
-                           f"set data.source.image_column")
+            raise ConfigError(f"{self.name} has no column {self.image_column!r} (columns: {dataset.column_names}); "
+                              f"set data.source.image_column")
         return dataset.cast_column(self.image_column, datasets.Image(decode=False))
 
     @property

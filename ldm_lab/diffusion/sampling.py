@@ -15,6 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from torch import nn
 from tqdm import tqdm
 
+from ldm_lab.config.errors import ConfigError
 from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
 
@@ -52,7 +53,7 @@ def inference_scheduler(train_scheduler: SchedulerMixin, sampler: str) -> Schedu
     """A ``sampler`` (ddim | ddpm) scheduler with the given scheduler's betas and prediction type; DDIM
     keeps its spacing (``steps_offset``, ``set_alpha_to_one``), DDPM walks every step down to 0."""
     if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r} is not one of {sorted(SAMPLERS)}")
+        raise ConfigError(f"sampler={sampler!r} is not one of {sorted(SAMPLERS)}")
     if sampler == "ddpm":
         return DDPMScheduler.from_config(train_scheduler.config, steps_offset=0)
     return DDIMScheduler.from_config(train_scheduler.config)
@@ -84,7 +85,7 @@ def generate_images(unet: nn.Module, first_stage: nn.Module, latent_scale: float
     factor = first_stage.downsample_factor
     multiple = factor * downsampling(unet.config)
     if height % multiple or width % multiple:
-        raise ValueError(f"{height}x{width} px: both sides must be multiples of {multiple} "
+        raise ConfigError(f"{height}x{width} px: both sides must be multiples of {multiple} "
                          f"(first stage x UNet downsampling); e.g. sample.height={max(multiple, height // multiple * multiple)}")
     scheduler = inference_scheduler(train_scheduler, sampler)
     device = next(unet.parameters()).device

@@ -12,10 +12,11 @@ import torch
 from hydra.utils import get_class
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from ldm_lab.config.errors import ConfigError
 from ldm_lab.io.atomic import atomic_write
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ConfigError):
     """A checkpoint that cannot be used as asked; the message names the file and what to do."""
 
 
@@ -103,7 +104,7 @@ def claim_run_folder(output_dir: str | os.PathLike, checkpoint_dir: str | os.Pat
         return
     if ckpt_path is not None and Path(ckpt_path).resolve().parent == checkpoint_dir.resolve():
         return  # a resume of this folder's run
-    raise FileExistsError(
+    raise ConfigError(
         f"{output_dir} already holds a run ({', '.join(str(p.relative_to(output_dir)) for p in held)}); a new run "
         f"there would overwrite them. Resume it with ckpt_path={checkpoint_dir / 'last.ckpt'}, write elsewhere "
         f"(hydra.run.dir=<another folder>), or replace it with overwrite=true"

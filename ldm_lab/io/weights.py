@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from ldm_lab.config.errors import MissingPathError
+
 
 @dataclass(frozen=True)
 class WeightFile:
@@ -43,7 +45,7 @@ WEIGHT_FILES = {
 }
 
 
-class MissingWeightsError(FileNotFoundError):
+class MissingWeightsError(MissingPathError):
     """A weight file is neither at its configured path nor in the torch hub cache."""
 
 

@@ -19,6 +19,7 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
+from ldm_lab.config.errors import ConfigError
 from ldm_lab.nn.downsampling import downsampling
 
 
@@ -66,7 +67,7 @@ class LatentScale:
         mean = self.total / self.count
         scale = float(1.0 / np.sqrt((self.squares + self.variance) / self.count - mean**2))
         if not np.isfinite(scale) or scale <= 0:
-            raise ValueError(f"the latent scale 1/std of {self.count} latent values is {scale}: the latents are "
+            raise ConfigError(f"the latent scale 1/std of {self.count} latent values is {scale}: the latents are "
                              f"constant or not finite. Check the first stage (model.first_stage), or set "
                              f"model.latent_scale=<a number>")
         return scale

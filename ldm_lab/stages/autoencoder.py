@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, open_dict
 from torch import nn
 
+from ldm_lab.config.errors import ConfigError
 from ldm_lab.config.speed import optimizer_options
 from ldm_lab.evaluation.metrics import ReconstructionMetrics
 from ldm_lab.io.export import export_autoencoder
@@ -65,7 +66,7 @@ class AutoencoderStage(TrainingStage):
                                                                      pretrained_subfolder, model_class=vae.func)
         if gradient_checkpointing:
             if not self.vae._supports_gradient_checkpointing:
-                raise ValueError(f"{type(self.vae).__name__} has no gradient checkpointing in diffusers; "
+                raise ConfigError(f"{type(self.vae).__name__} has no gradient checkpointing in diffusers; "
                                  f"set model.gradient_checkpointing=false")
             self.vae.enable_gradient_checkpointing()
         if decoder_only:  # sd-vae-ft-mse: the latent space stays put, only the decoder learns
@@ -147,8 +148,9 @@ class AutoencoderStage(TrainingStage):
         raise NotImplementedError
 
     @torch.no_grad()
-    def preview_images(self, datamodule, num_images: int) -> tuple[str, torch.Tensor, int]:
-        """For :class:`~ldm_lab.callbacks.image_logger.ImageLogger`: validation images over their reconstructions."""
+    def preview_images(self, datamodule, num_images: int, sampling: Mapping) -> tuple[str, torch.Tensor, int]:
+        """For :class:`~ldm_lab.callbacks.image_logger.ImageLogger`: validation images over their reconstructions
+        (``sampling`` is a diffusion model's)."""
         inputs = datamodule.preview_images(num_images).to(self.device)
         return "recon", torch.cat([inputs, self.reconstruct(inputs)]), len(inputs)
 

@@ -82,7 +82,7 @@ class TrainingStage(L.LightningModule):
 
     def on_fit_start(self) -> None:
         if self.trainer.precision == "16-mixed":
-            raise ValueError("precision 16-mixed clips scaled gradients under manual optimization; "
+            raise ConfigError("precision 16-mixed clips scaled gradients under manual optimization; "
                              "use precision=bf16 (bf16-mixed) or precision=fp32")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> int | None:

@@ -27,6 +27,7 @@ from diffusers.training_utils import compute_density_for_timestep_sampling, comp
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
+from ldm_lab.config.errors import ConfigError
 from ldm_lab.config.speed import optimizer_options
 from ldm_lab.diffusion.sampling import LatentDiffusionModel
 from ldm_lab.io.export import export_pipeline
@@ -76,7 +77,6 @@ class LatentDiffusionStage(TrainingStage):
         latent_scale: float | None = None,
         ddim: dict | None = None,
         unet_pretrained: str | None = None,
-        preview: dict | None = None,
         snr_gamma: float | None = None,
         timestep_density: dict | None = None,
         max_consecutive_nonfinite: int = 5,
@@ -85,15 +85,15 @@ class LatentDiffusionStage(TrainingStage):
         super().__init__(max_steps, accumulate_grad_batches, gradient_clip_val, max_consecutive_nonfinite, seed)
         config = noise_scheduler.config
         if config.get("rescale_betas_zero_snr") and config.prediction_type == "epsilon":
-            raise ValueError("model.noise_scheduler.rescale_betas_zero_snr=true makes the last timestep pure noise, "
+            raise ConfigError("model.noise_scheduler.rescale_betas_zero_snr=true makes the last timestep pure noise, "
                              "where the noise is no target to learn (Lin et al. 2024): set "
                              "model.noise_scheduler.prediction_type=v_prediction")
         self.timestep_density = dict(timestep_density or {"weighting_scheme": "uniform"})
         if self.timestep_density["weighting_scheme"] not in ("uniform", "logit_normal"):
-            raise ValueError(f"model.timestep_density.weighting_scheme={self.timestep_density['weighting_scheme']}: "
+            raise ConfigError(f"model.timestep_density.weighting_scheme={self.timestep_density['weighting_scheme']}: "
                              f"use uniform (LDM) or logit_normal")
         if first_stage is None:
-            raise ValueError("model=unet trains in the latent space of a first stage: set model.first_stage to a "
+            raise ConfigError("model=unet trains in the latent space of a first stage: set model.first_stage to a "
                              "first-stage checkpoint (.ckpt) or exported folder, e.g. from python run.py "
                              "experiment=quickstart: model.first_stage=outputs/<date>/<time>/checkpoints/last.ckpt")
         if isinstance(first_stage, Mapping):  # a checkpoint's description: the architecture, weights follow
@@ -116,7 +116,6 @@ class LatentDiffusionStage(TrainingStage):
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.lr, self.scale_lr = lr, scale_lr
         self.latent_cache = latent_cache
-        self.preview = dict(preview or {})  # generate_images' keyword arguments
         self.snr_gamma = snr_gamma
         self._val_sums: torch.Tensor | None = None
 
@@ -130,8 +129,10 @@ class LatentDiffusionStage(TrainingStage):
 
     @classmethod
     def inference_config(cls, model: dict, state: dict) -> dict:
-        """The first stage rebuilt from the checkpoint's description (its weights are in the state dict), not its source."""
+        """The first stage rebuilt from the checkpoint's description (its weights are in the state dict), not its
+        source; the ``preview`` sampling options older checkpoints hold are the image logger's now (issue 22)."""
         model["first_stage"] = state["first_stage"]
+        model.pop("preview", None)
         return model
 
     @classmethod
@@ -299,11 +300,13 @@ class LatentDiffusionStage(TrainingStage):
         self.log_validation({"loss_simple": torch.tensor(loss / count), "loss_simple_ema": torch.tensor(loss_ema / count)})
 
     # ----------------------------------------------------------------------------- sampling
-    def preview_images(self, datamodule, num_images: int) -> tuple[str, torch.Tensor, int]:
-        """For :class:`~ldm_lab.callbacks.image_logger.ImageLogger`: samples from the same noise every time."""
+    def preview_images(self, datamodule, num_images: int, sampling: Mapping) -> tuple[str, torch.Tensor, int]:
+        """For :class:`~ldm_lab.callbacks.image_logger.ImageLogger`: samples from the same noise every time,
+        with the EMA weights, drawn as ``sampling`` (the run's ``sample.*``) says."""
         width, height = datamodule.leftover_resolution
         generator = torch.Generator().manual_seed(self.seed)
-        images = self.sampling_model().generate(num_images, height, width, generator=generator, **self.preview)
+        options = {key: sampling[key] for key in ("sampler", "num_inference_steps", "eta") if key in sampling}
+        images = self.sampling_model().generate(num_images, height, width, generator=generator, **options)
         return "samples", images, math.ceil(math.sqrt(num_images))
 
     # ----------------------------------------------------------------------------- checkpoints
@@ -321,7 +324,7 @@ def load_pretrained_unet(unet: nn.Module, source: str) -> None:
     differ = {k: (_plain(pretrained.config[k]), _plain(unet.config[k])) for k in keys
               if _plain(pretrained.config[k]) != _plain(unet.config[k])}
     if differ:
-        raise ValueError(f"model.unet_pretrained={source} is another UNet than model.unet: "
+        raise ConfigError(f"model.unet_pretrained={source} is another UNet than model.unet: "
                          + "; ".join(f"{k} {a} there, {b} here" for k, (a, b) in differ.items())
                          + ". Set model.unet.* to its config")
     unet.load_state_dict(pretrained.state_dict())

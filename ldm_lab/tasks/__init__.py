@@ -12,6 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
+from ldm_lab.config.errors import ConfigError
+
 TASKS = ("train", "cache_latents", "sample", "export", "evaluate", "plan", "buckets", "report", "convert")
 
 
@@ -32,6 +34,6 @@ def record_overrides() -> None:
 def run(cfg: DictConfig):
     """Run ``cfg.task``: the ``run(cfg)`` of its module, ``ldm_lab.tasks.<task>``."""
     if cfg.task not in TASKS:
-        raise ValueError(f"task={cfg.task} is not a task; choose one of: {', '.join(TASKS)}")
+        raise ConfigError(f"task={cfg.task} is not a task; choose one of: {', '.join(TASKS)}")
     record_overrides()
     return import_module(f"ldm_lab.tasks.{cfg.task}").run(cfg)

@@ -11,12 +11,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from ldm_lab.config.errors import ConfigError
 from ldm_lab.io.convert import convert
 
 
 def run(cfg: DictConfig) -> Path:
     options = cfg.convert
     if options.source is None:
-        raise ValueError("task=convert needs convert.source=<an original .ckpt or .safetensors file>")
+        raise ConfigError("task=convert needs convert.source=<an original .ckpt or .safetensors file>")
     out_dir = Path(options.out_dir) if options.out_dir else Path(cfg.paths.output_dir) / "converted"
     return convert(options.source, out_dir, options.kind, options.config, options.ema)

@@ -20,6 +20,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from ldm_lab.config.errors import ConfigError, MissingPathError
+
 log = logging.getLogger(__name__)
 
 METRICS = ("psnr", "ssim", "lpips", "rfid", "codebook_usage", "perplexity")
@@ -67,7 +69,7 @@ def read_job(folder: Path) -> Job:
 def read_sweep(sweep_dir: Path) -> list[Job]:
     folders = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     if not folders:
-        raise FileNotFoundError(f"sweep_dir={sweep_dir} has no numbered job folders (0, 1, ...): "
+        raise MissingPathError(f"sweep_dir={sweep_dir} has no numbered job folders (0, 1, ...): "
                                 f"point it at a multirun folder, e.g. multirun/<date>/<time>")
     return [read_job(folder) for folder in folders]
 
@@ -141,7 +143,7 @@ def plot_final_by_lr(jobs: list[Job], metric: str, path: Path) -> None:
 def run(cfg: DictConfig) -> Path:
     logging.getLogger("tensorboard").setLevel(logging.WARNING)
     if cfg.sweep_dir is None:
-        raise ValueError("task=report needs sweep_dir=multirun/<date>/<time>")
+        raise ConfigError("task=report needs sweep_dir=multirun/<date>/<time>")
     sweep_dir = Path(cfg.sweep_dir)
     jobs = read_sweep(sweep_dir)
     table = report_table(jobs)
