@@ -7,26 +7,29 @@ import pytest
 
 from ldm_lab.data.buckets import BucketBatchSampler, assign_buckets, bucket_resolutions
 
+# NovelAI lists its buckets as width x height; the lab's resolutions are (height, width)
 NOVELAI = [(256, 1024), (320, 1024), (384, 1024), (384, 960), (384, 896), (448, 832), (512, 768), (512, 704),
            (576, 640), (512, 512), (640, 576), (704, 512), (768, 512), (832, 448), (896, 384), (960, 384),
            (1024, 384), (1024, 320), (1024, 256)]
 
 
 def test_novelai_defaults_give_its_bucket_set():
-    assert sorted(bucket_resolutions(512 * 768, 256, 1024, 64, base_side=512)) == sorted(NOVELAI)
+    resolutions = bucket_resolutions(512 * 768, 256, 1024, 64, base_side=512)
+    assert sorted(resolutions) == sorted((h, w) for w, h in NOVELAI)
+    assert resolutions[0] == (1024, 256) and resolutions[-1] == (256, 1024)  # the tallest first, by width / height
 
 
 def test_buckets_respect_area_sides_and_step():
     resolutions = bucket_resolutions(256 * 256, 128, 512, 32)
-    assert all(w * h <= 256 * 256 and 128 <= min(w, h) and max(w, h) <= 512 for w, h in resolutions)
-    assert all(w % 32 == 0 and h % 32 == 0 for w, h in resolutions)
+    assert all(w * h <= 256 * 256 and 128 <= min(w, h) and max(w, h) <= 512 for h, w in resolutions)
+    assert all(w % 32 == 0 and h % 32 == 0 for h, w in resolutions)
     assert (256, 256) in resolutions
     with pytest.raises(ValueError, match="multiples of step"):
         bucket_resolutions(256 * 256, 100, 512, 32)
 
 
 def test_assignment_is_nearest_in_log_aspect_and_prunes_extremes():
-    resolutions = [(256, 512), (512, 512), (512, 256)]
+    resolutions = [(512, 256), (512, 512), (256, 512)]  # (height, width): tall, square, wide
     widths = np.array([500, 1000, 300, 1000, 4000])
     heights = np.array([500, 600, 590, 2000, 100])
     a = assign_buckets(widths, heights, resolutions, max_ar_error=0.3)
@@ -37,7 +40,7 @@ def test_assignment_is_nearest_in_log_aspect_and_prunes_extremes():
 
 
 def test_log_space_treats_wide_and_tall_alike():
-    resolutions = [(256, 512), (512, 512), (512, 256)]
+    resolutions = [(512, 256), (512, 512), (256, 512)]
     a = assign_buckets(np.array([2000, 1000]), np.array([1000, 2000]), resolutions, max_ar_error=1.0)
     assert a.bucket.tolist() == [2, 0]
     np.testing.assert_allclose(a.error[0], a.error[1])
@@ -72,8 +75,8 @@ def test_epoch_covers_every_kept_image_once_across_ranks_with_equal_batches(worl
     assert len(kept) - len(seen) < 4 * world  # only the trim to a multiple of batch x world is dropped
     for batches in per_rank:
         for batch in batches:
-            assert len(batch) == 4 and len({(w, h) for _, w, h, _ in batch}) == 1
-            resolution = (batch[0].width, batch[0].height)
+            assert len(batch) == 4 and len({(h, w) for _, h, w, _ in batch}) == 1
+            resolution = (batch[0].height, batch[0].width)
             if resolution != (512, 512):  # bucketed batches: every image belongs to that bucket
                 assert all(resolutions[buckets[i]] == resolution for i, *_ in batch)
 
@@ -81,7 +84,7 @@ def test_epoch_covers_every_kept_image_once_across_ranks_with_equal_batches(worl
 def test_most_batches_are_true_buckets_not_leftovers():
     buckets, resolutions = _sampler_inputs(n=5000)
     batches = list(BucketBatchSampler(buckets, resolutions, 8, (512, 512), seed=1))
-    exact = sum(all(resolutions[buckets[i]] == (w, h) for i, w, h, _ in batch) for batch in batches)
+    exact = sum(all(resolutions[buckets[i]] == (h, w) for i, h, w, _ in batch) for batch in batches)
     assert exact / len(batches) > 0.9
 
 
@@ -118,7 +121,7 @@ def test_fast_assignment_equals_brute_force_nearest():
     rng = np.random.default_rng(1)
     widths, heights = rng.integers(50, 5000, 20000), rng.integers(50, 5000, 20000)
     resolutions = bucket_resolutions(512 * 768, 256, 1024, 64, base_side=512)
-    aspects = np.log(np.array([w / h for w, h in resolutions]))
+    aspects = np.log(np.array([w / h for h, w in resolutions]))
     brute = np.abs(np.log(widths / heights)[:, None] - aspects[None, :]).argmin(axis=1)
     a = assign_buckets(widths, heights, resolutions, max_ar_error=10.0)
     np.testing.assert_array_equal(a.bucket, brute)

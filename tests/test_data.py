@@ -164,7 +164,7 @@ def test_bucketed_batches_hold_one_resolution_near_each_image_shape(tmp_path):
     shapes = set()
     for batch in dm.train_dataloader():
         shapes.add(tuple(batch["pixel_values"].shape[2:]))
-    assert shapes <= {(h, w) for w, h in dm.resolutions}  # every batch at one bucket resolution
+    assert shapes <= set(dm.resolutions)  # every batch at one bucket resolution, (height, width) as torch's shape
     assert any(h > w for h, w in shapes) and any(w > h for h, w in shapes)  # tall and wide buckets both
 
 

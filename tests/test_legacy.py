@@ -1,12 +1,17 @@
-"""Checkpoints written by older code still load: their config's ``_target_`` paths name modules that have
-moved since (issue 22), and ``read_checkpoint`` maps them. tests/fixtures/legacy_*.ckpt were written before
+"""Checkpoints and latent caches written by older code still load: their config's ``_target_`` paths name modules
+that have moved since (issue 22), and ``read_checkpoint`` maps them; caches keep their on-disk order of sides. tests/fixtures/legacy_*.ckpt were written before
 the move (tests/fixtures/make_legacy_checkpoints.sh)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, LDMPipeline
+from PIL import Image
 
+from ldm_lab.data.datamodule import BucketConfig, ImageDataModule
+from ldm_lab.data.latent_cache import CachedLatents, LatentCache, data_fingerprint
+from ldm_lab.data.sources import FolderSource
 from ldm_lab.io.checkpoints import MOVED_MODULES, current_targets, read_checkpoint
 from ldm_lab.tasks import export, sample, train
 from tests.conftest import ROOT
@@ -50,3 +55,27 @@ def test_an_old_ldm_checkpoint_samples_and_exports(compose_cfg, tmp_path):
                                   f"paths.output_dir={tmp_path / 'x'}"], tiny=False))
     pipeline = LDMPipeline.from_pretrained(out)
     assert list(pipeline.unet.config.block_out_channels) == [8, 8, 8]
+
+
+def test_latent_caches_written_before_the_height_width_order_keep_reading(tmp_path):
+    """The code orders image sides (height, width) as torch does (issue 22); what caches wrote on disk keeps its
+    order: each image's key per resolution reads ``WxH``, and the manifest is named by (width, height) pairs."""
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(8):  # wide and tall pictures, so the buckets are not squares
+        Image.new("RGB", (96, 48) if i % 2 else (48, 96), (30 * i, 0, 0)).save(root / f"{i}.png")
+    buckets = BucketConfig(max_area=64 * 32, min_side=32, max_side=64, step=32, base_side=None, max_ar_error=1.0,
+                           no_upscale=False)
+    datamodule = ImageDataModule(FolderSource(root), buckets=buckets, batch_size=2, num_val=2, num_workers=0)
+    datamodule.setup_index()
+    assert (32, 64) in datamodule.resolutions and (64, 32) in datamodule.resolutions  # (height, width)
+    width_height = np.asarray([(w, h) for h, w in datamodule.resolutions])[datamodule.image_buckets]
+    leftover = [datamodule.leftover_resolution[::-1]]
+    assert datamodule.data_key() == data_fingerprint(datamodule.index.locations, np.concatenate([width_height, leftover]))
+
+    cache = LatentCache(tmp_path / "cache", "first-stage")
+    wide = torch.randn(4, 4, 8)
+    cache.add("a-wide-one", wide)
+    cache.flush()
+    latents = CachedLatents(cache, [{"64x32": "a-wide-one"}])  # a manifest entry as written before
+    torch.testing.assert_close(latents[(0, 32, 64, 0)]["latents"], wide)  # the wide bucket: height 32, width 64

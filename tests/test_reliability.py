@@ -234,9 +234,8 @@ def test_a_damaged_latent_cache_shard_is_detected_and_encoded_again(compose_cfg,
     new_shard = next(again.latent_cache.dir.glob("shard-*.safetensors"))
     new_shard.write_bytes(new_shard.read_bytes()[:100])
     dataset = again._dataset(False, False)
-    width, height = again.leftover_resolution
     with pytest.raises(LatentCacheError, match=f"{new_shard}.*task=cache_latents"):
-        dataset[(0, width, height, 0)]
+        dataset[(0, *again.leftover_resolution, 0)]
 
 
 def test_a_truncated_shard_is_set_aside_and_encoded_again(compose_cfg, tmp_path, caplog):

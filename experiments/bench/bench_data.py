@@ -40,7 +40,7 @@ def median_seconds(fn, repeats: int) -> float:
 
 def python_assign(widths, heights, resolutions, max_ar_error):
     """The per-image loop: nearest bucket in log aspect, pruned above max_ar_error."""
-    bucket_aspects = [math.log(w / h) for w, h in resolutions]
+    bucket_aspects = [math.log(w / h) for h, w in resolutions]
     out = []
     for width, height in zip(widths, heights, strict=True):
         aspect = math.log(width / height)

@@ -1,5 +1,6 @@
 """Aspect-ratio bucketing (NovelAI 2022, seed 002): every image trains at a resolution close to its own
-shape, every batch holds one resolution.
+shape, every batch holds one resolution. Resolutions are (height, width), as torch orders image sides;
+written out (tables, cache keys) they read ``WxH``, as NovelAI lists its buckets.
 
 Improvements over the original, as DESIGN.md lists them: aspect ratios are compared in log space (a
 2:1 and a 1:2 image are equally far from square); every rank gets the same number of batches (else
@@ -22,9 +23,10 @@ from ldm_lab.config.errors import ConfigError
 def bucket_resolutions(
     max_area: int, min_side: int, max_side: int, step: int, base_side: int | None = None
 ) -> list[tuple[int, int]]:
-    """NovelAI's bucket set as (width, height): for each width from ``min_side`` in steps of ``step``,
+    """NovelAI's bucket set as (height, width): for each width from ``min_side`` in steps of ``step``,
     the largest height (a multiple of ``step``, at most ``max_side``) with width x height <= ``max_area``;
-    the same with the axes swapped; plus the square ``base_side`` x ``base_side``. Sorted by aspect."""
+    the same with the axes swapped; plus the square ``base_side`` x ``base_side``. Sorted by aspect
+    (width / height), then width."""
     if min_side % step or max_side % step:
         raise ValueError(f"min_side={min_side} and max_side={max_side} must be multiples of step={step}")
     found = set()
@@ -33,11 +35,11 @@ def bucket_resolutions(
         other = min_side
         while other + step <= max_side and side * (other + step) <= max_area:
             other += step
-        found.update({(side, other), (other, side)})
+        found.update({(other, side), (side, other)})
         side += step
     if base_side is not None:
         found.add((base_side, base_side))
-    return sorted(found, key=lambda wh: (wh[0] / wh[1], wh[0]))
+    return sorted(found, key=lambda hw: (hw[1] / hw[0], hw[1]))
 
 
 @dataclass
@@ -55,7 +57,7 @@ def assign_buckets(
     widths: np.ndarray, heights: np.ndarray, resolutions: list[tuple[int, int]], max_ar_error: float,
     no_upscale: bool = False,
 ) -> Assignment:
-    """Each image to the bucket nearest in log aspect ratio. ``max_ar_error`` is in log units
+    """Each image to the bucket (``resolutions``: (height, width)) nearest in log aspect ratio. ``max_ar_error`` is in log units
     (0.2 = about 22% off in aspect); images further than that are pruned. With ``no_upscale``, only
     buckets that fit inside the image are candidates, so no image is enlarged. Between buckets of the
     same aspect, the larger wins."""
@@ -63,15 +65,16 @@ def assign_buckets(
     heights = np.asarray(heights, dtype=np.float64)
     image_aspect = np.log(widths / heights)
     res = np.asarray(resolutions, dtype=np.float64)
-    bucket_aspect = np.log(res[:, 0] / res[:, 1])
+    heights_res, widths_res = res[:, 0], res[:, 1]
+    bucket_aspect = np.log(widths_res / heights_res)
     if no_upscale:  # candidates differ per image: compare with every bucket, larger ones first for ties
-        by_area = np.argsort(-res[:, 0] * res[:, 1], kind="stable")
-        fits = (res[None, by_area, 0] <= widths[:, None]) & (res[None, by_area, 1] <= heights[:, None])
+        by_area = np.argsort(-heights_res * widths_res, kind="stable")
+        fits = (widths_res[None, by_area] <= widths[:, None]) & (heights_res[None, by_area] <= heights[:, None])
         distance = np.where(fits, np.abs(image_aspect[:, None] - bucket_aspect[None, by_area]), np.inf)
         bucket = by_area[distance.argmin(axis=1)]
         error = distance.min(axis=1)
     else:  # nearest of the two neighbours in the sorted aspects: O(N log buckets)
-        order = np.lexsort((-res[:, 0] * res[:, 1], bucket_aspect))  # by aspect, then larger area first
+        order = np.lexsort((-heights_res * widths_res, bucket_aspect))  # by aspect, then larger area first
         first_of_aspect = np.r_[True, np.diff(bucket_aspect[order]) != 0]
         candidates = order[first_of_aspect]
         sorted_aspect = bucket_aspect[candidates]
@@ -88,12 +91,12 @@ def assign_buckets(
 
 
 class Item(NamedTuple):
-    """What a sampler hands a data set: image ``index`` at ``width`` x ``height``, drawn in ``epoch``
+    """What a sampler hands a data set: image ``index`` at ``height`` x ``width``, drawn in ``epoch``
     (which, with the image and the run's seed, seeds the image's random crop and flip)."""
 
     index: int
-    width: int
     height: int
+    width: int
     epoch: int = 0
 
 
@@ -162,7 +165,7 @@ class BucketBatchSampler(Sampler[list[Item]]):
         self.epoch, self.start_batch = state["epoch"], state["start_batch"]
 
     def epoch_batches(self, epoch: int) -> list[tuple[np.ndarray, tuple[int, int]]]:
-        """This rank's batches of ``epoch``, in order: (indices, (width, height))."""
+        """This rank's batches of ``epoch``, in order: (indices, (height, width))."""
         shared = np.random.default_rng([self.seed, epoch])  # the same on every rank
         order = shared.permutation(self.kept) if self.shuffle else self.kept
         if self.drop_last:
@@ -195,6 +198,6 @@ class BucketBatchSampler(Sampler[list[Item]]):
     def __iter__(self) -> Iterator[list[Item]]:
         batches = self.epoch_batches(self.epoch)
         start = self.start_batch if self.start_batch < len(batches) else 0  # a finished epoch starts over
-        for taken, (indices, (width, height)) in enumerate(batches[start:], start=start + 1):
+        for taken, (indices, (height, width)) in enumerate(batches[start:], start=start + 1):
             self.start_batch = taken  # what state_dict reports: batches of this epoch handed out
-            yield [Item(int(i), width, height, self.epoch) for i in indices.tolist()]
+            yield [Item(int(i), height, width, self.epoch) for i in indices.tolist()]

@@ -76,7 +76,7 @@ class BucketedImages(Dataset):
 
     def __getitem__(self, item: tuple) -> dict[str, torch.Tensor]:
         item = Item(*item)
-        index, width, height = item.index, item.width, item.height
+        index, height, width = item.index, item.height, item.width
         for offset in range(len(self.locations)):
             position = (index + offset) % len(self.locations)
             location = self.locations[position]
@@ -86,7 +86,7 @@ class BucketedImages(Dataset):
             except (OSError, Image.DecompressionBombError) as error:  # passed the header checks, failed to decode
                 log.warning("skipping %s: cannot decode (%s)", location, error)
                 continue
-            pixels = bucket_transform(image, (width, height), self.random_crop, self.random_flip,
+            pixels = bucket_transform(image, (height, width), self.random_crop, self.random_flip,
                                       self._augmentation_generator(item))
             return {"pixel_values": pixels, "index": index}
         raise ConfigError("no image of the data set could be decoded")
@@ -126,13 +126,13 @@ class ImageDataModule(L.LightningDataModule):
         else:
             b = self.buckets
             self.resolutions = bucket_resolutions(b.max_area, b.min_side, b.max_side, b.step, b.base_side)
-            self.leftover_resolution = min(self.resolutions, key=lambda wh: (abs(np.log(wh[0] / wh[1])), -wh[0]))
+            self.leftover_resolution = min(self.resolutions, key=lambda hw: (abs(np.log(hw[1] / hw[0])), -hw[1]))
             self.max_ar_error = b.max_ar_error
-        bad = [wh for wh in self.resolutions if wh[0] % downsample_factor or wh[1] % downsample_factor]
+        bad = [hw for hw in self.resolutions if hw[0] % downsample_factor or hw[1] % downsample_factor]
         if bad:
             key = "data.resolution" if self.buckets is None else "data.buckets.step/min_side/max_side"
             raise ConfigError(
-                f"{key} gives {bad[0][0]}x{bad[0][1]}, not divisible by the model's downsampling factor "
+                f"{key} gives {bad[0][1]}x{bad[0][0]}, not divisible by the model's downsampling factor "
                 f"{downsample_factor}; use multiples of it (e.g. data.resolution="
                 f"{max(downsample_factor, resolution // downsample_factor * downsample_factor)})"
             )
@@ -167,25 +167,26 @@ class ImageDataModule(L.LightningDataModule):
         self.latent_keys, self.latent_scale = (manifest["keys"], manifest["scaling_factor"]) if manifest else (None, None)
 
     def data_key(self) -> str:
-        """Names this data configuration's manifest: its images and the resolution each is encoded at."""
+        """Names this data configuration's manifest: its images and the resolution each is encoded at, as
+        (width, height) pairs: the order caches were first keyed in, so they keep reading."""
         self.setup_index()
-        sizes = np.asarray(self.resolutions)[self.image_buckets]
-        return data_fingerprint(self.index.locations, np.concatenate([sizes, [self.leftover_resolution]]))
+        sizes = np.asarray(self.resolutions)[self.image_buckets][:, ::-1]
+        return data_fingerprint(self.index.locations, np.concatenate([sizes, [self.leftover_resolution[::-1]]]))
 
     def encoding_batches(self) -> list[list[tuple[int, int, int]]]:
-        """Batches of ``(index, width, height)`` covering every image at its bucket resolution and, with
+        """Batches of ``(index, height, width)`` covering every image at its bucket resolution and, with
         buckets, at the leftover resolution too: what the latent cache encodes."""
         self.setup_index()
         batches = []
-        for bucket, (width, height) in enumerate(self.resolutions):
+        for bucket, (height, width) in enumerate(self.resolutions):
             members = np.flatnonzero(self.image_buckets == bucket).tolist()
-            batches += [[(i, width, height) for i in members[s : s + self.batch_size]]
+            batches += [[(i, height, width) for i in members[s : s + self.batch_size]]
                         for s in range(0, len(members), self.batch_size)]
         if self.buckets is not None:
-            width, height = self.leftover_resolution
+            height, width = self.leftover_resolution
             others = [i for i in range(len(self.index)) if self.resolutions[self.image_buckets[i]]
                       != self.leftover_resolution]
-            batches += [[(i, width, height) for i in others[s : s + self.batch_size]]
+            batches += [[(i, height, width) for i in others[s : s + self.batch_size]]
                         for s in range(0, len(others), self.batch_size)]
         return batches
 
@@ -310,6 +311,6 @@ class ImageDataModule(L.LightningDataModule):
         """The first ``count`` validation images, center-cropped to the leftover (near-square)
         resolution: the same pictures at every step, for image grids."""
         dataset = self.pixel_dataset()
-        width, height = self.leftover_resolution
-        return torch.stack([dataset[(int(i), width, height)]["pixel_values"]
+        height, width = self.leftover_resolution
+        return torch.stack([dataset[(int(i), height, width)]["pixel_values"]
                             for i in np.flatnonzero(self.is_val)[:count]])

@@ -194,7 +194,7 @@ class CachedLatents(Dataset):
         return len(self.keys)
 
     def __getitem__(self, item: tuple) -> dict[str, torch.Tensor]:
-        index, width, height, _ = Item(*item)
+        index, height, width, _ = Item(*item)
         key = self.keys[index].get(f"{width}x{height}")
         if key is None:
             raise KeyError(f"image {index} has no cached latents at {width}x{height}; the cache does not match "

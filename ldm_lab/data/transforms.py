@@ -12,10 +12,10 @@ from torchvision.transforms.v2 import functional as F
 
 def bucket_transform(image: Image.Image, size: tuple[int, int], random_crop: bool, random_flip: bool,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """An RGB image as a (3, height, width) float tensor in [-1, 1] for the bucket ``size`` = (width, height):
+    """An RGB image as a (3, height, width) float tensor in [-1, 1] for the bucket ``size`` = (height, width):
     the smallest resize that covers the bucket (antialiased), then a random or centered crop and an optional
     flip, drawn from ``generator``."""
-    width, height = size
+    height, width = size
     scale = max(width / image.width, height / image.height)
     new_width = max(width, math.ceil(image.width * scale - 1e-6))
     new_height = max(height, math.ceil(image.height * scale - 1e-6))

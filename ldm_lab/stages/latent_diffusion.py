@@ -170,8 +170,7 @@ class LatentDiffusionStage(TrainingStage):
     def after_training(self, output_dir: Path, datamodule, sample_options: DictConfig) -> None:
         """A grid of ``sample.*`` samples at the leftover bucket's resolution, on the GPU when there is one."""
         self.to("cpu")
-        width, height = datamodule.leftover_resolution
-        grid = draw_samples(sample_options, self.sampling_model(), output_dir / "samples", (height, width))
+        grid = draw_samples(sample_options, self.sampling_model(), output_dir / "samples", datamodule.leftover_resolution)
         log.info("sample grid: %s", grid)
 
     def sampling_model(self) -> LatentDiffusionModel:
@@ -303,7 +302,7 @@ class LatentDiffusionStage(TrainingStage):
     def preview_images(self, datamodule, num_images: int, sampling: Mapping) -> tuple[str, torch.Tensor, int]:
         """For :class:`~ldm_lab.callbacks.image_logger.ImageLogger`: samples from the same noise every time,
         with the EMA weights, drawn as ``sampling`` (the run's ``sample.*``) says."""
-        width, height = datamodule.leftover_resolution
+        height, width = datamodule.leftover_resolution
         generator = torch.Generator().manual_seed(self.seed)
         options = {key: sampling[key] for key in ("sampler", "num_inference_steps", "eta") if key in sampling}
         images = self.sampling_model().generate(num_images, height, width, generator=generator, **options)

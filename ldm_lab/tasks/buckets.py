@@ -29,7 +29,7 @@ def bucket_table(datamodule: ImageDataModule, index: ImageIndex) -> tuple[str, l
                        datamodule.buckets is not None and datamodule.buckets.no_upscale)
     kept = a.bucket >= 0
     rows = []
-    for b, (width, height) in enumerate(datamodule.resolutions):
+    for b, (height, width) in enumerate(datamodule.resolutions):
         members = a.bucket == b
         rows.append({"resolution": f"{width}x{height}", "aspect": width / height, "images": int(members.sum()),
                      "share": members.sum() / max(1, kept.sum()),
