@@ -6,6 +6,7 @@ conf/task/ file."""
 from __future__ import annotations
 
 import ast
+import re
 
 import pytest
 
@@ -129,3 +130,24 @@ def test_the_package_root_holds_no_loose_modules():
     """Modules live in the package that says what they are for (issue 22): io, evaluation, config, ..."""
     loose = sorted(p.name for p in (ROOT / "ldm_lab").glob("*.py") if p.name != "__init__.py")
     assert loose == []
+
+
+def test_the_readme_layout_matches_the_tree():
+    """Every package of ldm_lab/ has its line in the README's layout, and every module a line names exists there."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("## Layout"):]
+    block = block[block.index("```") + 3:]
+    block = block[:block.index("```")]
+    entries, current = {}, None
+    for line in block.splitlines():
+        if line and not line.startswith(" "):
+            current = line.split()[0]
+            entries[current] = line[len(current):]
+        elif current:
+            entries[current] += line
+    packages = {f"ldm_lab/{p.name}/" for p in (ROOT / "ldm_lab").iterdir() if (p / "__init__.py").is_file()}
+    assert packages <= set(entries), sorted(packages - set(entries))
+    named = [(entry, module) for entry, words in entries.items() if entry.startswith("ldm_lab/")
+             for module in re.findall(r"(?<![/\w])(\w+\.py)\b", words)]  # not a path elsewhere
+    assert len(named) > 20
+    assert [(entry, module) for entry, module in named if not (ROOT / entry / module).is_file()] == []

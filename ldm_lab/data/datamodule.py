@@ -237,7 +237,7 @@ class ImageDataModule(L.LightningDataModule):
         if self.val_source is None:  # a seeded hold-out of the source
             if len(train) <= self.num_val:
                 raise ConfigError(f"{len(train)} usable images cannot spare data.num_val={self.num_val} for "
-                                 f"validation; lower data.num_val or add images")
+                                  f"validation; lower data.num_val or add images")
             self.index, self.image_buckets, self.boundary = train, train_buckets, len(train)
             self.is_val = np.zeros(len(train), dtype=bool)
             self.is_val[rng.permutation(len(train))[: self.num_val]] = True

@@ -86,7 +86,7 @@ def generate_images(unet: nn.Module, first_stage: nn.Module, latent_scale: float
     multiple = factor * downsampling(unet.config)
     if height % multiple or width % multiple:
         raise ConfigError(f"{height}x{width} px: both sides must be multiples of {multiple} "
-                         f"(first stage x UNet downsampling); e.g. sample.height={max(multiple, height // multiple * multiple)}")
+                          f"(first stage x UNet downsampling); e.g. sample.height={max(multiple, height // multiple * multiple)}")
     scheduler = inference_scheduler(train_scheduler, sampler)
     device = next(unet.parameters()).device
     batch_size = batch_size or num_images

@@ -111,26 +111,9 @@ def claim_run_folder(output_dir: str | os.PathLike, checkpoint_dir: str | os.Pat
     )
 
 
-def check_resume(checkpoint: dict, path: str | os.PathLike, stage) -> None:
-    """Refuse to resume ``stage`` from a checkpoint of another kind of stage, or (an LDM) from one trained
-    in the latent space of another first stage: its weights and latent scale belong to those latents."""
+def check_resume_kind(checkpoint: dict, path: str | os.PathLike, stage) -> None:
+    """Refuse to resume ``stage`` from a checkpoint of another kind of stage."""
     if get_class(checkpoint["ldm_lab"]["config"]["model"]["_target_"]) is not type(stage):
         raise CheckpointError(f"ckpt_path={path} holds {stage_description(checkpoint)}, but this run trains "
                               f"{stage.description}: resume with the model it was trained with (the run's "
                               f".hydra/overrides.yaml lists them), or leave ckpt_path out to start afresh")
-    first_stage = getattr(stage, "first_stage", None)
-    if first_stage is None:
-        return
-    prefix = "first_stage."
-    saved_weights = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    current = first_stage.state_dict()
-    same = saved_weights.keys() == current.keys() and all(
-        saved_weights[k].shape == v.shape and torch.equal(saved_weights[k], v.cpu()) for k, v in current.items())
-    if not same:
-        trained_with = checkpoint["ldm_lab"].get("first_stage_source", "a first stage whose source was not recorded")
-        raise CheckpointError(
-            f"ckpt_path={path} was trained in the latent space of model.first_stage={trained_with}, but this run "
-            f"gives model.first_stage={stage.first_stage_source}, whose weights "
-            f"differ: its latents and latent scale would not match the UNet. Resume with "
-            f"model.first_stage={trained_with}, or start a new run (without ckpt_path) for the new first stage"
-        )

@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel, VQModel
 from hydra.utils import get_class
 from torch import nn
 
-from ldm_lab.config.validate import ConfigError
+from ldm_lab.config.errors import ConfigError
 from ldm_lab.diffusion.sampling import LatentDiffusionModel
 from ldm_lab.io.checkpoints import read_checkpoint
 from ldm_lab.io.convert import converted, is_original

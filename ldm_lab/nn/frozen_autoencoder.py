@@ -68,8 +68,8 @@ class LatentScale:
         scale = float(1.0 / np.sqrt((self.squares + self.variance) / self.count - mean**2))
         if not np.isfinite(scale) or scale <= 0:
             raise ConfigError(f"the latent scale 1/std of {self.count} latent values is {scale}: the latents are "
-                             f"constant or not finite. Check the first stage (model.first_stage), or set "
-                             f"model.latent_scale=<a number>")
+                              f"constant or not finite. Check the first stage (model.first_stage), or set "
+                              f"model.latent_scale=<a number>")
         return scale
 
 

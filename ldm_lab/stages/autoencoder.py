@@ -67,7 +67,7 @@ class AutoencoderStage(TrainingStage):
         if gradient_checkpointing:
             if not self.vae._supports_gradient_checkpointing:
                 raise ConfigError(f"{type(self.vae).__name__} has no gradient checkpointing in diffusers; "
-                                 f"set model.gradient_checkpointing=false")
+                                  f"set model.gradient_checkpointing=false")
             self.vae.enable_gradient_checkpointing()
         if decoder_only:  # sd-vae-ft-mse: the latent space stays put, only the decoder learns
             self.vae.encoder.requires_grad_(False)

@@ -24,8 +24,8 @@ import torch
 from lightning.pytorch.strategies import ParallelStrategy
 from omegaconf import DictConfig
 
-from ldm_lab.config.validate import ConfigError
-from ldm_lab.io.checkpoints import nonfinite_tensors
+from ldm_lab.config.errors import ConfigError
+from ldm_lab.io.checkpoints import check_resume_kind, nonfinite_tensors
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +48,9 @@ class TrainingStage(L.LightningModule):
 
     What the tasks ask of a stage, so that a new stage is one new class: its downsampling from the config
     (:meth:`downsample_factor_of`), configs for inference and for the memory plan (:meth:`inference_config`,
-    :meth:`planning_config`, :meth:`planning_batch`), the data it needs (:meth:`attach_data`,
-    :meth:`encode_latent_cache`), its export (:meth:`export`) and what follows training (:meth:`after_training`)."""
+    :meth:`planning_config`, :meth:`planning_batch`), whether a checkpoint resumes it (:meth:`check_resume`),
+    the data it needs (:meth:`attach_data`, :meth:`encode_latent_cache`), its export (:meth:`export`) and
+    what follows training (:meth:`after_training`)."""
 
     monitor: str
     monitor_mode: str
@@ -83,7 +84,7 @@ class TrainingStage(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.trainer.precision == "16-mixed":
             raise ConfigError("precision 16-mixed clips scaled gradients under manual optimization; "
-                             "use precision=bf16 (bf16-mixed) or precision=fp32")
+                              "use precision=bf16 (bf16-mixed) or precision=fp32")
 
     def on_train_batch_start(self, batch, batch_idx: int) -> int | None:
         """Train no step past ``max_steps``: a resumed finished run, or ``max_steps=0``, stops at once."""
@@ -113,6 +114,11 @@ class TrainingStage(L.LightningModule):
     def planning_batch(self, batch_size: int, side: int) -> dict[str, torch.Tensor]:
         """A random training batch of ``side`` x ``side`` images, for the memory plan."""
         return {"pixel_values": torch.rand(batch_size, 3, side, side) * 2 - 1}
+
+    def check_resume(self, checkpoint: dict, path: str | Path) -> None:
+        """Before Lightning loads ``checkpoint`` (read from ``path``): a clear refusal instead of a silent
+        mismatch; a stage of another kind is refused here, subclasses refuse what else would not match."""
+        check_resume_kind(checkpoint, path, self)
 
     def attach_data(self, datamodule, latent_cache_root: str | Path) -> None:
         """Before training: prepare what the stage reads from ``datamodule`` beyond its pixels."""

@@ -30,6 +30,7 @@ from torch import nn
 from ldm_lab.config.errors import ConfigError
 from ldm_lab.config.speed import optimizer_options
 from ldm_lab.diffusion.sampling import LatentDiffusionModel
+from ldm_lab.io.checkpoints import CheckpointError
 from ldm_lab.io.export import export_pipeline
 from ldm_lab.io.samples import draw_samples
 from ldm_lab.io.sources import load_first_stage, load_unet
@@ -86,16 +87,16 @@ class LatentDiffusionStage(TrainingStage):
         config = noise_scheduler.config
         if config.get("rescale_betas_zero_snr") and config.prediction_type == "epsilon":
             raise ConfigError("model.noise_scheduler.rescale_betas_zero_snr=true makes the last timestep pure noise, "
-                             "where the noise is no target to learn (Lin et al. 2024): set "
-                             "model.noise_scheduler.prediction_type=v_prediction")
+                              "where the noise is no target to learn (Lin et al. 2024): set "
+                              "model.noise_scheduler.prediction_type=v_prediction")
         self.timestep_density = dict(timestep_density or {"weighting_scheme": "uniform"})
         if self.timestep_density["weighting_scheme"] not in ("uniform", "logit_normal"):
             raise ConfigError(f"model.timestep_density.weighting_scheme={self.timestep_density['weighting_scheme']}: "
-                             f"use uniform (LDM) or logit_normal")
+                              f"use uniform (LDM) or logit_normal")
         if first_stage is None:
             raise ConfigError("model=unet trains in the latent space of a first stage: set model.first_stage to a "
-                             "first-stage checkpoint (.ckpt) or exported folder, e.g. from python run.py "
-                             "experiment=quickstart: model.first_stage=outputs/<date>/<time>/checkpoints/last.ckpt")
+                              "first-stage checkpoint (.ckpt) or exported folder, e.g. from python run.py "
+                              "experiment=quickstart: model.first_stage=outputs/<date>/<time>/checkpoints/last.ckpt")
         if isinstance(first_stage, Mapping):  # a checkpoint's description: the architecture, weights follow
             self.first_stage = FrozenAutoencoder.from_description(OmegaConf.to_container(OmegaConf.create(first_stage)))
             self.first_stage_source = None
@@ -154,6 +155,23 @@ class LatentDiffusionStage(TrainingStage):
         channels = first.latent_channels * (2 if first.kind == "kl" else 1)
         latent_side = side // first.downsample_factor
         return {"latents": torch.randn(batch_size, channels, latent_side, latent_side)}
+
+    def check_resume(self, checkpoint: dict, path: str | Path) -> None:
+        """Also refused: a checkpoint trained in the latent space of another first stage, whose weights and
+        latent scale belong to those latents."""
+        super().check_resume(checkpoint, path)
+        prefix = "first_stage."
+        saved = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        current = self.first_stage.state_dict()
+        same = saved.keys() == current.keys() and all(
+            saved[k].shape == v.shape and torch.equal(saved[k], v.cpu()) for k, v in current.items())
+        if not same:
+            trained_with = checkpoint["ldm_lab"].get("first_stage_source", "a first stage whose source was not recorded")
+            raise CheckpointError(
+                f"ckpt_path={path} was trained in the latent space of model.first_stage={trained_with}, but this run "
+                f"gives model.first_stage={self.first_stage_source}, whose weights differ: its latents and latent "
+                f"scale would not match the UNet. Resume with model.first_stage={trained_with}, or start a new run "
+                f"(without ckpt_path) for the new first stage")
 
     def attach_data(self, datamodule, latent_cache_root: str | Path) -> None:
         if self.latent_cache:
@@ -324,8 +342,8 @@ def load_pretrained_unet(unet: nn.Module, source: str) -> None:
               if _plain(pretrained.config[k]) != _plain(unet.config[k])}
     if differ:
         raise ConfigError(f"model.unet_pretrained={source} is another UNet than model.unet: "
-                         + "; ".join(f"{k} {a} there, {b} here" for k, (a, b) in differ.items())
-                         + ". Set model.unet.* to its config")
+                          + "; ".join(f"{k} {a} there, {b} here" for k, (a, b) in differ.items())
+                          + ". Set model.unet.* to its config")
     unet.load_state_dict(pretrained.state_dict())
     log.info("UNet weights from %s", source)
 

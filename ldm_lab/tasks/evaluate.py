@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
-from ldm_lab.config.validate import ConfigError
+from ldm_lab.config.errors import ConfigError
 from ldm_lab.data.synthetic import SyntheticSource
 from ldm_lab.evaluation.metrics import ReconstructionMetrics, SampleQuality, make_fid
 from ldm_lab.evaluation.offline import (
@@ -130,7 +130,7 @@ EVALUATIONS = {AUTOENCODER: evaluate_autoencoder, LATENT_DIFFUSION: evaluate_dif
 def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.evaluate.model is None:
         raise ConfigError("task=evaluate needs evaluate.model=<a .ckpt, an exported diffusers folder or an original "
-                         "checkpoint>")
+                          "checkpoint>")
     if cfg.evaluate.features not in FEATURES:
         raise ConfigError(f"evaluate.features={cfg.evaluate.features}: choose one of {', '.join(FEATURES)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ldm_lab.config.validate import ConfigError
+from ldm_lab.config.errors import ConfigError
 from ldm_lab.stages.build import load_stage
 from ldm_lab.tasks.trainer import build_datamodule
 

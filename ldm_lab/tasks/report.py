@@ -70,7 +70,7 @@ def read_sweep(sweep_dir: Path) -> list[Job]:
     folders = sorted((p for p in sweep_dir.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
     if not folders:
         raise MissingPathError(f"sweep_dir={sweep_dir} has no numbered job folders (0, 1, ...): "
-                                f"point it at a multirun folder, e.g. multirun/<date>/<time>")
+                               f"point it at a multirun folder, e.g. multirun/<date>/<time>")
     return [read_job(folder) for folder in folders]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ldm_lab.config.validate import ConfigError
+from ldm_lab.config.errors import ConfigError
 from ldm_lab.io.samples import draw_samples
 from ldm_lab.io.sources import load_latent_diffusion
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
-from ldm_lab.io.checkpoints import check_resume, claim_run_folder, read_checkpoint
+from ldm_lab.io.checkpoints import claim_run_folder, read_checkpoint
 from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks.trainer import build_datamodule, build_trainer
 
@@ -35,7 +35,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
         claim_run_folder(output_dir, trainer.checkpoint_callback.dirpath, cfg.ckpt_path, cfg.overwrite)
     if cfg.ckpt_path is not None:  # before Lightning loads it: a clear refusal instead of a silent mismatch
         resumed = read_checkpoint(cfg.ckpt_path, mmap=True)
-        check_resume(resumed, cfg.ckpt_path, stage)
+        stage.check_resume(resumed, cfg.ckpt_path)
         log.info("resuming from %s at step %d", cfg.ckpt_path, resumed["ldm_lab"]["step"])
     stage.attach_data(datamodule, cfg.paths.latent_cache)  # after the checks, which a refused run should not wait for
     log.info("run folder: %s", output_dir)
