@@ -4,7 +4,8 @@
     python run.py -m model.lr=1e-4,4.5e-6 disc.norm_type=spectral_group,spectral,batch,none
 
 An error the user caused and can fix (a bad value, a missing or wrong-kind file; ldm_lab/config/errors.py)
-is one ``error: ...`` line and exit status 2; ``HYDRA_FULL_ERROR=1`` shows its traceback.
+is one ``error: ...`` line and exit status 2; ``HYDRA_FULL_ERROR=1`` shows its traceback. A run stopped by
+SIGTERM or SIGINT checkpoints and exits 128 + the signal (ldm_lab/callbacks/stop_signals.py).
 """
 
 import os
@@ -14,6 +15,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from ldm_lab.callbacks.stop_signals import RunStopped
 from ldm_lab.config.errors import user_error
 from ldm_lab.config.schema import register_configs
 from ldm_lab.config.validate import check_config, check_group_choices, check_task_options
@@ -33,6 +35,8 @@ def main(cfg: DictConfig):
     try:
         check_config(cfg)
         run(cfg)
+    except RunStopped as stopped:  # SIGTERM or SIGINT: a checkpoint was written, the resume command logged
+        sys.exit(stopped.exit_code)
     except Exception as error:
         cause = user_error(error)
         if cause is None or os.environ.get("HYDRA_FULL_ERROR") == "1":

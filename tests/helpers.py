@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -86,6 +88,22 @@ class StopAt(L.Callback):
         if pl_module.step == self.at and not self.path.exists():
             trainer.save_checkpoint(self.path)
             trainer.should_stop = True
+
+
+class SignalAt(L.Callback):
+    """Sends ``signum`` when micro-batch ``micro_step`` + 1 starts: to this process, or with ``group`` to its
+    whole process group, as Ctrl-C in a terminal does (DataLoader workers get it too)."""
+
+    def __init__(self, micro_step: int, signum: int = signal.SIGTERM, group: bool = False):
+        self.micro_step, self.signum, self.group, self.sent = micro_step, int(signum), group, False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if pl_module.micro_step == self.micro_step and not self.sent:
+            self.sent = True
+            if self.group:
+                os.killpg(os.getpgid(0), self.signum)
+            else:
+                os.kill(os.getpid(), self.signum)
 
 
 def save_tiny_first_stage(kind: str, path, seed: int = 0):

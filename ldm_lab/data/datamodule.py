@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -27,6 +28,13 @@ from ldm_lab.data.sources import FolderSource
 from ldm_lab.data.transforms import bucket_transform
 
 log = logging.getLogger(__name__)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT (Ctrl-C reaches the whole process group) and SIGTERM (a scheduler's)
+    to the main process, which checkpoints and then shuts them down (ldm_lab/callbacks/stop_signals.py)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 @dataclass
@@ -291,7 +299,8 @@ class ImageDataModule(L.LightningDataModule):
             sampler.load_state_dict({"epoch": self._resume["epoch"], "start_batch": self._resume["batches_done"]})
         dataset = self._dataset(train and self.random_crop, train and self.random_flip)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available())
+                          persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
+                          worker_init_fn=ignore_stop_signals)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(train=True)

@@ -4,12 +4,15 @@ does after training (a latent diffusion model draws a grid of samples)."""
 from __future__ import annotations
 
 import logging
+import shlex
 import warnings
 from pathlib import Path
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from ldm_lab.callbacks.stop_signals import RunStopped
 from ldm_lab.io.checkpoints import claim_run_folder, read_checkpoint
 from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks.trainer import build_datamodule, build_trainer
@@ -19,6 +22,13 @@ log = logging.getLogger(__name__)
 
 def _format(metrics: dict[str, float]) -> str:
     return "  ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+
+
+def resume_command(checkpoint: Path, output_dir: Path) -> str:
+    """This launch's command line with ``ckpt_path`` set and the run folder pinned: how to go on from ``checkpoint``."""
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    kept = [o for o in overrides if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
+    return shlex.join(["python", "run.py", *kept, f"ckpt_path={checkpoint}", f"hydra.run.dir={output_dir}"])
 
 
 def run(cfg: DictConfig) -> dict[str, float]:
@@ -44,7 +54,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.ckpt_path is None:
         trainer.validate(stage, datamodule=datamodule, verbose=False)
         log.info("validation before training (step 0): %s", _format(stage.last_val_metrics))
-    trainer.fit(stage, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(stage, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except RunStopped as stopped:  # SIGTERM or SIGINT: run.py exits with stopped.exit_code
+        log.warning("resume: %s", resume_command(stopped.checkpoint, output_dir))
+        raise
     trainer.validate(stage, datamodule=datamodule, verbose=False)
     log.info("validation after training (step %d): %s", stage.step, _format(stage.last_val_metrics))
     if stage.nonfinite_skipped:
