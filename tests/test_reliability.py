@@ -177,6 +177,22 @@ def test_max_steps_zero_and_a_finished_run_train_no_step(compose_cfg, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- silently wrong
+def test_resuming_with_another_batch_size_or_accumulation_is_refused_naming_it(compose_cfg, tmp_path):
+    """The epoch position counts batches of the stopped run's size, and an LDM scales its learning rate by
+    batch x accumulation x processes: a resume that changes them is refused, not silently off (issue 21, item 6)."""
+    run = [f"paths.output_dir={tmp_path / 'run'}", "val_every_n_steps=2"]
+    train.run(compose_cfg([*run, "max_steps=2"]))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    resume = [*run, "max_steps=4", f"ckpt_path={last}"]
+    with pytest.raises(ConfigError, match=r"data.batch_size = 2, this run gives 1: .* Resume with data.batch_size = 2, "
+                                          r"or start a new run from its weights: model.pretrained="):
+        train.run(compose_cfg([*resume, "data.batch_size=1"]))
+    with pytest.raises(ConfigError, match=r"model.accumulate_grad_batches=1, this run gives 2"):
+        train.run(compose_cfg([*resume, "model.accumulate_grad_batches=2"]))
+    train.run(compose_cfg(resume))  # the same settings resume
+    assert _step_of(last) == 4
+
+
 def test_resuming_an_ldm_with_another_first_stage_is_refused(compose_cfg, tmp_path):
     a = save_tiny_first_stage("vq", tmp_path / "first_stage_a", seed=0)
     b = save_tiny_first_stage("vq", tmp_path / "first_stage_b", seed=1)

@@ -47,7 +47,7 @@ def test_a_signalled_run_checkpoints_its_last_step_and_resumes_bit_exact(compose
     assert stopped.value.exit_code == 128 + signum and stopped.value.step == step
     checkpoint = read_checkpoint(tmp_path / "stopped" / "last.ckpt")
     assert checkpoint["ldm_lab"]["step"] == step and checkpoint["ldm_lab"]["micro_step"] == 2 * step
-    assert checkpoint["ImageDataModule"] == {"epoch": 0, "batches_done": 2 * step}  # dropped ones are replayed
+    assert checkpoint["ImageDataModule"] == {"epoch": 0, "batches_done": 2 * step, "batch_size": 2, "world_size": 1}
 
     resumed, _ = _run(compose_cfg, tmp_path / "resumed", ckpt_path=str(tmp_path / "stopped" / "last.ckpt"))
     assert (resumed.step, resumed.micro_step) == (straight.step, straight.micro_step) == (4, 8)

@@ -275,7 +275,25 @@ class ImageDataModule(L.LightningDataModule):
         if self.trainer is None:
             return {}
         progress = self.trainer.fit_loop.epoch_loop.batch_progress.current
-        return {"epoch": self.trainer.current_epoch, "batches_done": progress.processed}
+        return {"epoch": self.trainer.current_epoch, "batches_done": progress.processed,
+                "batch_size": self.batch_size, "world_size": self.trainer.world_size}
+
+    def check_resume(self, state: dict | None, path, world_size: int) -> None:
+        """A resume goes on with the batches its epoch had left, counted in batches of the stopped run's size on
+        its number of processes: with another size or count it would skip or repeat images (and an LDM would
+        scale its learning rate anew while its optimizer holds the old one). Refused, naming the setting."""
+        if not state or "batch_size" not in state:  # written before checkpoints said
+            return
+        settings = [("data.batch_size", state["batch_size"], self.batch_size),
+                    ("processes (trainer.devices x trainer.num_nodes)", state["world_size"], world_size)]
+        for key, trained, given in settings:
+            if trained != given:
+                raise ConfigError(
+                    f"ckpt_path={path} was trained with {key} = {trained}, this run gives {given}: its place in the "
+                    f"epoch counts batches of that size on that many processes, and a latent diffusion model's "
+                    f"learning rate was scaled by them. Resume with {key} = {trained}, or start a new run from its "
+                    f"weights: model.pretrained={path} (an autoencoder) or model.unet_pretrained={path} (a latent "
+                    f"diffusion model)")
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         self._resume = dict(state_dict)

@@ -117,8 +117,15 @@ class TrainingStage(L.LightningModule):
 
     def check_resume(self, checkpoint: dict, path: str | Path) -> None:
         """Before Lightning loads ``checkpoint`` (read from ``path``): a clear refusal instead of a silent
-        mismatch; a stage of another kind is refused here, subclasses refuse what else would not match."""
+        mismatch; a stage of another kind, or another number of micro-batches per step (the step's average and
+        where its cycles start), is refused here, subclasses refuse what else would not match."""
         check_resume_kind(checkpoint, path, self)
+        trained = checkpoint["ldm_lab"]["config"]["model"].get("accumulate_grad_batches", 1)
+        if trained != self.accumulate_grad_batches:
+            raise ConfigError(f"ckpt_path={path} was trained with model.accumulate_grad_batches={trained}, this run "
+                              f"gives {self.accumulate_grad_batches}: resume with model.accumulate_grad_batches="
+                              f"{trained}, or start a new run from its weights: model.pretrained={path} (an "
+                              f"autoencoder) or model.unet_pretrained={path} (a latent diffusion model)")
 
     def attach_data(self, datamodule, latent_cache_root: str | Path) -> None:
         """Before training: prepare what the stage reads from ``datamodule`` beyond its pixels."""

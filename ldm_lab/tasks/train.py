@@ -46,6 +46,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if cfg.ckpt_path is not None:  # before Lightning loads it: a clear refusal instead of a silent mismatch
         resumed = read_checkpoint(cfg.ckpt_path, mmap=True)
         stage.check_resume(resumed, cfg.ckpt_path)
+        datamodule.check_resume(resumed.get(type(datamodule).__qualname__), cfg.ckpt_path, trainer.world_size)
         log.info("resuming from %s at step %d", cfg.ckpt_path, resumed["ldm_lab"]["step"])
     stage.attach_data(datamodule, cfg.paths.latent_cache)  # after the checks, which a refused run should not wait for
     log.info("run folder: %s", output_dir)
