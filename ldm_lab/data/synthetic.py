@@ -7,13 +7,13 @@ sizes and aspect ratios, saved as PNG, JPEG and WebP so the same decoding path a
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from ldm_lab.data.sources import FolderSource
+from ldm_lab.io.atomic import publish_folder, side_folder
 
 FORMATS = ("png", "jpg", "webp")
 
@@ -72,15 +72,21 @@ class SyntheticSource(FolderSource):
         self.spec = {"num_images": num_images, "seed": seed, "min_side": min_side, "max_side": max_side}
         super().__init__(Path(root).expanduser() / f"seed{seed}-n{num_images}-side{min_side}-{max_side}")
 
+    def _complete(self, folder: Path) -> bool:
+        manifest = folder / "manifest.json"
+        return manifest.is_file() and json.loads(manifest.read_text()) == self.spec
+
     def prepare(self) -> None:
-        manifest = self.root / "manifest.json"
-        if manifest.is_file() and json.loads(manifest.read_text()) == self.spec:
+        """Draw the set once into a side folder and publish it whole: jobs started together on one
+        ``paths.data_dir`` each finish with the one set (ldm_lab/io/atomic.py)."""
+        if self._complete(self.root):
             return
-        shutil.rmtree(self.root, ignore_errors=True)
-        self.root.mkdir(parents=True)
+        self.root.parent.mkdir(parents=True, exist_ok=True)
+        built = side_folder(self.root)
         for index in range(self.spec["num_images"]):
             rng = np.random.default_rng([self.spec["seed"], index])
             width, height = image_size(rng, self.spec["min_side"], self.spec["max_side"])
             fmt = FORMATS[index % len(FORMATS)]
-            draw_image(rng, width, height)[0].save(self.root / f"{index:06d}.{fmt}", quality=95)
-        manifest.write_text(json.dumps(self.spec))  # written last: marks the set complete
+            draw_image(rng, width, height)[0].save(built / f"{index:06d}.{fmt}", quality=95)
+        (built / "manifest.json").write_text(json.dumps(self.spec))  # marks the set complete
+        publish_folder(built, self.root, self._complete)

@@ -16,6 +16,7 @@ from torchmetrics.image import FrechetInceptionDistance
 from tqdm import tqdm
 
 from ldm_lab.evaluation.metrics import ReconstructionMetrics, SampleQuality
+from ldm_lab.io.atomic import atomic_write
 from ldm_lab.losses.perceptual import LPIPS
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,9 @@ def load_reference(fid: FrechetInceptionDistance, path: Path) -> bool:
 
 
 def save_reference(fid: FrechetInceptionDistance, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **{name: getattr(fid, name).detach().cpu().numpy() for name in REFERENCE_STATES})
+    """Written whole (jobs sharing ``evaluate.reference_dir`` may write it at once: the same numbers)."""
+    states = {name: getattr(fid, name).detach().cpu().numpy() for name in REFERENCE_STATES}
+    atomic_write(path, lambda file: np.savez(file, **states))
 
 
 @torch.no_grad()

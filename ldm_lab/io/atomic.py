@@ -1,14 +1,17 @@
-"""Files that are either whole or absent: written to a temporary file in the destination's own folder,
-flushed to disk, then renamed over the destination. A rename is atomic only within one file system,
-so the temporary file never lives elsewhere (a temporary folder on another disk would make the
-"rename" a copy, which a full disk leaves half-written, the previous file already gone)."""
+"""Files and folders that are either whole or absent: written to a temporary file (folder) in the
+destination's own folder, flushed to disk, then renamed over the destination. A rename is atomic only within
+one file system, so the temporary file never lives elsewhere (a temporary folder on another disk would make
+the "rename" a copy, which a full disk leaves half-written, the previous file already gone). Jobs sharing a
+folder build what they share once: folders by a rename that tolerates a winner, cache entries under a lock."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
@@ -50,3 +53,39 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda file: file.write(text.encode()))
+
+
+def side_folder(folder: Path) -> Path:
+    """An empty folder beside ``folder``, this process's own, to build it in (:func:`publish_folder`)."""
+    return Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".partial"))
+
+
+def publish_folder(built: Path, folder: Path, complete: Callable[[Path], bool]) -> None:
+    """Rename the finished ``built`` (a :func:`side_folder`) to ``folder`` in one step. Jobs that share the
+    parent (a parallel sweep, a SLURM array) may build the same folder at once: the first rename wins and the
+    others, finding ``folder`` ``complete``, throw theirs away. An incomplete ``folder`` (a killed build) is
+    replaced."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # the folder exists (another job's, or a stale one)
+        os.rename(built, folder)
+        return
+    if complete(folder):
+        shutil.rmtree(built, ignore_errors=True)
+        return
+    stale = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".stale"))
+    os.replace(folder, stale / folder.name)
+    os.rename(built, folder)
+    shutil.rmtree(stale, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold ``folder``'s lock (``flock`` on ``folder/.lock``): processes that would write the same entries of
+    a shared cache take turns, and the later ones find them written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -15,7 +15,6 @@ import hashlib
 import logging
 import os
 import pickle
-import shutil
 import types
 from pathlib import Path
 
@@ -23,6 +22,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, LDMPipeline, UNet2DModel, VQModel
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from omegaconf import OmegaConf
+
+from ldm_lab.io.atomic import publish_folder, side_folder
 
 log = logging.getLogger(__name__)
 
@@ -315,11 +316,11 @@ def converted(source: str | os.PathLike) -> Path:
               if p.is_file()]
     key = hashlib.sha1("\n".join(stamps).encode()).hexdigest()[:16]
     folder = cache_root() / f"{source.stem}-{key}"
-    if not folder.is_dir():  # converted into a side folder, renamed when complete
-        partial = folder.with_name(folder.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        convert(source, partial)
-        os.replace(partial, folder)
+    if not folder.is_dir():  # converted into this process's side folder, published whole (jobs may race)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        built = side_folder(folder)
+        convert(source, built)
+        publish_folder(built, folder, lambda found: found.is_dir())
     return folder
 
 

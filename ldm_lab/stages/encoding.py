@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.data.latent_cache import KeyedImages, LatentCache
+from ldm_lab.io.atomic import folder_lock
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder, LatentScale
 
 log = logging.getLogger(__name__)
@@ -27,34 +28,36 @@ def encode_latent_cache(first_stage: FrozenAutoencoder, datamodule: ImageDataMod
     cache = LatentCache(root, first_stage.fingerprint())
     datamodule.prepare_data()  # the sources write or download their images once
     datamodule.setup_index()
-    is_val = datamodule.is_val
-    original = next(first_stage.parameters()).device
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    first_stage.to(device)
-    keys: list[dict[str, str]] = [{} for _ in range(len(is_val))]
-    scale = LatentScale(first_stage.kind)
-    encoded = seen = 0
-    loader = DataLoader(KeyedImages(datamodule.pixel_dataset()), batch_sampler=datamodule.encoding_batches(),
-                        num_workers=datamodule.num_workers)
-    try:
-        for batch in tqdm(loader, desc="latent cache", unit="batch", dynamic_ncols=True):
-            missing = [i for i, key in enumerate(batch["key"]) if key not in cache]
-            if missing:
-                moments = first_stage.moments(batch["pixel_values"][missing].to(device)).float().cpu()
-                for row, i in enumerate(missing):
-                    cache.add(batch["key"][i], moments[row])
-                encoded += len(missing)
-            height, width = batch["pixel_values"].shape[2:]
-            for key, index in zip(batch["key"], batch["index"].tolist(), strict=True):
-                if not keys[index] and not is_val[index]:
-                    scale.update(cache.get(key))
-                keys[index][f"{width}x{height}"] = key
-                seen += 1
-    finally:
-        first_stage.to(original)
-    cache.flush()
-    manifest = {"kind": first_stage.kind, "scaling_factor": scale.scaling_factor, "keys": keys}
-    cache.write_manifest(datamodule.data_key(), manifest)
+    with folder_lock(cache.dir):  # jobs sharing the cache take turns: each latent is encoded once
+        cache.refresh()  # what another job wrote while this one waited
+        is_val = datamodule.is_val
+        original = next(first_stage.parameters()).device
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        first_stage.to(device)
+        keys: list[dict[str, str]] = [{} for _ in range(len(is_val))]
+        scale = LatentScale(first_stage.kind)
+        encoded = seen = 0
+        loader = DataLoader(KeyedImages(datamodule.pixel_dataset()), batch_sampler=datamodule.encoding_batches(),
+                            num_workers=datamodule.num_workers)
+        try:
+            for batch in tqdm(loader, desc="latent cache", unit="batch", dynamic_ncols=True):
+                missing = [i for i, key in enumerate(batch["key"]) if key not in cache]
+                if missing:
+                    moments = first_stage.moments(batch["pixel_values"][missing].to(device)).float().cpu()
+                    for row, i in enumerate(missing):
+                        cache.add(batch["key"][i], moments[row])
+                    encoded += len(missing)
+                height, width = batch["pixel_values"].shape[2:]
+                for key, index in zip(batch["key"], batch["index"].tolist(), strict=True):
+                    if not keys[index] and not is_val[index]:
+                        scale.update(cache.get(key))
+                    keys[index][f"{width}x{height}"] = key
+                    seen += 1
+        finally:
+            first_stage.to(original)
+        cache.flush()
+        manifest = {"kind": first_stage.kind, "scaling_factor": scale.scaling_factor, "keys": keys}
+        cache.write_manifest(datamodule.data_key(), manifest)
     log.info("latent cache %s: %d latents encoded, %d already there; latent scale 1/std = %.5f", cache.dir,
              encoded, seen - encoded, manifest["scaling_factor"])
     datamodule.use_latent_cache(cache, manifest)
