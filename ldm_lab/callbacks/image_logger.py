@@ -7,14 +7,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.loggers import TensorBoardLogger
 from torchvision.utils import make_grid, save_image
+
+from ldm_lab.callbacks.loggers import log_image
 
 
 class ImageLogger(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and before the first) the grid of
     ``pl_module.preview_images(datamodule, num_images, sampling)`` (``(name, images in [-1, 1], images per row)``):
-    to TensorBoard (``val/<name>``) and as ``<dirpath>/<name>_step<step>.png``. ``sampling``: the run's
+    to every logger that takes images (``val/<name>``) and as ``<dirpath>/<name>_step<step>.png``. ``sampling``: the run's
     ``sample.*``, so a diffusion model's grid is drawn as task=sample would draw it."""
 
     def __init__(self, every_n_steps: int, num_images: int = 8, dirpath: str | Path = "images",
@@ -47,5 +48,4 @@ class ImageLogger(L.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         save_image(grid, self.dirpath / f"{name}_step{step:07d}.png")
         for logger in trainer.loggers:
-            if isinstance(logger, TensorBoardLogger):
-                logger.experiment.add_image(f"val/{name}", grid, global_step=step)
+            log_image(logger, f"val/{name}", grid, step)

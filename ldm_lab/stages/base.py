@@ -246,12 +246,13 @@ class TrainingStage(L.LightningModule):
     def _log_train_scalars(self) -> None:
         count, sums = self._contributed, self._log_sums
         self._contributed, self._log_sums = 0, defaultdict(float)
-        if self.logger is None or self.step % self.trainer.log_every_n_steps:
+        if not self.loggers or self.step % self.trainer.log_every_n_steps:
             return
         metrics = {f"train/{name}": float(value) / count for name, value in sums.items()}
         metrics.update(self.train_scalars())
         metrics["train/nonfinite_skipped"] = self.nonfinite_skipped
-        self.logger.log_metrics(metrics, step=self.step)
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.step)
 
     # ----------------------------------------------------------------------------- validation logging
     def log_validation(self, values: dict[str, torch.Tensor]) -> None:
@@ -261,8 +262,8 @@ class TrainingStage(L.LightningModule):
         for name, value in values.items():
             self.log(f"val/{name}", value, prog_bar=f"val/{name}" == self.monitor, logger=False)
         self.last_val_metrics = {name: float(value) for name, value in values.items()}
-        if self.logger is not None:
-            self.logger.log_metrics({f"val/{k}": v for k, v in self.last_val_metrics.items()}, step=self.step)
+        for logger in self.loggers:
+            logger.log_metrics({f"val/{k}": v for k, v in self.last_val_metrics.items()}, step=self.step)
 
     def _check_finite(self, values: dict[str, torch.Tensor]) -> None:
         # NaN, not infinity: a perfect reconstruction's PSNR is +inf

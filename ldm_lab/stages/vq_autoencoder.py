@@ -73,8 +73,8 @@ class VQAutoencoderStage(AutoencoderStage):
         if self.ema is not None:  # the evaluation weights get the restarted codes at once
             self.ema.module.quantize.embedding.weight.data[dead] = embedding.data[dead]
         self.train_code_counts.zero_()
-        if self.logger is not None:
-            self.logger.log_metrics({"train/dead_codes_restarted": int(dead.sum())}, step=self.step)
+        for logger in self.loggers:
+            logger.log_metrics({"train/dead_codes_restarted": int(dead.sum())}, step=self.step)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)

@@ -50,7 +50,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
         log.info("resuming from %s at step %d", cfg.ckpt_path, resumed["ldm_lab"]["step"])
     stage.attach_data(datamodule, cfg.paths.latent_cache)  # after the checks, which a refused run should not wait for
     log.info("run folder: %s", output_dir)
-    log.info("TensorBoard: tensorboard --logdir %s", output_dir / "tensorboard")
+    for logger in trainer.loggers:  # conf/logger/: tensorboard (default), csv, wandb, or a list of them
+        log.info("%s: %s", type(logger).__name__, getattr(logger, "log_dir", None) or logger.save_dir)
 
     if cfg.ckpt_path is None:
         trainer.validate(stage, datamodule=datamodule, verbose=False)

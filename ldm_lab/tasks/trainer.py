@@ -31,7 +31,7 @@ def build_trainer(cfg: DictConfig, stage: TrainingStage) -> L.Trainer:
     return instantiate(
         cfg.trainer,
         callbacks=callbacks,
-        logger=instantiate(cfg.logger),
+        logger=[instantiate(c) for c in (cfg.logger or {}).values() if c is not None] or False,
         plugins=[AtomicCheckpointIO()],
         default_root_dir=cfg.paths.output_dir,
         # Validation (and so checkpoints) on accumulation boundaries, counted in micro-batches.
