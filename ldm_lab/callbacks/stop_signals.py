@@ -2,6 +2,11 @@
 send it before they kill) and SIGINT (Ctrl-C) stop training at the end of the micro-batch under way, with
 ``last.ckpt`` at the last completed optimizer step, and the run exits with 128 + the signal's number.
 
+On SLURM, SIGUSR1 (``sbatch --signal=USR1@120``: the time limit or a preemption is near) does the same and then
+requeues the job with ``scontrol requeue``; the requeued job finds its run folder by its job id and resumes
+(conf/hydra/default.yaml, ldm_lab/tasks/train.py). This callback is the one owner of requeueing: Lightning's
+own SLURM requeue is switched off (ldm_lab/tasks/trainer.py).
+
 A signal that arrives within an accumulation cycle drops the cycle's micro-batches: the checkpoint holds the
 counters, the data position and the loop state of the cycle's start (kept at every optimizer step), so a
 resumed run replays them and ends bit-exact with one that was never stopped. A second signal stops at once.
@@ -14,7 +19,9 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import signal
+import subprocess
 import threading
 from pathlib import Path
 
@@ -24,6 +31,22 @@ import torch
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+REQUEUE_SIGNAL = signal.SIGUSR1  # what sbatch --signal=USR1@<seconds> sends before the time limit
+
+
+def slurm_job_id() -> str | None:
+    """The job's id as ``scontrol requeue`` takes it (an array task: <array job>_<task>), under sbatch or srun."""
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def requeue_slurm_job(job_id: str) -> None:
+    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+    if result.returncode:
+        log.error("scontrol requeue %s failed (%s): requeue the job yourself", job_id, result.stderr.strip())
+    else:
+        log.warning("requeued SLURM job %s: it resumes from the checkpoint when it starts again", job_id)
 
 
 class RunStopped(Exception):
@@ -48,8 +71,9 @@ class StopOnSignal(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """After Lightning registered its own handlers (Trainer._run), so these replace them."""
         self.received = None
+        signals = STOP_SIGNALS + ((REQUEUE_SIGNAL,) if slurm_job_id() is not None else ())
         if threading.current_thread() is threading.main_thread():
-            self._previous = {signum: signal.signal(signum, self._receive) for signum in STOP_SIGNALS}
+            self._previous = {signum: signal.signal(signum, self._receive) for signum in signals}
         self._cycle_start = self._state(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -119,4 +143,6 @@ class StopOnSignal(L.Callback):
         dropped = pl_module.micro_step - start["ldm_lab"]["micro_step"]
         log.warning("%s: wrote %s at step %d%s", signal.Signals(signum).name, path, step,
                     f" ({dropped} micro-batches of the next step dropped: a resume replays them)" if dropped else "")
+        if signum == REQUEUE_SIGNAL and trainer.is_global_zero:
+            requeue_slurm_job(slurm_job_id())
         raise RunStopped(signum, path, step)

@@ -1,4 +1,4 @@
-"""Typed schemas for the config groups whose values have a fixed set of choices.
+"""Typed schemas for the config groups whose values have a fixed set of choices, and the config's resolver.
 
 Registered in Hydra's ConfigStore under ``schema/`` and pulled into the YAML files through their
 defaults lists, so a typo such as ``disc.norm_type=spectral_grp`` fails at compose time with the
@@ -8,10 +8,11 @@ values, defaults included, live in the YAML files (``???`` here: each default in
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from ldm_lab.losses.autoencoder import DiscLoss, RecLoss
 from ldm_lab.nn.discriminator import NormType
@@ -42,8 +43,18 @@ class AutoencoderLossConfig:
     vgg16_weights: str | None = MISSING
 
 
+def slurm_run_folder(default: str) -> str:
+    """``${run_folder:<default>}`` (conf/hydra/default.yaml): a SLURM job's run folder is named by its job id,
+    ``slurm-<id>`` (an array task: ``slurm-<array job>_<task>``), so a requeued job finds its own; else ``default``."""
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        return f"slurm-{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return f"slurm-{os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else default
+
+
 def register_configs() -> None:
-    """Put the schemas in Hydra's ConfigStore; call before composing (run.py and the tests do)."""
+    """Put the schemas in Hydra's ConfigStore and the ``run_folder`` resolver in OmegaConf; call before
+    composing (run.py and the tests do)."""
+    OmegaConf.register_new_resolver("run_folder", slurm_run_folder, replace=True)
     cs = ConfigStore.instance()
     cs.store(group="schema", name="patchgan", node=PatchGANConfig)
     cs.store(group="schema", name="autoencoder_loss", node=AutoencoderLossConfig)

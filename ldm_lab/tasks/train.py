@@ -4,6 +4,7 @@ does after training (a latent diffusion model draws a grid of samples)."""
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import warnings
 from pathlib import Path
@@ -12,7 +13,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ldm_lab.callbacks.stop_signals import RunStopped
+from ldm_lab.callbacks.stop_signals import RunStopped, slurm_job_id
 from ldm_lab.io.checkpoints import claim_run_folder, read_checkpoint
 from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks.trainer import build_datamodule, build_trainer
@@ -31,6 +32,20 @@ def resume_command(checkpoint: Path, output_dir: Path) -> str:
     return shlex.join(["python", "run.py", *kept, f"ckpt_path={checkpoint}", f"hydra.run.dir={output_dir}"])
 
 
+def requeued_checkpoint(trainer: L.Trainer) -> str | None:
+    """A SLURM job started again after ``scontrol requeue`` (SLURM_RESTART_COUNT > 0; callbacks/stop_signals.py)
+    carries no ckpt_path: it resumes from its run folder's (conf/hydra/default.yaml: named by the job id) last.ckpt."""
+    callback = trainer.checkpoint_callback
+    if int(os.environ.get("SLURM_RESTART_COUNT", 0)) == 0 or callback is None:
+        return None
+    last = Path(callback.dirpath) / "last.ckpt"
+    if not last.is_file():
+        return None
+    log.info("requeued SLURM job %s (restart %s): resuming from %s", slurm_job_id(),
+             os.environ["SLURM_RESTART_COUNT"], last)
+    return str(last)
+
+
 def run(cfg: DictConfig) -> dict[str, float]:
     logging.getLogger("lightning.pytorch").handlers.clear()  # Hydra's root handler prints its messages once
     # ImageDataModule.state_dict resumes a stopped epoch itself; Lightning cannot see that.
@@ -41,23 +56,24 @@ def run(cfg: DictConfig) -> dict[str, float]:
     stage = build_stage(cfg.model, cfg.disc, cfg.speed)
     datamodule = build_datamodule(cfg, stage.downsample_factor)
     trainer = build_trainer(cfg, stage)
+    ckpt_path = cfg.ckpt_path or requeued_checkpoint(trainer)
     if trainer.is_global_zero and trainer.checkpoint_callback is not None:
-        claim_run_folder(output_dir, trainer.checkpoint_callback.dirpath, cfg.ckpt_path, cfg.overwrite)
-    if cfg.ckpt_path is not None:  # before Lightning loads it: a clear refusal instead of a silent mismatch
-        resumed = read_checkpoint(cfg.ckpt_path, mmap=True)
-        stage.check_resume(resumed, cfg.ckpt_path)
-        datamodule.check_resume(resumed.get(type(datamodule).__qualname__), cfg.ckpt_path, trainer.world_size)
-        log.info("resuming from %s at step %d", cfg.ckpt_path, resumed["ldm_lab"]["step"])
+        claim_run_folder(output_dir, trainer.checkpoint_callback.dirpath, ckpt_path, cfg.overwrite)
+    if ckpt_path is not None:  # before Lightning loads it: a clear refusal instead of a silent mismatch
+        resumed = read_checkpoint(ckpt_path, mmap=True)
+        stage.check_resume(resumed, ckpt_path)
+        datamodule.check_resume(resumed.get(type(datamodule).__qualname__), ckpt_path, trainer.world_size)
+        log.info("resuming from %s at step %d", ckpt_path, resumed["ldm_lab"]["step"])
     stage.attach_data(datamodule, cfg.paths.latent_cache)  # after the checks, which a refused run should not wait for
     log.info("run folder: %s", output_dir)
     for logger in trainer.loggers:  # conf/logger/: tensorboard (default), csv, wandb, or a list of them
         log.info("%s: %s", type(logger).__name__, getattr(logger, "log_dir", None) or logger.save_dir)
 
-    if cfg.ckpt_path is None:
+    if ckpt_path is None:
         trainer.validate(stage, datamodule=datamodule, verbose=False)
         log.info("validation before training (step 0): %s", _format(stage.last_val_metrics))
     try:
-        trainer.fit(stage, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path)
     except RunStopped as stopped:  # SIGTERM or SIGINT: run.py exits with stopped.exit_code
         log.warning("resume: %s", resume_command(stopped.checkpoint, output_dir))
         raise

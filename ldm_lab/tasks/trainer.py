@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning as L
 from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig
 
 from ldm_lab.data.datamodule import ImageDataModule
@@ -32,7 +33,8 @@ def build_trainer(cfg: DictConfig, stage: TrainingStage) -> L.Trainer:
         cfg.trainer,
         callbacks=callbacks,
         logger=[instantiate(c) for c in (cfg.logger or {}).values() if c is not None] or False,
-        plugins=[AtomicCheckpointIO()],
+        # on SLURM, requeueing is callbacks/stop_signals.py's alone: Lightning's own would act on SIGUSR1 too
+        plugins=[AtomicCheckpointIO(), *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])],
         default_root_dir=cfg.paths.output_dir,
         # Validation (and so checkpoints) on accumulation boundaries, counted in micro-batches.
         val_check_interval=cfg.val_every_n_steps * stage.accumulate_grad_batches,
