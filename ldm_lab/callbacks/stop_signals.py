@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import signal
 import subprocess
 import threading
@@ -28,23 +27,22 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ldm_lab.config.slurm import slurm_job_id
+
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 REQUEUE_SIGNAL = signal.SIGUSR1  # what sbatch --signal=USR1@<seconds> sends before the time limit
 
 
-def slurm_job_id() -> str | None:
-    """The job's id as ``scontrol requeue`` takes it (an array task: <array job>_<task>), under sbatch or srun."""
-    if "SLURM_ARRAY_JOB_ID" in os.environ:
-        return f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return os.environ.get("SLURM_JOB_ID")
-
-
 def requeue_slurm_job(job_id: str) -> None:
-    result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
-    if result.returncode:
-        log.error("scontrol requeue %s failed (%s): requeue the job yourself", job_id, result.stderr.strip())
+    try:
+        result = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True)
+        failure = result.stderr.strip() if result.returncode else None
+    except OSError as error:  # no scontrol on this node's PATH
+        failure = str(error)
+    if failure is not None:
+        log.error("scontrol requeue %s failed (%s): requeue the job yourself", job_id, failure)
     else:
         log.warning("requeued SLURM job %s: it resumes from the checkpoint when it starts again", job_id)
 

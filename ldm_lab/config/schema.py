@@ -8,12 +8,12 @@ values, defaults included, live in the YAML files (``???`` here: each default in
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from ldm_lab.config.slurm import slurm_run_folder
 from ldm_lab.losses.autoencoder import DiscLoss, RecLoss
 from ldm_lab.nn.discriminator import NormType
 
@@ -41,14 +41,6 @@ class AutoencoderLossConfig:
     max_adaptive_weight: float = MISSING
     lpips_backbone: str = MISSING
     vgg16_weights: str | None = MISSING
-
-
-def slurm_run_folder(default: str) -> str:
-    """``${run_folder:<default>}`` (conf/hydra/default.yaml): a SLURM job's run folder is named by its job id,
-    ``slurm-<id>`` (an array task: ``slurm-<array job>_<task>``), so a requeued job finds its own; else ``default``."""
-    if "SLURM_ARRAY_JOB_ID" in os.environ:
-        return f"slurm-{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
-    return f"slurm-{os.environ['SLURM_JOB_ID']}" if "SLURM_JOB_ID" in os.environ else default
 
 
 def register_configs() -> None:

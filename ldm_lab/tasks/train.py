@@ -13,7 +13,8 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from ldm_lab.callbacks.stop_signals import RunStopped, slurm_job_id
+from ldm_lab.callbacks.stop_signals import RunStopped
+from ldm_lab.config.slurm import slurm_job_id
 from ldm_lab.io.checkpoints import claim_run_folder, read_checkpoint
 from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks.trainer import build_datamodule, build_trainer
