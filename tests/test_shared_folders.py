@@ -73,3 +73,13 @@ def test_two_jobs_filling_one_latent_cache_encode_each_latent_once(tmp_path):
     assert len(list((tmp_path / "cache").rglob("manifest-*.json"))) == 1
     # the second job waited for the first and found every latent there (before: both encoded all 24)
     assert sorted(int(p.read_text()) for p in (tmp_path / "cache").glob("encoded-by-*")) == [0, 24]
+
+
+def test_a_published_folder_has_the_permissions_mkdir_gives(tmp_path):
+    from ldm_lab.io.atomic import FOLDER_MODE, publish_folder, side_folder
+
+    built = side_folder(tmp_path / "set")
+    (built / "done").write_text("")
+    publish_folder(built, tmp_path / "set", lambda folder: (folder / "done").is_file())
+    assert (tmp_path / "set").stat().st_mode & 0o777 == FOLDER_MODE  # mkdtemp alone gives 0700
+    assert [p.name for p in tmp_path.iterdir()] == ["set"]

@@ -23,6 +23,7 @@ def _umask() -> int:
 
 
 FILE_MODE = 0o666 & ~_umask()  # what open() would give: mkstemp's files are 0600
+FOLDER_MODE = 0o777 & ~_umask()  # what mkdir would give: mkdtemp's folders are 0700
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
@@ -56,8 +57,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def side_folder(folder: Path) -> Path:
-    """An empty folder beside ``folder``, this process's own, to build it in (:func:`publish_folder`)."""
-    return Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".partial"))
+    """An empty folder beside ``folder``, this process's own, to build it in (:func:`publish_folder`), with the
+    permissions mkdir gives (others on a shared cluster read what it becomes)."""
+    built = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".partial"))
+    os.chmod(built, FOLDER_MODE)
+    return built
 
 
 def publish_folder(built: Path, folder: Path, complete: Callable[[Path], bool]) -> None:
