@@ -357,6 +357,9 @@ def test_more_devices_than_the_machine_has_are_refused_before_any_process_starts
         check_config(compose_cfg(["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]))
     check_config(compose_cfg(["trainer.accelerator=cpu", "trainer.devices=2",
                               "trainer.strategy=ddp_find_unused_parameters_true"]))
+    # one device on each of two nodes is two DDP processes too (issue 21, item 4)
+    with pytest.raises(ConfigError, match=r"2 processes \(trainer.devices=1 x trainer.num_nodes=2\).*unused_parameters"):
+        check_config(compose_cfg(["trainer.num_nodes=2", "trainer.strategy=ddp"]))
 
 
 @pytest.mark.parametrize("content,reason", [(b"", "is empty"), (b"\0" * 4096, "cannot be read")])

@@ -79,22 +79,25 @@ def check_config(cfg: DictConfig) -> None:
 
 
 def check_devices(cfg: DictConfig) -> None:
-    """More than one device: a machine without a GPU would silently start CPU processes, and the GAN
-    stages need DDP told about the parameters each optimizer step leaves unused."""
+    """More than one device: a machine without a GPU would silently start CPU processes. More than one process
+    (devices x nodes): the GAN stages need DDP told about the parameters each optimizer step leaves unused."""
     trainer = cfg.trainer
-    devices, accelerator, strategy = trainer.devices, str(trainer.accelerator), str(trainer.strategy)
-    if not isinstance(devices, int) or devices == 1:
+    devices, nodes = trainer.devices, int(trainer.get("num_nodes", 1))
+    accelerator, strategy = str(trainer.accelerator), str(trainer.strategy)
+    if not isinstance(devices, int):
         return
-    import torch
+    if devices > 1:
+        import torch
 
-    gpus = torch.cuda.device_count()
-    if accelerator in ("auto", "gpu", "cuda") and devices > gpus:
-        where = "this machine has no GPU" if gpus == 0 else f"{gpus} GPUs are visible"
+        gpus = torch.cuda.device_count()
+        if accelerator in ("auto", "gpu", "cuda") and devices > gpus:
+            where = "this machine has no GPU" if gpus == 0 else f"{gpus} GPUs are visible"
+            raise ConfigError(
+                f"trainer.devices={devices}, but {where}. Use trainer.devices={max(gpus, 1)}, or for DDP over CPU "
+                f"processes say so: trainer.accelerator=cpu trainer.strategy=ddp_find_unused_parameters_true")
+    processes = devices * nodes
+    if processes > 1 and get_class(cfg.model._target_).adversarial and "find_unused_parameters_true" not in strategy:
         raise ConfigError(
-            f"trainer.devices={devices}, but {where}. Use trainer.devices={max(gpus, 1)}, or for DDP over CPU "
-            f"processes say so: trainer.accelerator=cpu trainer.strategy=ddp_find_unused_parameters_true")
-    if get_class(cfg.model._target_).adversarial and "find_unused_parameters_true" not in strategy:
-        raise ConfigError(
-            f"trainer.strategy={strategy} with trainer.devices={devices}: the autoencoder's generator and "
-            f"discriminator steps each leave the other's parameters unused, which plain DDP refuses mid-run. "
-            f"Use trainer.strategy=ddp_find_unused_parameters_true")
+            f"trainer.strategy={strategy} with {processes} processes (trainer.devices={devices} x trainer.num_nodes="
+            f"{nodes}): the autoencoder's generator and discriminator steps each leave the other's parameters "
+            f"unused, which plain DDP refuses mid-run. Use trainer.strategy=ddp_find_unused_parameters_true")
