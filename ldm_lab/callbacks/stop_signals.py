@@ -72,7 +72,7 @@ class StopOnSignal(L.Callback):
         signals = STOP_SIGNALS + ((REQUEUE_SIGNAL,) if slurm_job_id() is not None else ())
         if threading.current_thread() is threading.main_thread():
             self._previous = {signum: signal.signal(signum, self._receive) for signum in signals}
-        self._cycle_start = self._state(trainer, pl_module)
+        self._cycle_start = self._state(trainer, pl_module) if pl_module.accumulate_grad_batches > 1 else None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restore_handlers()
@@ -96,7 +96,8 @@ class StopOnSignal(L.Callback):
     # ----------------------------------------------------------------------------- stopping
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
                            batch_idx: int) -> None:
-        if pl_module.micro_step % pl_module.accumulate_grad_batches == 0:
+        accumulation = pl_module.accumulate_grad_batches
+        if accumulation > 1 and pl_module.micro_step % accumulation == 0:  # one micro-batch a step: none dropped
             self._cycle_start = self._state(trainer, pl_module)
         if self._any_rank_received(trainer):
             self._stop(trainer, pl_module)
@@ -128,17 +129,18 @@ class StopOnSignal(L.Callback):
         folder = Path(callback.dirpath) if callback is not None else Path(trainer.default_root_dir)
         path = folder / "last.ckpt"
         checkpoint = trainer._checkpoint_connector.dump_checkpoint()
-        start = self._cycle_start
-        checkpoint["ldm_lab"].update(start["ldm_lab"])
-        checkpoint["loops"]["fit_loop"] = start["fit_loop"]
-        weights = checkpoint["state_dict"]
-        weights.update({name: buffer for name, buffer in start["buffers"].items() if name in weights})
-        if "datamodule" in start:
-            checkpoint[type(trainer.datamodule).__qualname__] = start["datamodule"]
+        dropped = pl_module.micro_step % pl_module.accumulate_grad_batches
+        if dropped:  # the checkpoint of the step's start: its micro-batches are replayed on resume
+            start = self._cycle_start
+            checkpoint["ldm_lab"].update(start["ldm_lab"])
+            checkpoint["loops"]["fit_loop"] = start["fit_loop"]
+            weights = checkpoint["state_dict"]
+            weights.update({name: buffer for name, buffer in start["buffers"].items() if name in weights})
+            if "datamodule" in start:
+                checkpoint[type(trainer.datamodule).__qualname__] = start["datamodule"]
         trainer.strategy.save_checkpoint(checkpoint, path)
         trainer.strategy.barrier("StopOnSignal")
-        step = start["ldm_lab"]["step"]
-        dropped = pl_module.micro_step - start["ldm_lab"]["micro_step"]
+        step = checkpoint["ldm_lab"]["step"]
         log.warning("%s: wrote %s at step %d%s", signal.Signals(signum).name, path, step,
                     f" ({dropped} micro-batches of the next step dropped: a resume replays them)" if dropped else "")
         if signum == REQUEUE_SIGNAL and trainer.is_global_zero:
