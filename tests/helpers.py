@@ -14,10 +14,11 @@ from ldm_lab.stages.autoencoder import AutoencoderStage
 
 
 def fit(stage: AutoencoderStage, data: list[dict[str, torch.Tensor]] | L.LightningDataModule, callbacks=(),
-        ckpt_path=None, root_dir=None) -> L.Trainer:
+        ckpt_path=None, root_dir=None, precision: str = "32-true") -> L.Trainer:
     """Train on a datamodule, or on a list of batches (one per micro-batch, repeated each epoch),
     until the stage stops itself after ``max_steps`` generator steps."""
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=-1, logger=False, default_root_dir=root_dir,
+                        precision=precision,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, num_sanity_val_steps=0, callbacks=list(callbacks))
     if isinstance(data, L.LightningDataModule):

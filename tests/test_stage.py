@@ -148,6 +148,23 @@ def test_non_finite_loss_is_skipped_and_counted(compose_cfg):
     assert all(torch.isfinite(p).all() for p in stage.parameters())
 
 
+def test_gradients_are_clipped_under_bf16_with_a_fused_optimizer(compose_cfg):
+    """What a CUDA run gets (speed.fused_adamw: fused AdamW; precision=bf16): Lightning's own clip_gradients
+    refused the pair at the first step (make gpu-check, experiments/gpu/NVIDIA_H200.md)."""
+    norms = []
+
+    class RecordNorms(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+
+    stage, _ = _stage(compose_cfg, "model.max_steps=2", "model.loss.disc_start=0", "model.gradient_clip_val=0.01",
+                      "+model.optimizer.fused=true", "+model.disc_optimizer.fused=true")
+    fit(stage, random_batches(2), callbacks=[RecordNorms()], precision="bf16-mixed")
+    assert stage.step == 2 and len(norms) == 4  # generator and discriminator, two steps
+    assert max(norms) <= 0.01 * 1.001
+
+
 def test_non_finite_losses_in_a_row_stop_the_run_with_a_checkpoint(compose_cfg, tmp_path):
     stage, _ = _stage(compose_cfg, "model.max_steps=5", "model.max_consecutive_nonfinite=2")
     nan = {"pixel_values": torch.full((2, 3, 32, 32), float("nan"))}

@@ -215,8 +215,7 @@ class TrainingStage(L.LightningModule):
         for optimizer, scheduler, is_active in zip(optimizers, schedulers, active, strict=True):
             if is_active:
                 if self.gradient_clip_val:
-                    self.clip_gradients(optimizer, gradient_clip_val=self.gradient_clip_val,
-                                        gradient_clip_algorithm="norm")
+                    self._clip_gradients(optimizer)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
@@ -225,6 +224,14 @@ class TrainingStage(L.LightningModule):
         self._log_train_scalars()
         if self.step >= self.max_steps:
             self.trainer.should_stop = True
+
+    def _clip_gradients(self, optimizer) -> None:
+        """Clip the optimizer's gradients to a total norm of ``gradient_clip_val``. By hand: Lightning's
+        ``clip_gradients`` refuses, under bf16-mixed, the fused AdamW that ``speed.fused_adamw`` gives on CUDA
+        (an optimizer that could unscale fp16 gradients itself), though bf16 scales nothing; 16-mixed, whose
+        gradients are scaled, is refused in ``on_fit_start``."""
+        parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        torch.nn.utils.clip_grad_norm_(parameters, self.gradient_clip_val)
 
     def _all_reduce_gradients(self) -> None:
         """Average the accumulated gradients over ranks by hand: the cycle's last micro-batch, whose backward
