@@ -98,7 +98,11 @@ def test_4060ti_preset_is_seed_001(compose_cfg):
 
 @pytest.mark.parametrize("option", GROUP_OPTIONS["experiment"])
 def test_experiments_compose_and_build(compose_cfg, tmp_path, option):
-    overrides = [f"experiment={option}", *_offline_overrides(option, tmp_path)]
+    model = compose_cfg([f"experiment={option}"], tiny=False).model
+    kind = "unet" if model._target_.endswith("LatentDiffusionStage") else option
+    overrides = [f"experiment={option}", *_offline_overrides(kind, tmp_path)]
+    if model.get("conditioning") == "class":  # the classes training takes from the data (HF data sets are offline)
+        overrides.append("model.class_names=[cat,dog,bird]")
     cfg = compose_cfg(overrides, tiny=False)
     if OmegaConf.is_missing(cfg.data.source, "root"):  # a folder the user names
         cfg = compose_cfg([*overrides, f"data.source.root={tmp_path}"], tiny=False)
@@ -106,6 +110,8 @@ def test_experiments_compose_and_build(compose_cfg, tmp_path, option):
     datamodule = build_datamodule(cfg, stage.downsample_factor)
     assert datamodule.resolution % stage.downsample_factor == 0
     build_trainer(cfg, stage)
+    if model.get("conditioning") == "class":
+        assert stage.unet.config.num_class_embeds == 3 + 1
 
 
 def test_debug_short_shrinks_the_run(compose_cfg):

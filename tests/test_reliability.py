@@ -13,7 +13,6 @@ import struct
 import subprocess
 import sys
 import zlib
-from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -400,9 +399,8 @@ def test_ddim_sampling_matches_ldms_ddim_sampler(compose_cfg, tmp_path):
     stage = build_stage(cfg.model, cfg.disc)
     for name, (ours, expected) in parity.ddim_outputs(stage.sampling_scheduler).items():
         assert_parity(name, ours, expected)
-    unet = lambda x, t: SimpleNamespace(sample=eps_model(x, t))  # noqa: E731
     for steps, expected in reference["samples"].items():  # steps_offset 0, set_alpha_to_one: another sampler
-        diffusers_default = denoise(unet, inference_scheduler(stage.noise_scheduler, "ddim"), reference["x_T"], steps,
+        diffusers_default = denoise(eps_model, inference_scheduler(stage.noise_scheduler, "ddim"), reference["x_T"], steps,
                                     progress=False)
         assert parity.error(diffusers_default, expected) > 10 * parity.MARGIN * parity.MEASURED[f"ddim.{steps}"]
 

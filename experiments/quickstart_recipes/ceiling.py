@@ -42,9 +42,9 @@ def main() -> None:
     quality = SampleQuality(feature_net)
     with torch.no_grad():
         for reference, held_out in split_real_images(datamodule.reference_dataloader()):
-            quality.update(reference, "reference")
-            quality.update(held_out, "held_out")
-            wanted = held_out[: args.num_images - sum(map(len, quality.embeddings["samples"]))]
+            quality.update(reference["pixel_values"], "reference")
+            quality.update(held_out["pixel_values"], "held_out")
+            wanted = held_out["pixel_values"][: args.num_images - sum(map(len, quality.embeddings["samples"]))]
             if len(wanted):
                 quality.update(autoencoder.reconstruct(wanted).clamp(-1, 1), "samples")
     r = quality.compute()

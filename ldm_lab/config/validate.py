@@ -74,6 +74,7 @@ def check_config(cfg: DictConfig) -> None:
     _at_least(cfg, "val_every_n_steps", 1, "optimizer steps between validations and checkpoints")
     _at_least(cfg, "max_steps", 0, "optimizer steps to train; 0 validates and exports only")
     _at_least(cfg, "model.accumulate_grad_batches", 1, "micro-batches per optimizer step")
+    _at_least(cfg, "sample.guidance_scale", 0, "classifier-free guidance: 1 is none, 0 the unconditional model")
     if cfg.task == "train":
         check_devices(cfg)
 

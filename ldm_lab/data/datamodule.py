@@ -1,5 +1,6 @@
 """Images -> batches of ``{"pixel_values": (N, 3, H, W) in [-1, 1], "index": (N,)}``, one resolution
-per batch; ``index`` is each image's position in the datamodule's index.
+per batch; ``index`` is each image's position in the datamodule's index. Labelled data adds ``"class_labels":
+(N,)``, each image's class id (to the latent cache's batches too).
 
 Square training (``buckets: null``) is one bucket of ``resolution`` x ``resolution``; with ``buckets``
 every image trains at the aspect-ratio bucket nearest its own shape (seed 002).
@@ -69,6 +70,7 @@ class BucketedImages(Dataset):
         self.sources = (source, val_source)
         self.boundary = len(index) if boundary is None else boundary
         self.locations = index.locations
+        self.labels = index.labels
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.seed = seed
@@ -96,7 +98,10 @@ class BucketedImages(Dataset):
                 continue
             pixels = bucket_transform(image, (height, width), self.random_crop, self.random_flip,
                                       self._augmentation_generator(item))
-            return {"pixel_values": pixels, "index": index}
+            sample = {"pixel_values": pixels, "index": index}
+            if self.labels is not None:  # the label of the image served: a replacement brings its own
+                sample["class_labels"] = int(self.labels[position])
+            return sample
         raise ConfigError("no image of the data set could be decoded")
 
 
@@ -136,15 +141,8 @@ class ImageDataModule(L.LightningDataModule):
             self.resolutions = bucket_resolutions(b.max_area, b.min_side, b.max_side, b.step, b.base_side)
             self.leftover_resolution = min(self.resolutions, key=lambda hw: (abs(np.log(hw[1] / hw[0])), -hw[1]))
             self.max_ar_error = b.max_ar_error
-        bad = [hw for hw in self.resolutions if hw[0] % downsample_factor or hw[1] % downsample_factor]
-        if bad:
-            key = "data.resolution" if self.buckets is None else "data.buckets.step/min_side/max_side"
-            raise ConfigError(
-                f"{key} gives {bad[0][1]}x{bad[0][0]}, not divisible by the model's downsampling factor "
-                f"{downsample_factor}; use multiples of it (e.g. data.resolution="
-                f"{max(downsample_factor, resolution // downsample_factor * downsample_factor)})"
-            )
         self.resolution = resolution
+        self.check_downsample_factor(downsample_factor)
         self.batch_size = batch_size
         self.num_val = num_val
         self.random_crop = random_crop
@@ -160,7 +158,19 @@ class ImageDataModule(L.LightningDataModule):
         self._resume: dict[str, int] = {}
         self.latent_cache: LatentCache | None = None  # set by use_latent_cache: batches then carry cached latents
         self.latent_keys: list[dict[str, str]] | None = None
+        self.latent_labels: np.ndarray | None = None
         self.latent_scale: float | None = None
+
+    def check_downsample_factor(self, downsample_factor: int) -> None:
+        """Every training resolution must divide by the model's downsampling factor."""
+        bad = [hw for hw in self.resolutions if hw[0] % downsample_factor or hw[1] % downsample_factor]
+        if bad:
+            key = "data.resolution" if self.buckets is None else "data.buckets.step/min_side/max_side"
+            raise ConfigError(
+                f"{key} gives {bad[0][1]}x{bad[0][0]}, not divisible by the model's downsampling factor "
+                f"{downsample_factor}; use multiples of it (e.g. data.resolution="
+                f"{max(downsample_factor, self.resolution // downsample_factor * downsample_factor)})"
+            )
 
     def prepare_data(self) -> None:
         self.source.prepare()
@@ -172,7 +182,13 @@ class ImageDataModule(L.LightningDataModule):
         """Serve ``{"latents": moments, "index"}`` batches from ``cache``, which ldm_lab/stages/encoding.py
         filled: with its ``manifest`` for this data, or the one ``setup`` reads."""
         self.latent_cache = cache
-        self.latent_keys, self.latent_scale = (manifest["keys"], manifest["scaling_factor"]) if manifest else (None, None)
+        if manifest is not None:
+            self._read_manifest(manifest)
+
+    def _read_manifest(self, manifest: dict) -> None:
+        """The cache's keys, latent scale and (labelled data) the class each cached latent was encoded from."""
+        self.latent_keys, self.latent_scale = manifest["keys"], manifest["scaling_factor"]
+        self.latent_labels = np.asarray(manifest["labels"], dtype=np.int64) if "labels" in manifest else None
 
     def data_key(self) -> str:
         """Names this data configuration's manifest: its images and the resolution each is encoded at, as
@@ -227,8 +243,7 @@ class ImageDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.setup_index()
         if self.latent_cache is not None and self.latent_keys is None:
-            manifest = self.latent_cache.read_manifest(self.data_key())
-            self.latent_keys, self.latent_scale = manifest["keys"], manifest["scaling_factor"]
+            self._read_manifest(self.latent_cache.read_manifest(self.data_key()))
 
     def setup_index(self) -> None:
         """Index the sources, assign buckets and hold out the validation images (once)."""
@@ -236,8 +251,10 @@ class ImageDataModule(L.LightningDataModule):
             return
         train, train_buckets = self._usable(self.source)
         if self.max_images is not None and len(train) > self.max_images:  # a quick trial on a subset
-            train, train_buckets = train.select(np.arange(self.max_images)), train_buckets[: self.max_images]
-            log.info("data.max_images=%d: using the first %d usable images", self.max_images, self.max_images)
+            keep = np.arange(self.max_images) if train.labels is None else _every_class(train.labels, self.max_images)
+            train, train_buckets = train.select(keep), train_buckets[keep]
+            log.info("data.max_images=%d: using the first %d usable images%s", self.max_images, self.max_images,
+                     "" if train.labels is None else " taken from every class in turn")
         rng = np.random.default_rng(self.seed)
         if 0 < self.num_val < 1:  # a fraction
             self.num_val = max(1, round(self.num_val * len(train)))
@@ -251,15 +268,34 @@ class ImageDataModule(L.LightningDataModule):
             self.is_val[rng.permutation(len(train))[: self.num_val]] = True
         else:  # the data set's own validation split: up to num_val of it, a seeded choice
             val, val_buckets = self._usable(self.val_source)
+            if train.labels is not None:  # its classes by name, as the training split numbers them
+                val, val_buckets = _in_classes_of(train, val, val_buckets, self.val_source.name)
             chosen = np.sort(rng.permutation(len(val))[: self.num_val])
             val = val.select(chosen)
+            labels = None if train.labels is None else np.concatenate([train.labels, val.labels])
             self.index = ImageIndex(train.locations + val.locations, np.concatenate([train.widths, val.widths]),
-                                    np.concatenate([train.heights, val.heights]), train.skipped)
+                                    np.concatenate([train.heights, val.heights]), train.skipped, labels,
+                                    train.class_names)
             self.image_buckets = np.concatenate([train_buckets, val_buckets[chosen]])
             self.boundary = len(train)
             self.is_val = np.arange(len(self.index)) >= len(train)
         log.info("%d train, %d validation images; %s", (~self.is_val).sum(), self.is_val.sum(),
                  self.describe_buckets())
+        if self.class_names is not None:
+            self._report_classes()
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """The classes of labelled data (ids are positions), after ``setup_index``; None for unlabelled data."""
+        return self.index.class_names if self.index is not None else None
+
+    def _report_classes(self) -> None:
+        counts = np.bincount(self.index.labels[~self.is_val], minlength=len(self.class_names))
+        log.info("%d classes, %d-%d training images each", len(counts), counts.min(), counts.max())
+        empty = [name for name, count in zip(self.class_names, counts, strict=True) if count == 0]
+        if empty:
+            log.warning("%d classes have no usable training image (a model learns nothing of them): %s",
+                        len(empty), ", ".join(empty[:10]) + (", ..." if len(empty) > 10 else ""))
 
     def describe_buckets(self) -> str:
         if self.buckets is None:
@@ -307,7 +343,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def _dataset(self, random_crop: bool, random_flip: bool) -> Dataset:
         if self.latent_keys is not None:
-            return CachedLatents(self.latent_cache, self.latent_keys)
+            labels = self.latent_labels if self.latent_labels is not None else self.index.labels
+            return CachedLatents(self.latent_cache, self.latent_keys, labels)
         return BucketedImages(self.source, self.index, random_crop, random_flip, self.val_source, self.boundary,
                               self.seed)
 
@@ -341,3 +378,30 @@ class ImageDataModule(L.LightningDataModule):
         height, width = self.leftover_resolution
         return torch.stack([dataset[(int(i), height, width)]["pixel_values"]
                             for i in np.flatnonzero(self.is_val)[:count]])
+
+
+def _every_class(labels: np.ndarray, count: int) -> np.ndarray:
+    """Positions of ``count`` images taken from every class in turn (each class's in index order), sorted:
+    a subset that keeps every class instead of the first classes' images."""
+    rank = np.empty(len(labels), dtype=np.int64)  # an image's place within its class
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        rank[members] = np.arange(len(members))
+    order = np.lexsort((labels, rank))  # first of every class, then second of every class, ...
+    return np.sort(order[:count])
+
+
+def _in_classes_of(train: ImageIndex, val: ImageIndex, val_buckets: np.ndarray,
+                   name: str) -> tuple[ImageIndex, np.ndarray]:
+    """``val`` with its labels renumbered by class name as ``train`` numbers them; images of a class the
+    training split lacks are skipped and named."""
+    position = {class_name: i for i, class_name in enumerate(train.class_names)}
+    mapping = np.array([position.get(class_name, -1) for class_name in val.class_names], dtype=np.int64)
+    unknown = sorted({val.class_names[label] for label in val.labels if mapping[label] < 0})
+    if unknown:
+        log.warning("%s: images of classes the training split does not have are skipped: %s", name,
+                    ", ".join(unknown[:10]) + (", ..." if len(unknown) > 10 else ""))
+    labels = mapping[val.labels]
+    known = labels >= 0
+    relabelled = ImageIndex(val.locations, val.widths, val.heights, val.skipped, labels, train.class_names)
+    return relabelled.select(known), val_buckets[known]

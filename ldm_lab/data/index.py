@@ -1,5 +1,6 @@
-"""The image index: each image's id, width, height and location, read from file headers without
-decoding pixels, and cached on disk so a second start on a large folder only stats its files.
+"""The image index: each image's id, width, height, location and (for a labelled source) class, the sizes
+read from file headers without decoding pixels and cached on disk, so a second start on a large folder only
+stats its files.
 
 Files that cannot be used are skipped with a reason (empty, not an image, corrupt or truncated, a
 broken or looping link) and counted; the report is printed at start. Symlinked folders are followed,
@@ -37,20 +38,40 @@ CACHE_VERSION = 1
 
 @dataclass
 class ImageIndex:
-    """Usable images (parallel arrays) and what was skipped, by reason."""
+    """Usable images (parallel arrays) and what was skipped, by reason; a labelled source's images also have
+    a class id each (``labels``, into ``class_names``)."""
 
     locations: list[str]
     widths: np.ndarray
     heights: np.ndarray
     skipped: Counter = field(default_factory=Counter)
+    labels: np.ndarray | None = None
+    class_names: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.locations)
 
     def select(self, keep: np.ndarray) -> ImageIndex:
-        """The images where ``keep`` (a boolean mask or indices) is set; skipped counts stay."""
+        """The images where ``keep`` (a boolean mask or indices) is set; skipped counts and classes stay."""
         keep = np.flatnonzero(keep) if keep.dtype == bool else keep
-        return ImageIndex([self.locations[i] for i in keep], self.widths[keep], self.heights[keep], self.skipped)
+        labels = None if self.labels is None else self.labels[keep]
+        return ImageIndex([self.locations[i] for i in keep], self.widths[keep], self.heights[keep], self.skipped,
+                          labels, self.class_names)
+
+    def labelled(self, labels: np.ndarray, class_names: list[str], reason: str) -> ImageIndex:
+        """This index with a class id per image (``labels``, -1 where an image has none, or none this data
+        knows): those images are skipped, counted under ``reason`` and named in a warning."""
+        labels = np.asarray(labels, dtype=np.int64)
+        unlabelled = labels < 0
+        if unlabelled.any():
+            names = [self.locations[i] for i in np.flatnonzero(unlabelled)[:5]]
+            log.warning("%d images skipped, %s: %s%s", int(unlabelled.sum()), reason, ", ".join(names),
+                        ", ..." if unlabelled.sum() > 5 else "")
+        index = ImageIndex(self.locations, self.widths, self.heights, self.skipped.copy(), labels,
+                           list(class_names)).select(~unlabelled)
+        if unlabelled.any():
+            index.skipped[reason] += int(unlabelled.sum())
+        return index
 
     def report(self, name: str) -> str:
         total = len(self) + sum(self.skipped.values())

@@ -180,11 +180,13 @@ def data_fingerprint(locations: list[str], sizes: np.ndarray) -> str:
 
 class CachedLatents(Dataset):
     """Items (:class:`~ldm_lab.data.buckets.Item`) -> ``{"latents": moments, "index"}``: the image's moments at
-    that resolution. Shards stay open (per process: a data loader worker opens its own)."""
+    that resolution, and its ``class_labels`` when ``labels`` (the index's, by position) are given. Shards stay
+    open (per process: a data loader worker opens its own)."""
 
-    def __init__(self, cache: LatentCache, keys: list[dict[str, str]]):
+    def __init__(self, cache: LatentCache, keys: list[dict[str, str]], labels: np.ndarray | None = None):
         self.shards = cache.shards
         self.keys = keys
+        self.labels = labels
         self._handles: dict = {}
 
     def __getstate__(self) -> dict:
@@ -199,4 +201,7 @@ class CachedLatents(Dataset):
         if key is None:
             raise KeyError(f"image {index} has no cached latents at {width}x{height}; the cache does not match "
                            f"the data configuration: run task=cache_latents again")
-        return {"latents": read_latents(self.shards[key], key, self._handles), "index": index}
+        sample = {"latents": read_latents(self.shards[key], key, self._handles), "index": index}
+        if self.labels is not None:
+            sample["class_labels"] = int(self.labels[index])
+        return sample

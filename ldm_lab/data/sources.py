@@ -1,5 +1,5 @@
 """Where images come from. A source prepares itself once, indexes its images (sizes from headers,
-unusable files skipped by reason) and opens one by its location."""
+unusable files skipped by reason; a labelled source's classes with them) and opens one by its location."""
 
 from __future__ import annotations
 
@@ -7,21 +7,31 @@ import io
 import os
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ldm_lab.config.errors import ConfigError, MissingPathError
 from ldm_lab.data.index import ImageIndex, index_folder, index_records
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+LABELS = (None, "subfolder")  # data.source.labels of a folder
 
 
 class FolderSource:
-    """Every jpg/jpeg/png/webp file under ``root`` (recursively, any case)."""
+    """Every jpg/jpeg/png/webp file under ``root`` (recursively, any case). ``labels="subfolder"``: the class
+    of an image is the folder of the first level under ``root`` that holds it, as torchvision's ImageFolder
+    has it: the folder names sorted as strings are the class ids 0..K-1 ("10" before "2"; hidden folders,
+    whose name starts with a dot, are no class). An image directly in ``root`` has none and is skipped."""
 
-    def __init__(self, root: str | Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS, index_workers: int = 0):
+    def __init__(self, root: str | Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS, index_workers: int = 0,
+                 labels: str | None = None):
+        if labels not in LABELS:
+            raise ConfigError(f"data.source.labels={labels}: use subfolder (the class is the first folder level "
+                              f"under data.source.root) or null (no classes)")
         self.root = Path(root).expanduser()
         self.extensions = tuple(e.lower() for e in extensions)
         self.index_workers = index_workers
+        self.labels = labels
 
     @property
     def name(self) -> str:
@@ -37,10 +47,23 @@ class FolderSource:
                 f"python run.py data=folder data.source.root=/path/to/images"
             )
         index = index_folder(self.root, self.extensions, cache_dir, self.index_workers)
+        if self.labels == "subfolder":
+            index = self._subfolder_labels(index)
         if not len(index):
             raise MissingPathError(f"no usable {'/'.join(self.extensions)} images under data.source.root={self.root}"
                                    f"\n{index.report(self.name)}")
         return index
+
+    def _subfolder_labels(self, index: ImageIndex) -> ImageIndex:
+        root = self.root.resolve()  # index_folder's locations lie under the resolved root
+        names = sorted(entry.name for entry in os.scandir(root) if entry.is_dir() and not entry.name.startswith("."))
+        if not names:
+            raise MissingPathError(f"data.source.labels=subfolder: data.source.root={self.root} has no subfolders, "
+                                   f"one per class (<root>/<class name>/<image>); or set data.source.labels=null")
+        ids = {name: i for i, name in enumerate(names)}
+        parts = [Path(location).relative_to(root).parts for location in index.locations]
+        labels = np.array([ids[p[0]] if len(p) > 1 and p[0] in ids else -1 for p in parts], dtype=np.int64)
+        return index.labelled(labels, names, f"no class (not in a class subfolder of {self.root})")
 
     def open(self, location: str) -> Image.Image:
         return Image.open(location)
@@ -49,13 +72,16 @@ class FolderSource:
 class HFSource:
     """An image column of a Hugging Face data set (``datasets``), from a hub id, or from a local copy:
     a ``save_to_disk`` folder, parquet files (a file, a glob, or a folder of them), or an ``imagefolder``.
-    Sizes are read from the encoded bytes' headers, cached per data-set fingerprint."""
+    Sizes are read from the encoded bytes' headers, cached per data-set fingerprint. ``label_column``: the
+    class of each image; its ``ClassLabel`` feature names the classes (other values: their sorted distinct
+    strings do); a missing or out-of-range label skips the image."""
 
     def __init__(self, path: str, split: str = "train", image_column: str = "image", name: str | None = None,
-                 revision: str | None = None):
+                 revision: str | None = None, label_column: str | None = None):
         self.path = str(path)
         self.split = split
         self.image_column = image_column
+        self.label_column = label_column
         self.config_name = name
         self.revision = revision
         self._dataset = None
@@ -87,9 +113,10 @@ class HFSource:
                 f".save_to_disk('/path/to/copy')\"`, bring it here and set data.source.path=/path/to/copy "
                 f"(a save_to_disk folder, parquet files or an image folder all work)."
             ) from error
-        if self.image_column not in dataset.column_names:
-            raise ConfigError(f"{self.name} has no column {self.image_column!r} (columns: {dataset.column_names}); "
-                              f"set data.source.image_column")
+        for key, column in (("image_column", self.image_column), ("label_column", self.label_column)):
+            if column is not None and column not in dataset.column_names:
+                raise ConfigError(f"{self.name} has no column {column!r} (columns: {dataset.column_names}); "
+                                  f"set data.source.{key}" + (" (null: no classes)" if key == "label_column" else ""))
         return dataset.cast_column(self.image_column, datasets.Image(decode=False))
 
     @property
@@ -102,7 +129,27 @@ class HFSource:
         self.dataset  # downloads, once, on one process  # noqa: B018
 
     def index(self, cache_dir: str | os.PathLike | None) -> ImageIndex:
-        return index_records(self._encoded, len(self.dataset), f"hf-{self.dataset._fingerprint}", cache_dir)
+        index = index_records(self._encoded, len(self.dataset), f"hf-{self.dataset._fingerprint}", cache_dir)
+        if self.label_column is None:
+            return index
+        labels, names = self._labels()
+        return index.labelled(labels[np.array(index.locations, dtype=np.int64)], names,
+                              f"no class (an empty or unknown {self.label_column!r})")
+
+    def _labels(self) -> tuple[np.ndarray, list[str]]:
+        """Every row's class id (-1: none) and the class names."""
+        import datasets
+
+        values = self.dataset[self.label_column]
+        feature = self.dataset.features[self.label_column]
+        if isinstance(feature, datasets.ClassLabel):
+            names = list(feature.names)
+            ids = [v if v is not None and 0 <= v < len(names) else -1 for v in values]
+        else:
+            names = sorted({str(v) for v in values if v is not None})
+            position = {name: i for i, name in enumerate(names)}
+            ids = [-1 if v is None else position[str(v)] for v in values]
+        return np.array(ids, dtype=np.int64), names
 
     def _encoded(self, row: int) -> bytes | str:
         record = self.dataset[row][self.image_column]

@@ -1,7 +1,8 @@
 """Sampling the reverse process with diffusers schedulers: DDPM (Ho et al. 2020, ancestral, up to the
 training steps) or DDIM (Song et al. 2021, ``eta`` = 0 deterministic, 1 DDPM-like), both with the
-training schedule's betas. Pure: networks and schedulers in, latents and images out (loading a trained
-model from a checkpoint or folder is ldm_lab/io/sources.py)."""
+training schedule's betas; a class-conditional model draws given classes, guided (ldm_lab/diffusion/guidance.py).
+Pure: networks and schedulers in, latents and images out (loading a trained model from a checkpoint or
+folder is ldm_lab/io/sources.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ldm_lab.config.errors import ConfigError
+from ldm_lab.diffusion.guidance import Predict, guided
 from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
 
@@ -25,13 +27,19 @@ SAMPLERS = ("ddim", "ddpm")
 @dataclass
 class LatentDiffusionModel:
     """What sampling a trained latent diffusion model needs, wherever it came from (a training stage, an
-    exported ``LDMPipeline`` folder, an original checkpoint): the evaluation UNet, the frozen first stage,
-    the latent scale and the scheduler with the training betas and the sampling spacing."""
+    exported pipeline folder, an original checkpoint): the evaluation UNet, the frozen first stage, the
+    latent scale, the scheduler with the training betas and the sampling spacing, and a class-conditional
+    model's class names (ids are positions; the null class is id K)."""
 
     unet: nn.Module
     first_stage: FrozenAutoencoder
     latent_scale: float
     scheduler: SchedulerMixin
+    class_names: list[str] | None = None
+
+    @property
+    def null_class(self) -> int | None:
+        return len(self.class_names) if self.class_names is not None else None
 
     def to(self, device: torch.device | str) -> LatentDiffusionModel:
         self.unet.to(device)
@@ -44,9 +52,12 @@ class LatentDiffusionModel:
         return self.first_stage.downsample_factor * downsampling(self.unet.config)
 
     def generate(self, num_images: int, height: int, width: int, **options) -> torch.Tensor:
-        """:func:`generate_images` with this model's parts."""
+        """:func:`generate_images` with this model's parts (``class_labels``: one id per image, for a
+        class-conditional model, which it requires)."""
+        if (options.get("class_labels") is None) != (self.class_names is None):
+            raise ConfigError("a class-conditional model draws given classes (class_labels), an unconditional one none")
         return generate_images(self.unet, self.first_stage, self.latent_scale, self.scheduler, num_images, height,
-                               width, **options)
+                               width, null_class=self.null_class, **options)
 
 
 def inference_scheduler(train_scheduler: SchedulerMixin, sampler: str) -> SchedulerMixin:
@@ -60,16 +71,17 @@ def inference_scheduler(train_scheduler: SchedulerMixin, sampler: str) -> Schedu
 
 
 @torch.no_grad()
-def denoise(unet: nn.Module, scheduler: SchedulerMixin, noise: torch.Tensor, num_inference_steps: int,
+def denoise(predict: Predict, scheduler: SchedulerMixin, noise: torch.Tensor, num_inference_steps: int,
             eta: float = 0.0, generator: torch.Generator | None = None, progress: bool = True) -> torch.Tensor:
-    """Latents from Gaussian ``noise`` after ``num_inference_steps`` reverse steps: the loop of diffusers'
-    ``LDMPipeline`` (same operations, same order), with ``generator`` also seeding the steps' noise."""
+    """Latents from Gaussian ``noise`` after ``num_inference_steps`` reverse steps of ``predict`` (latents,
+    timestep -> prediction; :func:`~ldm_lab.diffusion.guidance.guided`): the loop of diffusers' ``LDMPipeline``
+    (same operations, same order), with ``generator`` also seeding the steps' noise."""
     scheduler.set_timesteps(num_inference_steps)
     latents = noise * scheduler.init_noise_sigma
     extra = {"eta": eta} if "eta" in inspect.signature(scheduler.step).parameters else {}
     for t in tqdm(scheduler.timesteps, desc="denoising", unit="step", disable=not progress, leave=False,
                   dynamic_ncols=True):
-        prediction = unet(scheduler.scale_model_input(latents, t), t).sample
+        prediction = predict(scheduler.scale_model_input(latents, t), t)
         latents = scheduler.step(prediction, t, latents, generator=generator, **extra).prev_sample
     return latents
 
@@ -78,9 +90,11 @@ def denoise(unet: nn.Module, scheduler: SchedulerMixin, noise: torch.Tensor, num
 def generate_images(unet: nn.Module, first_stage: nn.Module, latent_scale: float, train_scheduler: SchedulerMixin,
                     num_images: int, height: int, width: int, sampler: str = "ddim", num_inference_steps: int = 50,
                     eta: float = 0.0, batch_size: int | None = None, generator: torch.Generator | None = None,
-                    progress: bool = False) -> torch.Tensor:
+                    progress: bool = False, class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
+                    null_class: int | None = None) -> torch.Tensor:
     """``num_images`` images of ``height`` x ``width`` pixels in [-1, 1]: noise drawn on the CPU from
-    ``generator`` batch after batch (as ``LDMPipeline`` draws it), denoised by ``unet``, divided by the
+    ``generator`` batch after batch (as ``LDMPipeline`` draws it), denoised by ``unet`` (image i of class
+    ``class_labels[i]``, guided by ``guidance_scale`` against ``null_class``, when given), divided by the
     latent scale and decoded by the first stage."""
     factor = first_stage.downsample_factor
     multiple = factor * downsampling(unet.config)
@@ -95,6 +109,8 @@ def generate_images(unet: nn.Module, first_stage: nn.Module, latent_scale: float
                       dynamic_ncols=True):
         shape = (min(batch_size, num_images - start), unet.config.in_channels, height // factor, width // factor)
         noise = randn_tensor(shape, generator=generator).to(device)
-        latents = denoise(unet, scheduler, noise, num_inference_steps, eta, generator, progress)
+        labels = None if class_labels is None else class_labels[start : start + len(noise)].to(device)
+        predict = guided(unet, labels, guidance_scale, null_class)
+        latents = denoise(predict, scheduler, noise, num_inference_steps, eta, generator, progress)
         images.append(first_stage.decode(latents / latent_scale).float().cpu())
     return torch.cat(images)

@@ -5,6 +5,7 @@ cannot drift."""
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 
 import torch
 from torch import nn
@@ -139,23 +140,46 @@ def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tupl
 class SampleQuality:
     """FID and precision/recall of samples against reference images in one feature network's embedding,
     with the data-vs-data floor: the same figures for as many held-out real images as there are samples
-    (what a perfect model would score with this many images)."""
-
-    PARTS = ("reference", "held_out", "samples")
+    (what a perfect model would score with this many images). Parts: ``reference``, ``held_out`` and any
+    named set of samples (``samples``, or one per guidance scale); with labels, the same per class."""
 
     def __init__(self, feature_net: nn.Module, k: int = 3):
         self.feature_net = feature_net.eval()
         self.k = k
-        self.embeddings: dict[str, list[torch.Tensor]] = {part: [] for part in self.PARTS}
+        self.embeddings: dict[str, list[torch.Tensor]] = defaultdict(list)
+        self.labels: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     @torch.no_grad()
-    def update(self, images: torch.Tensor, part: str) -> None:
-        """Images in [-1, 1] of one part: ``reference``, ``held_out`` or ``samples`` (embedded on the CPU)."""
+    def update(self, images: torch.Tensor, part: str, labels: torch.Tensor | None = None) -> None:
+        """Images in [-1, 1] of one part (embedded on the CPU), and their classes when the data has them."""
         self.embeddings[part].append(self.feature_net(images.detach().cpu().float().clamp(-1, 1)).double())
+        if labels is not None:
+            self.labels[part].append(labels.cpu())
 
-    def compute(self) -> dict[str, float]:
-        reference, samples = torch.cat(self.embeddings["reference"]), torch.cat(self.embeddings["samples"])
-        held_out = torch.cat(self.embeddings["held_out"])[: len(samples)]
+    @property
+    def min_class_samples(self) -> int:
+        """A class's figures need this many samples and held-out images: twice the embedding's dimension (a
+        covariance from fewer is mostly noise); 128 for the synthetic features, 4096 for Inception's."""
+        return 2 * torch.cat(self.embeddings["reference"]).shape[1]
+
+    def compute(self, samples: str = "samples") -> dict[str, float]:
+        return self._figures(*(torch.cat(self.embeddings[part]) for part in ("reference", samples, "held_out")))
+
+    def compute_per_class(self, samples: str = "samples") -> dict[int, dict[str, float]]:
+        """:meth:`compute` for each class with at least :attr:`min_class_samples` samples and held-out images."""
+        parts = ("reference", samples, "held_out")
+        embeddings = [torch.cat(self.embeddings[part]) for part in parts]
+        labels = [torch.cat(self.labels[part]) for part in parts]
+        results = {}
+        for label in labels[1].unique().tolist():
+            chosen = [e[lab == label] for e, lab in zip(embeddings, labels, strict=True)]
+            if min(len(chosen[1]), len(chosen[2])) >= self.min_class_samples:
+                results[label] = self._figures(*chosen)
+        return results
+
+    def _figures(self, reference: torch.Tensor, samples: torch.Tensor, held_out: torch.Tensor) -> dict[str, float]:
+        if len(held_out) > len(samples):  # spread over all: they come in index order (a folder of classes: by class)
+            held_out = held_out[torch.linspace(0, len(held_out) - 1, len(samples)).round().long()]
         results = {"samples": len(samples), "reference_images": len(reference), "held_out_images": len(held_out)}
         for prefix, embeddings in (("", samples), ("floor_", held_out)):
             fid = FrechetInceptionDistance(feature=_Embeddings(reference.shape[1]))

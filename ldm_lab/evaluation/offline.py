@@ -77,14 +77,23 @@ def evaluate_samples(
 ) -> dict[str, float]:
     """FID of ``num_samples`` images from ``generate(n)`` (n images in [-1, 1]) against the real images of
     ``real_batches``, whose statistics come from ``reference`` when it exists and are written there when not."""
-    if not (reference is not None and load_reference(fid, reference)):
-        for batch in tqdm(real_batches, desc="real images", unit="batch"):
-            fid.update((batch["pixel_values"].to(fid.device) + 1) / 2, real=True)
-        if reference is not None:
-            save_reference(fid, reference)
+    fill_reference(fid, real_batches, reference)
     for images in _samples(generate, num_samples, batch_size):
         fid.update((images.to(fid.device) + 1) / 2, real=False)
     return {"samples": num_samples, "real_images": int(fid.real_features_num_samples), "fid": float(fid.compute())}
+
+
+@torch.no_grad()
+def fill_reference(fid: FrechetInceptionDistance, real_batches: Iterable[dict[str, torch.Tensor]],
+                   reference: Path | None = None) -> None:
+    """The real images' statistics in ``fid``: from ``reference`` when it exists, else from ``real_batches``
+    (and then written there)."""
+    if reference is not None and load_reference(fid, reference):
+        return
+    for batch in tqdm(real_batches, desc="real images", unit="batch"):
+        fid.update((batch["pixel_values"].to(fid.device) + 1) / 2, real=True)
+    if reference is not None:
+        save_reference(fid, reference)
 
 
 @torch.no_grad()
@@ -97,29 +106,38 @@ def evaluate_samples_against_floor(
 ) -> dict[str, float]:
     """FID and precision/recall of ``num_samples`` images from ``generate(n)`` against every second real
     image of ``real_batches``, and the same figures for as many of the other real images (the floor)."""
-    held_out_count = 0
-    for reference, held_out in split_real_images(tqdm(real_batches, desc="real images", unit="batch")):
-        quality.update(reference, "reference")
-        if len(held_out):
-            quality.update(held_out, "held_out")
-        held_out_count += len(held_out)
-    if held_out_count < num_samples:
-        log.warning("the floor uses %d held-out real images against %d samples: its FID is biased upwards by the "
-                    "smaller count; evaluate.num_samples=%d matches them", held_out_count, num_samples, held_out_count)
+    embed_real_images(real_batches, quality, num_samples)
     for images in _samples(generate, num_samples, batch_size):
         quality.update(images, "samples")
     return quality.compute()
 
 
-def split_real_images(real_batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(reference, held-out) images of each batch: every second real image is held out, to stand in for
-    samples in the data-vs-data floor; the others are the reference both are measured against."""
+def embed_real_images(real_batches: Iterable[dict[str, torch.Tensor]], quality: SampleQuality,
+                      num_samples: int) -> None:
+    """The reference and held-out parts of ``quality`` (:func:`split_real_images`), with their classes when the
+    batches carry them; a warning when fewer held-out images than ``num_samples`` make the floor."""
+    held_out_count = 0
+    for reference, held_out in split_real_images(tqdm(real_batches, desc="real images", unit="batch")):
+        quality.update(reference["pixel_values"], "reference", reference.get("class_labels"))
+        if len(held_out["pixel_values"]):
+            quality.update(held_out["pixel_values"], "held_out", held_out.get("class_labels"))
+        held_out_count += len(held_out["pixel_values"])
+    if held_out_count < num_samples:
+        log.warning("the floor uses %d held-out real images against %d samples: its FID is biased upwards by the "
+                    "smaller count; evaluate.num_samples=%d matches them", held_out_count, num_samples, held_out_count)
+
+
+def split_real_images(real_batches: Iterable[dict[str, torch.Tensor]]) -> Iterator[tuple[dict, dict]]:
+    """(reference, held-out) parts of each batch (its pixels and, for labelled data, classes): every second
+    real image is held out, to stand in for samples in the data-vs-data floor; the others are the reference
+    both are measured against."""
     seen = 0
     for batch in real_batches:
-        images = batch["pixel_values"]
-        held_out = (seen + torch.arange(len(images))) % 2 == 1
-        seen += len(images)
-        yield images[~held_out], images[held_out]
+        held_out = (seen + torch.arange(len(batch["pixel_values"]))) % 2 == 1
+        seen += len(held_out)
+        parts = [{key: batch[key][mask] for key in ("pixel_values", "class_labels") if key in batch}
+                 for mask in (~held_out, held_out)]
+        yield parts[0], parts[1]
 
 
 def _samples(generate: Callable[[int], torch.Tensor], num_samples: int, batch_size: int):

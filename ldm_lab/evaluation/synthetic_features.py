@@ -1,7 +1,8 @@
 """The offline feature network of the embedded synthetic data: trained on fresh renders to read back what
 :func:`~ldm_lab.data.synthetic.draw_image` drew (gradient colours and direction, shape kinds and colours)
-and the picture's 4x4 layout of colour and edge strength; cached once per (side, width, steps). Its embedding gives the
-sample FID and precision/recall when Inception's weights are absent (no download needed)."""
+and the picture's 4x4 layout of colour and edge strength; cached once per (side, width, steps, classes). Its
+embedding gives the sample FID and precision/recall when Inception's weights are absent (no download needed); for
+the set with classes it also tells the class of a picture, which measures a class-conditional model's samples."""
 
 from __future__ import annotations
 
@@ -34,17 +35,30 @@ def edge_strength(pixels: torch.Tensor) -> torch.Tensor:
     return (dx + dy).mean(dim=1, keepdim=True)
 
 
-def render(count: int, resolution: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def render(count: int, resolution: int, seed: int, num_classes: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """``count`` square synthetic pictures in [-1, 1] and their targets: what was drawn, the 4x4 colour
-    layout and the 4x4 layout of edge strength."""
+    layout and the 4x4 layout of edge strength. With ``num_classes`` picture i is of class i mod ``num_classes``
+    (:func:`render_labels`)."""
     images, attributes = [], []
     for index in range(count):
-        image, drawn = draw_image(np.random.default_rng([seed, index]), resolution, resolution)
+        label = index % num_classes if num_classes else None
+        image, drawn = draw_image(np.random.default_rng([seed, index]), resolution, resolution, label, num_classes)
         images.append(torch.from_numpy(np.array(image)).permute(2, 0, 1))
         attributes.append(torch.from_numpy(drawn))
     pixels = torch.stack(images).float() / 127.5 - 1
     layout = F.adaptive_avg_pool2d(torch.cat([pixels, edge_strength(pixels)], dim=1), LAYOUT_SIDE).flatten(1)
     return pixels, torch.cat([torch.stack(attributes), layout], dim=1)
+
+
+def render_labels(count: int, num_classes: int) -> torch.Tensor:
+    """The classes of :func:`render`'s pictures."""
+    return torch.arange(count) % num_classes
+
+
+def class_logits(net: FeatureNet, images: torch.Tensor) -> torch.Tensor:
+    """(N, K) class scores of a network trained with ``num_classes`` K (its outputs after the targets and the
+    render-or-spoilt logit)."""
+    return net.predict(images)[:, NUM_TARGETS + 1:]
 
 
 def explained_variance(net: FeatureNet, images: torch.Tensor, targets: torch.Tensor) -> float:
@@ -77,14 +91,16 @@ def degrade(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def train_feature_net(resolution: int = 64, num_features: int = 64, steps: int = 600, batch_size: int = 64,
-                      num_renders: int = 4096, seed: int = 0) -> tuple[FeatureNet, float]:
+                      num_renders: int = 4096, seed: int = 0, num_classes: int = 0) -> tuple[FeatureNet, float]:
     """The feature network trained with AdamW on ``num_renders`` fixed renders of ``resolution`` px to
-    predict their standardized targets (each weighs the same) and, from its last output, whether a picture
-    is a render or a :func:`degrade`-d one; and its R^2 on 512 other renders."""
+    predict their standardized targets (each weighs the same), from the next output whether a picture is a
+    render or a :func:`degrade`-d one, and with ``num_classes`` the renders' classes from the last ones
+    (cross-entropy); and its R^2 on 512 other renders."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    images, targets = render(num_renders, resolution, seed)
-    net = FeatureNet(NUM_TARGETS + 1, resolution, num_features)
+    images, targets = render(num_renders, resolution, seed, num_classes)
+    labels = render_labels(num_renders, num_classes) if num_classes else None
+    net = FeatureNet(NUM_TARGETS + 1 + num_classes, resolution, num_features)
     net.target_mean[:NUM_TARGETS] = targets.mean(dim=0)
     net.target_std[:NUM_TARGETS] = targets.std(dim=0).clamp(min=1e-3)
     targets = (targets - net.target_mean[:NUM_TARGETS]) / net.target_std[:NUM_TARGETS]
@@ -97,28 +113,45 @@ def train_feature_net(resolution: int = 64, num_features: int = 64, steps: int =
         predicted = net.predict(pictures)
         loss = F.mse_loss(predicted[real, :NUM_TARGETS], targets[batch[real]]) + \
             F.binary_cross_entropy_with_logits(predicted[:, NUM_TARGETS], real.float())
+        if labels is not None:
+            loss = loss + F.cross_entropy(predicted[real, NUM_TARGETS + 1:], labels[batch[real]])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
     net.eval()
-    return net, explained_variance(net, *render(512, resolution, seed + 1))
+    return net, explained_variance(net, *render(512, resolution, seed + 1, num_classes))
 
 
-def load_feature_net(cache_dir: str | Path, resolution: int, num_features: int = 64,
-                     steps: int = 600) -> tuple[FeatureNet, str]:
-    """The cached feature network for pictures of ``resolution`` px (trained and saved on first use) and a
-    line that names it, with its held-out R^2, for the report."""
+def heldout_class_accuracy(net: FeatureNet, resolution: int, num_classes: int, seed: int = 0) -> float:
+    """The share of 512 renders unseen in training whose class the network tells."""
+    images = render(512, resolution, seed + 1, num_classes)[0]
+    with torch.no_grad():
+        return float((class_logits(net, images).argmax(dim=1) == render_labels(512, num_classes)).float().mean())
+
+
+def load_feature_net(cache_dir: str | Path, resolution: int, num_features: int = 64, steps: int = 600,
+                     num_classes: int = 0) -> tuple[FeatureNet, str]:
+    """The cached feature network for pictures of ``resolution`` px of the set with ``num_classes`` (0: the
+    unlabelled set), trained and saved on first use, and a line that names it, with its held-out R^2 (and
+    class accuracy), for the report."""
     side = min(resolution, MAX_SIDE)
-    path = Path(cache_dir) / f"synthetic-features-v{VERSION}-{side}px-{num_features}d-{steps}steps.safetensors"
+    classes = f"-{num_classes}classes" if num_classes else ""
+    path = Path(cache_dir) / f"synthetic-features-v{VERSION}-{side}px-{num_features}d-{steps}steps{classes}.safetensors"
     if path.is_file():
-        net = FeatureNet(NUM_TARGETS + 1, side, num_features)
+        net = FeatureNet(NUM_TARGETS + 1 + num_classes, side, num_features)
         with safe_open(path, framework="pt") as file:
             net.load_state_dict({name: file.get_tensor(name) for name in file.keys()})
-            r2 = float(file.metadata()["heldout_r2"])
+            heldout = file.metadata()
     else:
         log.info("training the synthetic data's feature network (%d steps, once; cached at %s)", steps, path)
-        net, r2 = train_feature_net(side, num_features, steps)
-        weights = save(net.state_dict(), metadata={"heldout_r2": f"{r2:.4f}"})
+        net, r2 = train_feature_net(side, num_features, steps, num_classes=num_classes)
+        heldout = {"heldout_r2": f"{r2:.4f}"}
+        if num_classes:
+            heldout["heldout_class_accuracy"] = f"{heldout_class_accuracy(net, side, num_classes):.4f}"
+        weights = save(net.state_dict(), metadata=heldout)
         atomic_write(path, lambda file: file.write(weights))
-    return net.eval(), f"synthetic feature network {path.name} (reads back the drawing with R^2 {r2:.3f})"
+    described = f"reads back the drawing with R^2 {float(heldout['heldout_r2']):.3f}"
+    if num_classes:
+        described += f", tells the class of {float(heldout['heldout_class_accuracy']):.1%} of unseen renders"
+    return net.eval(), f"synthetic feature network {path.name} ({described})"

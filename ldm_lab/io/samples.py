@@ -1,19 +1,36 @@
 """Samples of a latent diffusion model to files: PNGs and one grid (what task=sample, and task=train after
-training, write)."""
+training, write); a class-conditional model's in one folder per class, its grid a row per class."""
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
+from ldm_lab.diffusion.guidance import NULL_CLASS, class_ids
 from ldm_lab.diffusion.sampling import LatentDiffusionModel
 
 log = logging.getLogger(__name__)
+
+MAX_GRID_ROWS = 16  # a class-conditional grid shows at most this many classes, evenly spaced
+
+
+def grid_classes(ids: list[int], max_rows: int = MAX_GRID_ROWS) -> list[int]:
+    """The classes a grid shows a row each: all of ``ids``, or ``max_rows`` of them evenly spaced."""
+    if len(ids) <= max_rows:
+        return list(ids)
+    return [ids[i] for i in np.linspace(0, len(ids) - 1, max_rows).round().astype(int)]
+
+
+def folder_name(class_name: str) -> str:
+    """A class name as a folder name: what a file system takes, the rest as ``_``."""
+    return re.sub(r"[^\w.\-]+", "_", class_name).strip("._") or "_"
 
 
 def save_samples(images: torch.Tensor, out_dir: Path) -> Path:
@@ -27,16 +44,45 @@ def save_samples(images: torch.Tensor, out_dir: Path) -> Path:
     return grid
 
 
+def save_class_samples(images: torch.Tensor, labels: list[int], names: list[str], out_dir: Path) -> Path:
+    """Images in [-1, 1] of classes ``labels`` (ids into ``names``, the null class after them) as
+    ``<class name>/sample_NNNNN.png``, and ``grid.png`` with a row per class (:func:`grid_classes`); returns
+    the grid's path."""
+    images = images.clamp(-1, 1).add(1).div(2)
+    names = [*names, NULL_CLASS]
+    labels = torch.tensor(labels)
+    for label in labels.unique().tolist():
+        folder = out_dir / folder_name(names[label])
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(images[labels == label]):
+            save_image(image, folder / f"sample_{i:05d}.png")
+    order = list(dict.fromkeys(labels.tolist()))  # the classes as asked for, each once
+    rows = [images[labels == label] for label in grid_classes(order)]
+    per_row = max(len(row) for row in rows)
+    grid = out_dir / "grid.png"
+    save_image(make_grid(torch.cat(rows), nrow=per_row, padding=2, pad_value=1.0), grid)
+    return grid
+
+
 def draw_samples(options: DictConfig, model: LatentDiffusionModel, out_dir: Path, default_size: tuple[int, int]) -> Path:
     """Draw the images ``options`` (the config's ``sample.*``) asks for, of ``default_size`` (height, width)
-    unless ``sample.height`` / ``sample.width`` say otherwise, and save them; returns the grid's path."""
+    unless ``sample.height`` / ``sample.width`` say otherwise, and save them; returns the grid's path. A
+    class-conditional model draws ``sample.num_images`` of each class of ``sample.class_labels``, guided
+    by ``sample.guidance_scale``."""
     model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     height, width = options.height or default_size[0], options.width or default_size[1]
-    images = model.generate(options.num_images, height, width, sampler=options.sampler,
-                            num_inference_steps=options.num_inference_steps, eta=options.eta,
-                            batch_size=options.batch_size, generator=torch.Generator().manual_seed(options.seed),
-                            progress=True)
-    grid = save_samples(images, out_dir)
-    log.info("%d samples (%dx%d, %s, %d steps, eta %.2g, seed %d): %s", len(images), width, height, options.sampler,
-             options.num_inference_steps, options.eta, options.seed, out_dir)
+    generate = {"sampler": options.sampler, "num_inference_steps": options.num_inference_steps, "eta": options.eta,
+                "batch_size": options.batch_size, "generator": torch.Generator().manual_seed(options.seed),
+                "progress": True}
+    described = f"{options.sampler}, {options.num_inference_steps} steps, eta {options.eta:.2g}, seed {options.seed}"
+    if model.class_names is None:
+        images = model.generate(options.num_images, height, width, **generate)
+        grid = save_samples(images, out_dir)
+    else:
+        labels = [i for i in class_ids(options.class_labels, model.class_names) for _ in range(options.num_images)]
+        images = model.generate(len(labels), height, width, class_labels=torch.tensor(labels),
+                                guidance_scale=options.guidance_scale, **generate)
+        grid = save_class_samples(images, labels, model.class_names, out_dir)
+        described += f", {len(set(labels))} classes x {options.num_images}, guidance {options.guidance_scale:g}"
+    log.info("%d samples (%dx%d, %s): %s", len(images), width, height, described, out_dir)
     return grid

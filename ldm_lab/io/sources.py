@@ -121,14 +121,16 @@ def load_unet(value, key: str) -> UNet2DModel:
 
 def load_latent_diffusion(value, key: str) -> LatentDiffusionModel:
     """A whole latent diffusion model, for sampling: a training checkpoint's evaluation UNet and sampling
-    scheduler, or an ``LDMPipeline`` folder's (``vqvae.config.scaling_factor`` is its latent scale)."""
+    scheduler, or a pipeline folder's (``vqvae.config.scaling_factor`` is its latent scale; a class-conditional
+    export's ``model_index.json`` names its classes)."""
     source = resolve(value, key, (LATENT_DIFFUSION,))
     if source.checkpoint:
         return load_stage(source.path).sampling_model()
     first_stage = load_first_stage(source.path / "vqvae", key)
+    class_names = json.loads((source.path / "model_index.json").read_text()).get("class_names")
     return LatentDiffusionModel(UNet2DModel.from_pretrained(source.path / "unet").eval(), first_stage,
                                 first_stage.vae.config.scaling_factor,
-                                DDIMScheduler.from_pretrained(source.path / "scheduler"))
+                                DDIMScheduler.from_pretrained(source.path / "scheduler"), class_names)
 
 
 def _is_hub_id(value) -> bool:

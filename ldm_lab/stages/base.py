@@ -47,7 +47,8 @@ class TrainingStage(L.LightningModule):
     it trains against the ``disc`` discriminator.
 
     What the tasks ask of a stage, so that a new stage is one new class: its downsampling from the config
-    (:meth:`downsample_factor_of`), configs for inference and for the memory plan (:meth:`inference_config`,
+    (:meth:`downsample_factor_of`), what its config takes from the data (:meth:`config_from_data`), configs
+    for inference and for the memory plan (:meth:`inference_config`,
     :meth:`planning_config`, :meth:`planning_batch`), whether a checkpoint resumes it (:meth:`check_resume`),
     the data it needs (:meth:`attach_data`, :meth:`encode_latent_cache`), its export (:meth:`export`) and
     what follows training (:meth:`after_training`)."""
@@ -98,6 +99,12 @@ class TrainingStage(L.LightningModule):
     def downsample_factor_of(cls, model: DictConfig) -> int:
         """Pixels per side of the networks' smallest feature map, from the model config (without building it)."""
         raise NotImplementedError
+
+    @classmethod
+    def config_from_data(cls, model: DictConfig, datamodule) -> DictConfig:
+        """The model config completed with what comes from the data it trains on (a class-conditional model's
+        classes), before the stage is built; ``datamodule`` is not set up yet."""
+        return model
 
     @classmethod
     def inference_config(cls, model: dict, state: dict) -> dict:

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 def encode_latent_cache(first_stage: FrozenAutoencoder, datamodule: ImageDataModule, root: str | os.PathLike) -> dict:
     """Encode every image of ``datamodule`` the cache under ``root`` lacks, at its bucket resolution (center
     crop, no flip) and, with buckets, at the leftover resolution too; write the manifest (per image, its
-    key at each resolution; the latent scale over the training images at their bucket resolution), point
+    key at each resolution and, for labelled data, the class of the image encoded, which for an image that
+    cannot be decoded is its replacement's; the latent scale over the training images at their bucket resolution), point
     the datamodule at the cache and return the manifest. Runs on the GPU when there is one."""
     cache = LatentCache(root, first_stage.fingerprint())
     datamodule.prepare_data()  # the sources write or download their images once
@@ -35,6 +36,7 @@ def encode_latent_cache(first_stage: FrozenAutoencoder, datamodule: ImageDataMod
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         first_stage.to(device)
         keys: list[dict[str, str]] = [{} for _ in range(len(is_val))]
+        labels = [-1] * len(is_val)  # the class of the image each entry was encoded from (a replacement's own)
         scale = LatentScale(first_stage.kind)
         encoded = seen = 0
         loader = DataLoader(KeyedImages(datamodule.pixel_dataset()), batch_sampler=datamodule.encoding_batches(),
@@ -48,15 +50,19 @@ def encode_latent_cache(first_stage: FrozenAutoencoder, datamodule: ImageDataMod
                         cache.add(batch["key"][i], moments[row])
                     encoded += len(missing)
                 height, width = batch["pixel_values"].shape[2:]
-                for key, index in zip(batch["key"], batch["index"].tolist(), strict=True):
+                served = batch["class_labels"].tolist() if "class_labels" in batch else [-1] * len(batch["key"])
+                for key, index, label in zip(batch["key"], batch["index"].tolist(), served, strict=True):
                     if not keys[index] and not is_val[index]:
                         scale.update(cache.get(key))
                     keys[index][f"{width}x{height}"] = key
+                    labels[index] = label
                     seen += 1
         finally:
             first_stage.to(original)
         cache.flush()
         manifest = {"kind": first_stage.kind, "scaling_factor": scale.scaling_factor, "keys": keys}
+        if datamodule.class_names is not None:
+            manifest["labels"] = labels
         cache.write_manifest(datamodule.data_key(), manifest)
     log.info("latent cache %s: %d latents encoded, %d already there; latent scale 1/std = %.5f", cache.dir,
              encoded, seen - encoded, manifest["scaling_factor"])

@@ -1,6 +1,14 @@
-"""The latent diffusion stage (LDM, Rombach et al. 2022; LDM-VQ-4, seed 000): an unconditional
-diffusers UNet2DModel learns to predict the noise added to scaled first-stage latents (DDPM, Ho et al.
-2020: ``loss_simple`` = MSE between the UNet's prediction and the noise at a uniform random timestep).
+"""The latent diffusion stage (LDM, Rombach et al. 2022; LDM-VQ-4, seed 000): a diffusers UNet2DModel
+learns to predict the noise added to scaled first-stage latents (DDPM, Ho et al. 2020: ``loss_simple`` =
+MSE between the UNet's prediction and the noise at a uniform random timestep).
+
+Unconditional, or class-conditional (``conditioning="class"``): the classes come from the data and are
+stored in the model config; the UNet's class embedding (diffusers' ``num_class_embeds`` = K + 1, the last id
+the null class) is added to its time embedding, as ADM and DiT condition. LDM's cin256 put one class token
+through cross-attention instead: with one key, softmax gives it weight 1, so each attention layer only
+adds a class-dependent vector, while the time embedding reaches every residual block's scale and shift,
+and costs no attention. Training replaces a label by the null class with probability ``label_dropout``
+(classifier-free guidance, Ho & Salimans 2022; ldm_lab/diffusion/guidance.py samples with it).
 
 The first stage is frozen. Latents come from the latent cache (moments stored per image) or are encoded
 on the fly; either way ``latent_scale`` (1 / std of the training latents) multiplies them. It is set
@@ -29,10 +37,11 @@ from torch import nn
 
 from ldm_lab.config.errors import ConfigError
 from ldm_lab.config.speed import optimizer_options
+from ldm_lab.diffusion.guidance import class_ids
 from ldm_lab.diffusion.sampling import LatentDiffusionModel
 from ldm_lab.io.checkpoints import CheckpointError
 from ldm_lab.io.export import export_pipeline
-from ldm_lab.io.samples import draw_samples
+from ldm_lab.io.samples import draw_samples, grid_classes
 from ldm_lab.io.sources import load_first_stage, load_unet
 from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.nn.ema import ema_with_warmup
@@ -41,6 +50,8 @@ from ldm_lab.stages.base import TrainingStage
 from ldm_lab.stages.encoding import attach_latent_cache, encode_latent_cache
 
 log = logging.getLogger(__name__)
+
+CONDITIONINGS = (None, "class")  # model.conditioning
 
 
 class LatentDiffusionStage(TrainingStage):
@@ -54,7 +65,8 @@ class LatentDiffusionStage(TrainingStage):
     min(SNR, gamma) / (SNR + 1) for v-prediction; validation reports the unweighted loss_simple.
     ``timestep_density``: how training draws timesteps, diffusers' ``compute_density_for_timestep_sampling``
     arguments: ``weighting_scheme`` uniform (LDM) or logit_normal (Esser et al. 2024: the timestep is
-    1000 x sigmoid(N(logit_mean, logit_std))); validation always draws them uniformly."""
+    1000 x sigmoid(N(logit_mean, logit_std))); validation always draws them uniformly. ``conditioning``: None
+    or "class", with ``class_names`` (filled from the data, :meth:`config_from_data`) and ``label_dropout``."""
 
     monitor, monitor_mode = "val/loss_simple_ema", "min"
     description = "a latent diffusion UNet (model=unet or unet_tiny)"
@@ -80,6 +92,9 @@ class LatentDiffusionStage(TrainingStage):
         unet_pretrained: str | None = None,
         snr_gamma: float | None = None,
         timestep_density: dict | None = None,
+        conditioning: str | None = None,
+        class_names: list[str] | None = None,
+        label_dropout: float = 0.1,
         max_consecutive_nonfinite: int = 5,
         seed: int = 0,
     ):
@@ -103,8 +118,15 @@ class LatentDiffusionStage(TrainingStage):
         else:
             self.first_stage = load_first_stage(first_stage)
             self.first_stage_source = str(first_stage)  # recorded in checkpoints
+        self.class_names = _class_names(conditioning, class_names)
+        if not 0 <= label_dropout < 1:
+            raise ConfigError(f"model.label_dropout={label_dropout}: the share of labels dropped in training, "
+                              f"in [0, 1)")
+        self.label_dropout = label_dropout
         channels = self.first_stage.latent_channels
-        self.unet: nn.Module = unet(in_channels=channels, out_channels=channels)
+        # a class-conditional UNet embeds K classes and the null class
+        classes = {} if self.class_names is None else {"num_class_embeds": len(self.class_names) + 1}
+        self.unet: nn.Module = unet(in_channels=channels, out_channels=channels, **classes)
         if unet_pretrained is not None:
             load_pretrained_unet(self.unet, unet_pretrained)
         if gradient_checkpointing:
@@ -129,6 +151,27 @@ class LatentDiffusionStage(TrainingStage):
         return first_stage * downsampling(model.unet)
 
     @classmethod
+    def config_from_data(cls, model: DictConfig, datamodule) -> DictConfig:
+        """A class-conditional model's ``class_names`` are its data's (indexed here), so the checkpoint's config
+        rebuilds it; given ones must be the data's."""
+        if model.get("conditioning") != "class":
+            return model
+        datamodule.prepare_data()
+        datamodule.setup_index()
+        names = datamodule.class_names
+        if names is None:
+            raise ConfigError(f"model.conditioning=class learns the classes of its data, and {datamodule.source.name} "
+                              f"has none: label it (data=folder data.source.labels=subfolder, a Hugging Face "
+                              f"data.source.label_column, or the synthetic data.source.num_classes=4), or set "
+                              f"model.conditioning=null")
+        if model.get("class_names") is not None and list(model.class_names) != names:
+            raise ConfigError(f"model.class_names={list(model.class_names)} are not the data's classes {names}: leave "
+                              f"model.class_names unset (it is filled from the data)")
+        with open_dict(model):
+            model.class_names = names
+        return model
+
+    @classmethod
     def inference_config(cls, model: dict, state: dict) -> dict:
         """The first stage rebuilt from the checkpoint's description (its weights are in the state dict), not its
         source; the ``preview`` sampling options older checkpoints hold are the image logger's now (issue 22)."""
@@ -139,12 +182,15 @@ class LatentDiffusionStage(TrainingStage):
     @classmethod
     def planning_config(cls, model: DictConfig, random_first_stage: Callable[[], dict]) -> DictConfig:
         """An unscaled learning rate (its value takes no memory; scaling it needs a datamodule), a latent
-        scale of 1, and without a first stage a random one."""
+        scale of 1, without a first stage a random one, and a class-conditional model's classes, which come from
+        the data, as 1000 stand-ins (the class embedding is a few MB at most)."""
         with open_dict(model):
             model.scale_lr = False
             model.latent_scale = model.latent_scale or 1.0
             if model.first_stage is None:
                 model.first_stage = random_first_stage()
+            if model.get("conditioning") == "class" and not model.get("class_names"):
+                model.class_names = [str(i) for i in range(1000)]
         return model
 
     def planning_batch(self, batch_size: int, side: int) -> dict[str, torch.Tensor]:
@@ -154,12 +200,20 @@ class LatentDiffusionStage(TrainingStage):
         first = self.first_stage
         channels = first.latent_channels * (2 if first.kind == "kl" else 1)
         latent_side = side // first.downsample_factor
-        return {"latents": torch.randn(batch_size, channels, latent_side, latent_side)}
+        batch = {"latents": torch.randn(batch_size, channels, latent_side, latent_side)}
+        if self.class_names is not None:
+            batch["class_labels"] = torch.randint(len(self.class_names), (batch_size,))
+        return batch
 
     def check_resume(self, checkpoint: dict, path: str | Path) -> None:
         """Also refused: a checkpoint trained in the latent space of another first stage, whose weights and
         latent scale belong to those latents."""
         super().check_resume(checkpoint, path)
+        trained_classes = checkpoint["ldm_lab"]["config"]["model"].get("class_names")
+        if trained_classes != self.class_names:
+            raise ConfigError(f"ckpt_path={path} was trained on the classes {_describe(trained_classes)}, and this "
+                              f"run's data has {_describe(self.class_names)}: resume with the data it was trained "
+                              f"on, or start a new run (without ckpt_path) for these classes")
         prefix = "first_stage."
         saved = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         current = self.first_stage.state_dict()
@@ -193,7 +247,8 @@ class LatentDiffusionStage(TrainingStage):
 
     def sampling_model(self) -> LatentDiffusionModel:
         """The parts sampling needs: the evaluation UNet, the first stage, the latent scale, the sampling scheduler."""
-        return LatentDiffusionModel(self.eval_unet, self.first_stage, float(self.latent_scale), self.sampling_scheduler)
+        return LatentDiffusionModel(self.eval_unet, self.first_stage, float(self.latent_scale), self.sampling_scheduler,
+                                    self.class_names)
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -258,10 +313,10 @@ class LatentDiffusionStage(TrainingStage):
 
     # ----------------------------------------------------------------------------- the objective
     def loss_simple(self, unet: nn.Module, latents: torch.Tensor, generator: torch.Generator,
-                    training: bool = False) -> torch.Tensor:
-        """MSE between the UNet's prediction and its target (the noise for epsilon prediction) at uniform
-        timesteps; ``training``: timesteps drawn from ``timestep_density`` and each image's MSE times its
-        timestep's min-SNR weight, when ``snr_gamma`` is set."""
+                    training: bool = False, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """MSE between the UNet's prediction (of images of ``class_labels``, for a class-conditional model) and
+        its target (the noise for epsilon prediction) at uniform timesteps; ``training``: timesteps drawn from
+        ``timestep_density`` and each image's MSE times its timestep's min-SNR weight, when ``snr_gamma`` is set."""
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
         if training and self.timestep_density["weighting_scheme"] != "uniform":
@@ -272,7 +327,7 @@ class LatentDiffusionStage(TrainingStage):
             timesteps = torch.randint(0, num_train_timesteps, (len(latents),), generator=generator,
                                       device=latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = unet(noisy, timesteps).sample
+        prediction = unet(noisy, timesteps, class_labels=class_labels).sample
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
@@ -286,11 +341,30 @@ class LatentDiffusionStage(TrainingStage):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         generator = self.step_generator(self.device)
-        loss = self.loss_simple(self.unet, self.latents(batch, generator), generator, training=True)
+        latents = self.latents(batch, generator)
+        loss = self.loss_simple(self.unet, latents, generator, training=True,
+                                class_labels=self._dropped_labels(batch, generator))
         name = "loss_simple" if self.snr_gamma is None else "loss_min_snr"
         if self.timestep_density["weighting_scheme"] != "uniform":
             name += "_" + self.timestep_density["weighting_scheme"]  # not LDM's loss_simple: other timesteps
         self.backward_and_step([loss], {name: loss.detach()})
+
+    def class_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """A class-conditional model's labels of a batch (None for an unconditional model)."""
+        if self.class_names is None:
+            return None
+        if "class_labels" not in batch:
+            raise ConfigError("a class-conditional model got a batch without class labels: train it on the labelled "
+                              "data it was built for")
+        return batch["class_labels"]
+
+    def _dropped_labels(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor | None:
+        """The batch's labels, each replaced by the null class with probability ``label_dropout``."""
+        labels = self.class_labels(batch)
+        if labels is None or not self.label_dropout:
+            return labels
+        dropped = torch.rand(labels.shape, generator=generator, device=labels.device) < self.label_dropout
+        return torch.where(dropped, len(self.class_names), labels)
 
     def on_optimizer_step(self) -> None:
         if self.ema is not None:
@@ -307,9 +381,9 @@ class LatentDiffusionStage(TrainingStage):
         return torch.Generator(self.device).manual_seed(int(seed))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        latents = self.latents(batch, self._val_generator(batch_idx, 0))
-        loss = self.loss_simple(self.unet, latents, self._val_generator(batch_idx, 1))
-        loss_ema = self.loss_simple(self.eval_unet, latents, self._val_generator(batch_idx, 1))
+        latents, labels = self.latents(batch, self._val_generator(batch_idx, 0)), self.class_labels(batch)
+        loss = self.loss_simple(self.unet, latents, self._val_generator(batch_idx, 1), class_labels=labels)
+        loss_ema = self.loss_simple(self.eval_unet, latents, self._val_generator(batch_idx, 1), class_labels=labels)
         self._val_sums += torch.stack([loss.double(), loss_ema.double(), torch.ones((), device=self.device)]) * len(latents)
 
     def on_validation_epoch_end(self) -> None:
@@ -319,12 +393,22 @@ class LatentDiffusionStage(TrainingStage):
     # ----------------------------------------------------------------------------- sampling
     def preview_images(self, datamodule, num_images: int, sampling: Mapping) -> tuple[str, torch.Tensor, int]:
         """For :class:`~ldm_lab.callbacks.image_logger.ImageLogger`: samples from the same noise every time,
-        with the EMA weights, drawn as ``sampling`` (the run's ``sample.*``) says."""
+        with the EMA weights, drawn as ``sampling`` (the run's ``sample.*``) says; a class-conditional model's
+        grid has a row per class (:func:`~ldm_lab.io.samples.grid_classes`) of ``num_images`` // rows images."""
         height, width = datamodule.leftover_resolution
         generator = torch.Generator().manual_seed(self.seed)
-        options = {key: sampling[key] for key in ("sampler", "num_inference_steps", "eta") if key in sampling}
-        images = self.sampling_model().generate(num_images, height, width, generator=generator, **options)
-        return "samples", images, math.ceil(math.sqrt(num_images))
+        options = {key: sampling[key] for key in ("sampler", "num_inference_steps", "eta", "guidance_scale")
+                   if key in sampling}
+        model = self.sampling_model()
+        if self.class_names is None:
+            options.pop("guidance_scale", None)
+            images = model.generate(num_images, height, width, generator=generator, **options)
+            return "samples", images, math.ceil(math.sqrt(num_images))
+        rows = grid_classes(class_ids(sampling.get("class_labels"), self.class_names))
+        per_row = max(1, num_images // len(rows))
+        labels = torch.tensor(rows).repeat_interleave(per_row)
+        images = model.generate(len(labels), height, width, generator=generator, class_labels=labels, **options)
+        return "samples", images, per_row
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -333,11 +417,29 @@ class LatentDiffusionStage(TrainingStage):
         checkpoint["ldm_lab"]["first_stage_source"] = self.first_stage_source  # named when a resume does not match
 
 
+def _class_names(conditioning: str | None, class_names: list[str] | None) -> list[str] | None:
+    if conditioning not in CONDITIONINGS:
+        raise ConfigError(f"model.conditioning={conditioning}: null (unconditional) or class")
+    if conditioning is None:
+        return None
+    if not class_names:
+        raise ConfigError("model.conditioning=class needs the classes, which training fills in from the data "
+                          "(model.class_names): train on labelled data, or build the stage with class_names")
+    return [str(name) for name in class_names]
+
+
+def _describe(class_names: list[str] | None) -> str:
+    if class_names is None:
+        return "none (unconditional)"
+    return f"{len(class_names)} [{', '.join(class_names[:8])}{', ...' if len(class_names) > 8 else ''}]"
+
+
 def load_pretrained_unet(unet: nn.Module, source: str) -> None:
     """Copy into ``unet`` the weights of a UNet source (ldm_lab/io/sources.py: a latent diffusion training
     checkpoint, a UNet2DModel or LDMPipeline folder, an original LDM checkpoint); the architectures must be the same."""
     pretrained = load_unet(source, "model.unet_pretrained")
-    keys = ("block_out_channels", "layers_per_block", "down_block_types", "attention_head_dim", "in_channels")
+    keys = ("block_out_channels", "layers_per_block", "down_block_types", "attention_head_dim", "in_channels",
+            "num_class_embeds")
     differ = {k: (_plain(pretrained.config[k]), _plain(unet.config[k])) for k in keys
               if _plain(pretrained.config[k]) != _plain(unet.config[k])}
     if differ:

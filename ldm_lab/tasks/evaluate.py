@@ -1,5 +1,7 @@
 """task=evaluate: an autoencoder (PSNR, SSIM, LPIPS, rFID on a data split) or a latent diffusion model
-(FID of N samples against the training images), from a checkpoint or an exported folder.
+(FID of N samples against the training images; a class-conditional model's samples spread evenly over its
+classes, at guidance 1 and at ``sample.guidance_scale``, with their class accuracy), from a checkpoint or an
+exported folder.
 
     python run.py task=evaluate evaluate.model=outputs/.../export data=imagenet100 data.resolution=256
     python run.py task=evaluate evaluate.model=outputs/.../checkpoints/best.ckpt data=celebahq evaluate.num_samples=50000
@@ -22,13 +24,17 @@ from omegaconf import DictConfig
 
 from ldm_lab.config.errors import ConfigError
 from ldm_lab.data.synthetic import SyntheticSource
+from ldm_lab.diffusion.sampling import LatentDiffusionModel
+from ldm_lab.evaluation.classes import correct, load_classifier, spread_labels
 from ldm_lab.evaluation.metrics import ReconstructionMetrics, SampleQuality, make_fid
 from ldm_lab.evaluation.offline import (
+    embed_real_images,
     evaluate_reconstructions,
     evaluate_samples,
     evaluate_samples_against_floor,
+    fill_reference,
 )
-from ldm_lab.evaluation.synthetic_features import load_feature_net
+from ldm_lab.evaluation.synthetic_features import class_logits, load_feature_net
 from ldm_lab.io.sources import (
     AUTOENCODER,
     LATENT_DIFFUSION,
@@ -95,6 +101,8 @@ def evaluate_diffusion(cfg: DictConfig, source: Source, device: torch.device) ->
     """FID of ``evaluate.num_samples`` samples (drawn as ``sample.*`` says) against the training images."""
     model = load_latent_diffusion(source.path, source.key).to(device)
     datamodule = _datamodule(cfg, model.downsample_factor)
+    if model.class_names is not None:
+        return evaluate_class_conditional(cfg, model, datamodule, device)
     features, weights = _features(cfg, datamodule)
     options = cfg.sample
     height, width = options.height or datamodule.resolution, options.width or datamodule.resolution
@@ -122,6 +130,90 @@ def evaluate_diffusion(cfg: DictConfig, source: Source, device: torch.device) ->
     results.update(features=features, resolution=f"{width}x{height}", sampler=options.sampler,
                    steps=options.num_inference_steps)
     return results, notes, datamodule.source.name
+
+
+def evaluate_class_conditional(cfg: DictConfig, model: LatentDiffusionModel, datamodule,
+                               device: torch.device) -> tuple[dict, list[str], str]:
+    """``evaluate.num_samples`` samples spread evenly over the classes, at guidance 1 and at
+    ``sample.guidance_scale`` (or at ``evaluate.guidance_scales``), from the same noise at each: FID (and, in
+    the synthetic features, precision/recall against the floor, and per class where a class has enough
+    samples) and the share of samples a classifier tells as their class."""
+    if datamodule.class_names != model.class_names:
+        raise ConfigError(f"evaluate.model draws the classes {model.class_names[:8]}..., the data has "
+                          f"{(datamodule.class_names or [])[:8]}: evaluate it on the data it was trained on")
+    features, weights = _features(cfg, datamodule)
+    options, num_classes = cfg.sample, len(model.class_names)
+    height, width = options.height or datamodule.resolution, options.width or datamodule.resolution
+    labels = spread_labels(cfg.evaluate.num_samples, num_classes)
+    scales = sorted({float(s) for s in cfg.evaluate.guidance_scales or (1.0, options.guidance_scale)})
+    notes = [f"{len(labels)} samples, classes evenly ({len(labels) // num_classes}-{-(-len(labels) // num_classes)} "
+             f"each), at guidance {' and '.join(f'{s:g}' for s in scales)}"]
+    classify = None
+    if features == "synthetic":
+        feature_net, described = load_feature_net(cfg.evaluate.reference_dir, datamodule.resolution,
+                                                   num_classes=num_classes)
+        quality = SampleQuality(feature_net)
+        embed_real_images(datamodule.reference_dataloader(), quality, len(labels))
+        classify = lambda images: class_logits(feature_net, images)  # noqa: E731
+        notes.append(f"features and classes: {described}, not Inception: these figures compare only with each other. "
+                     f"floor_*: held-out real images in the samples' place")
+    else:
+        fid = make_fid(2048, str(weights)).to(device)
+        reference = _reference_path(cfg, datamodule, "train", int((~datamodule.is_val).sum()))
+        fill_reference(fid, datamodule.reference_dataloader(), reference)
+    if cfg.evaluate.classifier is not None:
+        classify = load_classifier(cfg.evaluate.classifier)
+    results: dict = {"features": features, "resolution": f"{width}x{height}", "sampler": options.sampler,
+                     "steps": options.num_inference_steps, "classes": num_classes}
+    for scale in scales:
+        generator = torch.Generator().manual_seed(options.seed)  # the same noise at every scale
+        told = []
+        if features == "inception":
+            fid.reset()  # the samples of the last scale; the real statistics stay
+        for start in range(0, len(labels), options.batch_size):
+            batch = labels[start : start + options.batch_size]
+            images = model.generate(len(batch), height, width, sampler=options.sampler, eta=options.eta,
+                                    num_inference_steps=options.num_inference_steps, batch_size=len(batch),
+                                    generator=generator, class_labels=batch, guidance_scale=scale).float().clamp(-1, 1)
+            if features == "synthetic":
+                quality.update(images, f"samples@{scale:g}", batch)
+            else:
+                fid.update((images.to(device) + 1) / 2, real=False)
+            if classify is not None:
+                told.append(correct(classify, images, batch, num_classes))
+        at = f" @ guidance {scale:g}"
+        if features == "synthetic":
+            figures = quality.compute(f"samples@{scale:g}")
+            results.update({f"{name}{at}": value for name, value in figures.items() if "images" not in name})
+            results.update(reference_images=figures["reference_images"], held_out_images=figures["held_out_images"])
+            for label, per_class in quality.compute_per_class(f"samples@{scale:g}").items():
+                results[f"fid of {model.class_names[label]}{at}"] = per_class["fid"]
+                results[f"floor_fid of {model.class_names[label]}{at}"] = per_class["floor_fid"]
+        else:
+            results[f"fid{at}"] = float(fid.compute())
+        if told:
+            results[f"class_accuracy{at}"] = float(torch.cat(told).float().mean())
+        log.info("guidance %g: %s", scale, _describe_scale(results, at))
+    if features == "synthetic":
+        per_class = sum(k.startswith("fid of ") for k in results) // len(scales)
+        notes.append(f"per-class FID only where a class has at least {quality.min_class_samples} samples and "
+                     f"held-out images (twice the embedding's dimension): {per_class} of {num_classes} classes")
+    if classify is None:
+        notes.append("no class accuracy: on other data than the synthetic set, give evaluate.classifier=<a classifier "
+                     "of the same classes saved whole with torch.save>")
+    return results, notes, datamodule.source.name
+
+
+def _describe_scale(results: dict, at: str) -> str:
+    """One scale's figures as a sentence: class accuracy, FID (against its floor), precision and recall."""
+    parts = []
+    if f"class_accuracy{at}" in results:
+        parts.append(f"class accuracy {results[f'class_accuracy{at}']:.1%}")
+    fid, floor = results[f"fid{at}"], results.get(f"floor_fid{at}")
+    parts.append(f"sample FID {fid:.2f}" + (f" against a floor of {floor:.2f} ({fid / floor:.1f}x)" if floor else ""))
+    if f"precision{at}" in results:
+        parts.append(f"precision {results[f'precision{at}']:.2f}, recall {results[f'recall{at}']:.2f}")
+    return "; ".join(parts)
 
 
 EVALUATIONS = {AUTOENCODER: evaluate_autoencoder, LATENT_DIFFUSION: evaluate_diffusion}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from ldm_lab.callbacks.stop_signals import RunStopped
@@ -54,8 +55,9 @@ def run(cfg: DictConfig) -> dict[str, float]:
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode")  # the LDM's frozen first stage
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
-    stage = build_stage(cfg.model, cfg.disc, cfg.speed)
-    datamodule = build_datamodule(cfg, stage.downsample_factor)
+    datamodule = build_datamodule(cfg)
+    stage = build_stage(get_class(cfg.model._target_).config_from_data(cfg.model, datamodule), cfg.disc, cfg.speed)
+    datamodule.check_downsample_factor(stage.downsample_factor)
     trainer = build_trainer(cfg, stage)
     ckpt_path = cfg.ckpt_path or requeued_checkpoint(trainer)
     if trainer.is_global_zero and trainer.checkpoint_callback is not None:

@@ -14,8 +14,9 @@ from ldm_lab.io.checkpoints import AtomicCheckpointIO
 from ldm_lab.stages.base import TrainingStage
 
 
-def build_datamodule(cfg: DictConfig, downsample_factor: int) -> ImageDataModule:
-    """The configured data, checked against the model's downsampling factor."""
+def build_datamodule(cfg: DictConfig, downsample_factor: int = 1) -> ImageDataModule:
+    """The configured data, checked against the model's downsampling factor (1: checked later, with
+    ``check_downsample_factor``)."""
     return instantiate(cfg.data, downsample_factor=downsample_factor)
 
 
