@@ -33,7 +33,7 @@ quickstart: install ## tiny KL autoencoder -> latent cache -> tiny LDM -> sample
 
 # The same chain, class-conditional: the synthetic data with 4 classes, guided samples, their class accuracy.
 CLASS_DIR := outputs/quickstart-class-$(shell date +%Y%m%d-%H%M%S)
-quickstart-class: install ## tiny autoencoder -> 4-class LDM -> guided samples per class, FID and class accuracy (CPU, ~13 min)
+quickstart-class: install ## tiny autoencoder -> 4-class LDM -> guided samples per class, FID and class accuracy (CPU, ~20 min)
 	$(BIN)/python run.py experiment=quickstart data.source.num_classes=4 hydra.run.dir=$(CLASS_DIR)/autoencoder
 	$(BIN)/python run.py experiment=quickstart_class hydra.run.dir=$(CLASS_DIR)/ldm \
 		model.first_stage=$(CLASS_DIR)/autoencoder/checkpoints/last.ckpt
@@ -60,9 +60,10 @@ sweep-vae: install ## 8-job lr x disc-norm sweep of the tiny VAE (short budget),
 		require_weights=false hydra.sweep.dir=$(SWEEP_DIR)
 	$(BIN)/python run.py task=report sweep_dir=$(SWEEP_DIR)
 
-bench: install ## benchmarks (data layer, stages, speed options); markdown tables in experiments/bench/results/
+bench: install ## benchmarks (data layer, stages, speed options, encoding by 1 and 2 processes); tables in experiments/bench/results/
 	$(BIN)/python experiments/bench/bench_data.py
 	$(BIN)/python experiments/bench/bench_stages.py
+	$(BIN)/python experiments/bench/bench_encoding.py
 
 gpu-check: install ## on a CUDA machine: task=plan vs real memory, images/s, bf16 peak, speed options -> experiments/gpu/
 	$(BIN)/python experiments/gpu/gpu_check.py

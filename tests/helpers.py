@@ -40,8 +40,9 @@ class RecordSeenImages(L.Callback):
         self.dirpath = dirpath
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        shape = tuple(batch["latents" if "latents" in batch else "pixel_values"].shape[2:])
         with open(f"{self.dirpath}/seen_rank{trainer.global_rank}.txt", "a") as handle:
-            handle.write("".join(f"{int(i)} {tuple(batch['pixel_values'].shape[2:])}\n" for i in batch["index"]))
+            handle.write("".join(f"{int(i)} {shape}\n" for i in batch["index"]))
 
 
 class CountGradientSyncs(L.Callback):

@@ -178,15 +178,11 @@ class ImageDataModule(L.LightningDataModule):
             self.val_source.prepare()
 
     # ---------------------------------------------------------------------------------- latent cache
-    def use_latent_cache(self, cache: LatentCache, manifest: dict | None = None) -> None:
+    def use_latent_cache(self, cache: LatentCache, manifest: dict) -> None:
         """Serve ``{"latents": moments, "index"}`` batches from ``cache``, which ldm_lab/stages/encoding.py
-        filled: with its ``manifest`` for this data, or the one ``setup`` reads."""
+        filled, by its ``manifest`` for this data: the keys, the latent scale and (labelled data) the class each
+        cached latent was encoded from."""
         self.latent_cache = cache
-        if manifest is not None:
-            self._read_manifest(manifest)
-
-    def _read_manifest(self, manifest: dict) -> None:
-        """The cache's keys, latent scale and (labelled data) the class each cached latent was encoded from."""
         self.latent_keys, self.latent_scale = manifest["keys"], manifest["scaling_factor"]
         self.latent_labels = np.asarray(manifest["labels"], dtype=np.int64) if "labels" in manifest else None
 
@@ -242,8 +238,6 @@ class ImageDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.setup_index()
-        if self.latent_cache is not None and self.latent_keys is None:
-            self._read_manifest(self.latent_cache.read_manifest(self.data_key()))
 
     def setup_index(self) -> None:
         """Index the sources, assign buckets and hold out the validation images (once)."""

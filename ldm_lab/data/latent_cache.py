@@ -157,19 +157,6 @@ class LatentCache:
     def write_manifest(self, data_key: str, manifest: dict) -> None:
         atomic_write_text(self.manifest_path(data_key), json.dumps(manifest))
 
-    def read_manifest(self, data_key: str) -> dict:
-        """The manifest of a data configuration, once every latent it lists is in a checked shard."""
-        self.refresh()
-        path = self.manifest_path(data_key)
-        rebuild = "run python run.py task=cache_latents with the same model.first_stage and data"
-        if not path.is_file():
-            raise LatentCacheError(f"no latent cache manifest {path} for this data and first stage; {rebuild}")
-        manifest = json.loads(path.read_text())
-        missing = sum(key not in self.shards for keys in manifest["keys"] for key in keys.values())
-        if missing:
-            raise LatentCacheError(f"{missing} latents of {path} are in no intact shard of {self.dir}; {rebuild}")
-        return manifest
-
 
 def data_fingerprint(locations: list[str], sizes: np.ndarray) -> str:
     """Names the manifest of one data configuration: its images and the resolution each is encoded at."""

@@ -62,6 +62,13 @@ class LatentScale:
         self.total += float(mean.sum())
         self.squares += float(mean.square().sum())
 
+    def add(self, other: LatentScale) -> None:
+        """The sums of ``other``, over other latents (a share another process encoded)."""
+        self.count += other.count
+        self.total += other.total
+        self.squares += other.squares
+        self.variance += other.variance
+
     @property
     def scaling_factor(self) -> float:
         mean = self.total / self.count

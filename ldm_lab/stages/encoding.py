@@ -1,11 +1,16 @@
 """Encoding a data set into the latent cache with a frozen first stage (LDM, Rombach et al. 2022, sec. 3):
-what task=cache_latents, and task=train with ``model.latent_cache=true``, run before training. The
-datamodule then only reads the cache (ldm_lab/data/latent_cache.py stores it)."""
+what task=cache_latents, and task=train with ``model.latent_cache=true`` before training, run. Under DDP every
+process encodes its share of the batches, as kohya's and MosaicML's precompute scripts do, and the shares are
+gathered into one manifest and one latent scale, so N devices encode about N times faster. The datamodule then
+only reads the cache (ldm_lab/data/latent_cache.py stores it)."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader
@@ -19,61 +24,108 @@ from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder, LatentScale
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Ranks:
+    """The processes that encode together, and how they meet: this one's ``rank`` of ``world_size``,
+    ``all_gather`` (an object from each, in rank order) and ``barrier``. One process by default."""
+
+    rank: int = 0
+    world_size: int = 1
+    all_gather: Callable[[object], list] = lambda part: [part]
+    barrier: Callable[[], None] = lambda: None
+
+
+def ranks_of(strategy) -> Ranks:
+    """The ranks of a Lightning strategy whose processes have started (its ``setup`` hooks and later)."""
+    if strategy.world_size == 1:
+        return Ranks()
+
+    def all_gather(part: object) -> list:
+        parts = [None] * strategy.world_size
+        torch.distributed.all_gather_object(parts, part)
+        return parts
+
+    return Ranks(strategy.global_rank, strategy.world_size, all_gather, strategy.barrier)
+
+
 @torch.no_grad()
-def encode_latent_cache(first_stage: FrozenAutoencoder, datamodule: ImageDataModule, root: str | os.PathLike) -> dict:
+def encode_latent_cache(first_stage: FrozenAutoencoder, datamodule: ImageDataModule, root: str | os.PathLike,
+                        device: torch.device | None = None, ranks: Ranks = Ranks()) -> dict:
     """Encode every image of ``datamodule`` the cache under ``root`` lacks, at its bucket resolution (center
-    crop, no flip) and, with buckets, at the leftover resolution too; write the manifest (per image, its
-    key at each resolution and, for labelled data, the class of the image encoded, which for an image that
-    cannot be decoded is its replacement's; the latent scale over the training images at their bucket resolution), point
-    the datamodule at the cache and return the manifest. Runs on the GPU when there is one."""
+    crop, no flip) and, with buckets, at the leftover resolution too, on ``device`` (default: the GPU when there
+    is one); every rank takes every ``world_size``-th batch. Write the manifest (per image, its key at each
+    resolution and, for labelled data, the class of the image encoded, which for an image that cannot be decoded
+    is its replacement's; the latent scale over the training images at their bucket resolution), point the
+    datamodule at the cache and return the manifest. Jobs that share the cache take turns (its folder lock,
+    held by rank 0 for all ranks of a job), and a later one finds the latents written."""
     cache = LatentCache(root, first_stage.fingerprint())
-    datamodule.prepare_data()  # the sources write or download their images once
+    if ranks.world_size == 1:
+        datamodule.prepare_data()  # the sources write or download their images once (under DDP, Lightning did)
     datamodule.setup_index()
-    with folder_lock(cache.dir):  # jobs sharing the cache take turns: each latent is encoded once
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with folder_lock(cache.dir) if ranks.rank == 0 else nullcontext():
+        ranks.barrier()  # the other ranks wait while rank 0 waits for the lock
         cache.refresh()  # what another job wrote while this one waited
-        is_val = datamodule.is_val
-        original = next(first_stage.parameters()).device
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        first_stage.to(device)
-        keys: list[dict[str, str]] = [{} for _ in range(len(is_val))]
-        labels = [-1] * len(is_val)  # the class of the image each entry was encoded from (a replacement's own)
-        scale = LatentScale(first_stage.kind)
-        encoded = seen = 0
-        loader = DataLoader(KeyedImages(datamodule.pixel_dataset()), batch_sampler=datamodule.encoding_batches(),
-                            num_workers=datamodule.num_workers)
-        try:
-            for batch in tqdm(loader, desc="latent cache", unit="batch", dynamic_ncols=True):
-                missing = [i for i, key in enumerate(batch["key"]) if key not in cache]
-                if missing:
-                    moments = first_stage.moments(batch["pixel_values"][missing].to(device)).float().cpu()
-                    for row, i in enumerate(missing):
-                        cache.add(batch["key"][i], moments[row])
-                    encoded += len(missing)
-                height, width = batch["pixel_values"].shape[2:]
-                served = batch["class_labels"].tolist() if "class_labels" in batch else [-1] * len(batch["key"])
-                for key, index, label in zip(batch["key"], batch["index"].tolist(), served, strict=True):
-                    if not keys[index] and not is_val[index]:
-                        scale.update(cache.get(key))
-                    keys[index][f"{width}x{height}"] = key
-                    labels[index] = label
-                    seen += 1
-        finally:
-            first_stage.to(original)
+        share = _encode_share(first_stage, datamodule, cache, device, ranks)
         cache.flush()
+        keys, labels, scale, encoded, seen = _merge(ranks.all_gather(share), len(datamodule.is_val), first_stage.kind)
         manifest = {"kind": first_stage.kind, "scaling_factor": scale.scaling_factor, "keys": keys}
         if datamodule.class_names is not None:
             manifest["labels"] = labels
-        cache.write_manifest(datamodule.data_key(), manifest)
-    log.info("latent cache %s: %d latents encoded, %d already there; latent scale 1/std = %.5f", cache.dir,
-             encoded, seen - encoded, manifest["scaling_factor"])
+        if ranks.rank == 0:
+            cache.write_manifest(datamodule.data_key(), manifest)
+        ranks.barrier()  # every share is written before the lock is released
+    cache.refresh()  # the shards the other ranks wrote
+    log.info("latent cache %s: %d latents encoded, %d already there (%d by this process of %d); latent scale "
+             "1/std = %.5f", cache.dir, encoded, seen - encoded, share["encoded"], ranks.world_size,
+             manifest["scaling_factor"])
     datamodule.use_latent_cache(cache, manifest)
     return manifest
 
 
-def attach_latent_cache(first_stage: FrozenAutoencoder, datamodule: ImageDataModule, root: str | os.PathLike) -> None:
-    """Before training: each node's first process encodes what the cache lacks; under DDP the others, which
-    Lightning starts later, read the manifest it wrote (in the datamodule's setup)."""
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:
-        encode_latent_cache(first_stage, datamodule, root)
-    else:
-        datamodule.use_latent_cache(LatentCache(root, first_stage.fingerprint()))
+def _encode_share(first_stage: FrozenAutoencoder, datamodule: ImageDataModule, cache: LatentCache,
+                  device: torch.device, ranks: Ranks) -> dict:
+    """This rank's batches encoded into ``cache``: per image its keys by resolution and the class it was encoded
+    from, the latent scale's sums over the training images at their bucket resolution, and the counts."""
+    keys: dict[int, dict[str, str]] = {}
+    labels: dict[int, int] = {}
+    scale = LatentScale(first_stage.kind)
+    encoded = seen = 0
+    original = next(first_stage.parameters()).device
+    first_stage.to(device)
+    batches = datamodule.encoding_batches()[ranks.rank :: ranks.world_size]
+    loader = DataLoader(KeyedImages(datamodule.pixel_dataset()), batch_sampler=batches,
+                        num_workers=datamodule.num_workers)
+    try:
+        for batch in tqdm(loader, desc="latent cache", unit="batch", dynamic_ncols=True, disable=ranks.rank != 0):
+            missing = [i for i, key in enumerate(batch["key"]) if key not in cache]
+            if missing:
+                moments = first_stage.moments(batch["pixel_values"][missing].to(device)).float().cpu()
+                for row, i in enumerate(missing):
+                    cache.add(batch["key"][i], moments[row])
+                encoded += len(missing)
+            height, width = batch["pixel_values"].shape[2:]
+            served = batch["class_labels"].tolist() if "class_labels" in batch else [-1] * len(batch["key"])
+            for key, index, label in zip(batch["key"], batch["index"].tolist(), served, strict=True):
+                own = datamodule.resolutions[datamodule.image_buckets[index]] == (height, width)
+                if own and not datamodule.is_val[index]:
+                    scale.update(cache.get(key))
+                keys.setdefault(index, {})[f"{width}x{height}"] = key
+                labels[index] = label
+                seen += 1
+    finally:
+        first_stage.to(original)
+    return {"keys": keys, "labels": labels, "scale": scale, "encoded": encoded, "seen": seen}
+
+
+def _merge(shares: list[dict], num_images: int, kind: str) -> tuple[list[dict], list[int], LatentScale, int, int]:
+    """The ranks' shares as one: keys and labels per image in index order, the latent scale, the counts."""
+    keys: list[dict[str, str]] = [{} for _ in range(num_images)]
+    labels = [-1] * num_images
+    scale = LatentScale(kind)
+    for share in shares:
+        for index, by_resolution in share["keys"].items():
+            keys[index].update(by_resolution)
+            labels[index] = share["labels"][index]
+        scale.add(share["scale"])
+    return keys, labels, scale, sum(s["encoded"] for s in shares), sum(s["seen"] for s in shares)

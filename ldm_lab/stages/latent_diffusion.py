@@ -47,7 +47,7 @@ from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.nn.ema import ema_with_warmup
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
 from ldm_lab.stages.base import TrainingStage
-from ldm_lab.stages.encoding import attach_latent_cache, encode_latent_cache
+from ldm_lab.stages.encoding import encode_latent_cache, ranks_of
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ class LatentDiffusionStage(TrainingStage):
         self.latent_cache = latent_cache
         self.snr_gamma = snr_gamma
         self._val_sums: torch.Tensor | None = None
+        self._latent_cache_root: str | Path | None = None  # attach_data: where setup fills the cache
 
     # ----------------------------------------------------------------------------- what the tasks ask
     @classmethod
@@ -228,8 +229,18 @@ class LatentDiffusionStage(TrainingStage):
                 f"(without ckpt_path) for the new first stage")
 
     def attach_data(self, datamodule, latent_cache_root: str | Path) -> None:
-        if self.latent_cache:
-            attach_latent_cache(self.first_stage, datamodule, latent_cache_root)
+        """With the latent cache, where it lives: the trainer's processes fill it together in :meth:`setup`."""
+        self._latent_cache_root = latent_cache_root if self.latent_cache else None
+
+    def setup(self, stage: str) -> None:
+        """Once every process has started (the first trainer call): the latent cache encoded, each process its
+        share on its own device (ldm_lab/stages/encoding.py), unless the datamodule reads it already."""
+        datamodule = self.trainer.datamodule
+        if self._latent_cache_root is None or datamodule is None or datamodule.latent_keys is not None:
+            return
+        strategy = self.trainer.strategy
+        encode_latent_cache(self.first_stage, datamodule, self._latent_cache_root, strategy.root_device,
+                            ranks_of(strategy))
 
     def encode_latent_cache(self, datamodule, latent_cache_root: str | Path) -> Path:
         encode_latent_cache(self.first_stage, datamodule, latent_cache_root)
