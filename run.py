@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from ldm_lab.callbacks.stop_signals import RunStopped
 from ldm_lab.config.errors import user_error
 from ldm_lab.config.schema import register_configs
-from ldm_lab.config.validate import check_config, check_group_choices, check_task_options
+from ldm_lab.config.validate import check_config, check_group_choices, check_moved_keys, check_task_options
 
 register_configs()
 
@@ -49,6 +49,7 @@ if __name__ == "__main__":
     try:
         check_group_choices(sys.argv[1:], conf_dir)
         check_task_options(sys.argv[1:], conf_dir)
+        check_moved_keys(sys.argv[1:])
     except Exception as error:
         if user_error(error) is None:
             raise

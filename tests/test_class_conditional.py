@@ -170,7 +170,7 @@ def test_the_stage_learns_the_datas_classes_and_drops_labels_for_guidance(compos
     datamodule = build_datamodule(cfg)
     model = get_class(cfg.model._target_).config_from_data(cfg.model, datamodule)
     stage = build_stage(model, cfg.disc)
-    assert stage.class_names == class_names(4) and stage.unet.config.num_class_embeds == 5
+    assert stage.class_names == class_names(4) and stage.denoiser.config.num_class_embeds == 5
     labels = torch.arange(4).repeat(2500)
     dropped = stage._dropped_labels({"class_labels": labels}, torch.Generator().manual_seed(0))
     share = float((dropped == 4).float().mean())
@@ -196,7 +196,7 @@ def trained(compose_cfg, first_stage, tmp_path):
 def test_train_sample_and_resume_with_classes(compose_cfg, first_stage, trained, tmp_path):
     checkpoint = trained / "checkpoints" / "last.ckpt"
     stage = load_stage(checkpoint)  # rebuilt from the checkpoint's config alone: the classes are in it
-    assert stage.class_names == class_names(4) and stage.unet.config.num_class_embeds == 5
+    assert stage.class_names == class_names(4) and stage.denoiser.config.num_class_embeds == 5
     with Image.open(trained / "images" / "samples_step0000002.png") as preview:  # 4 rows (classes) of 2
         assert preview.size == (2 * 34 + 2, 4 * 34 + 2)
     sample.run(_cfg(compose_cfg, first_stage, "task=sample", f"ckpt_path={checkpoint}", "sample.num_images=3",
@@ -229,7 +229,7 @@ print(type(pipe).__name__, "ldm_lab" in sys.modules)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path,
                             env={"HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[-2:] == ["ClassConditionalLDMPipeline", "False"]
+    assert result.stdout.split()[-2:] == ["LatentDiffusionPipeline", "False"]
     model = load_latent_diffusion(export, "sample.model")
     ours = model.generate(2, 32, 32, num_inference_steps=3, generator=torch.Generator().manual_seed(7),
                           class_labels=torch.tensor([2, 3]), guidance_scale=2.5)

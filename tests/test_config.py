@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DModel, VQModel
+from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel, VQModel
 from hydra.errors import ConfigCompositionException, InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
@@ -30,20 +30,23 @@ def test_every_group_has_its_options():
     assert "patchgan" in GROUP_OPTIONS["disc"] and "short" in GROUP_OPTIONS["debug"]
 
 
-def _offline_overrides(option: str, tmp_path) -> list[str]:
-    """What a model config needs to build here: no LPIPS weights (autoencoders), a first stage (the LDM)."""
-    if option.startswith("unet") or "ldm" in option:
+def _offline_overrides(cfg, tmp_path) -> list[str]:
+    """What a model config needs to build here: no LPIPS weights (autoencoders), a first stage (latent diffusion)."""
+    if get_class(cfg.model._target_).produces == "latent_diffusion":
         return [f"model.first_stage={save_tiny_first_stage('vq', tmp_path / 'first_stage')}"]
     return ["model.loss.perceptual_weight=0", "model.metrics.lpips=false"]
 
 
 @pytest.mark.parametrize("option", GROUP_OPTIONS["model"])
 def test_model_configs_instantiate(compose_cfg, option, tmp_path):
-    cfg = compose_cfg([f"model={option}", *_offline_overrides(option, tmp_path)], tiny=False)
+    overrides = _offline_overrides(compose_cfg([f"model={option}"], tiny=False), tmp_path)
+    cfg = compose_cfg([f"model={option}", *overrides], tiny=False)
     stage = build_stage(cfg.model, cfg.disc)
-    if option.startswith("unet"):
-        assert isinstance(stage.unet, UNet2DModel) and stage.unet.config.in_channels == 3  # the VQ's channels
-        assert list(stage.unet.config.block_out_channels) == list(cfg.model.unet.block_out_channels)
+    if stage.produces == "latent_diffusion":
+        network = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}
+        assert isinstance(stage.denoiser, network[cfg.model.denoiser._target_.rpartition(".")[2]])
+        assert stage.denoiser.config.in_channels == 3  # the VQ's channels
+        assert all(stage.denoiser.config[k] == v for k, v in cfg.model.denoiser.items() if not k.startswith("_"))
         return
     assert isinstance(stage.vae, VQModel if option.startswith("vqvae") else AutoencoderKL)
     assert list(stage.vae.config.block_out_channels) == list(cfg.model.vae.block_out_channels)
@@ -98,9 +101,9 @@ def test_4060ti_preset_is_seed_001(compose_cfg):
 
 @pytest.mark.parametrize("option", GROUP_OPTIONS["experiment"])
 def test_experiments_compose_and_build(compose_cfg, tmp_path, option):
-    model = compose_cfg([f"experiment={option}"], tiny=False).model
-    kind = "unet" if model._target_.endswith("LatentDiffusionStage") else option
-    overrides = [f"experiment={option}", *_offline_overrides(kind, tmp_path)]
+    composed = compose_cfg([f"experiment={option}"], tiny=False)
+    model = composed.model
+    overrides = [f"experiment={option}", *_offline_overrides(composed, tmp_path)]
     if model.get("conditioning") == "class":  # the classes training takes from the data (HF data sets are offline)
         overrides.append("model.class_names=[cat,dog,bird]")
     cfg = compose_cfg(overrides, tiny=False)
@@ -111,7 +114,9 @@ def test_experiments_compose_and_build(compose_cfg, tmp_path, option):
     assert datamodule.resolution % stage.downsample_factor == 0
     build_trainer(cfg, stage)
     if model.get("conditioning") == "class":
-        assert stage.unet.config.num_class_embeds == 3 + 1
+        config = stage.denoiser.config  # K classes and the null class, in each denoiser's own terms
+        classes = config.num_class_embeds - 1 if isinstance(stage.denoiser, UNet2DModel) else config.num_embeds_ada_norm
+        assert classes == 3
 
 
 def test_debug_short_shrinks_the_run(compose_cfg):

@@ -120,10 +120,10 @@ def test_a_checkpoint_of_nothing_known_is_refused():
         detect_kind({"layer.weight": torch.zeros(1)})
 
 
-UNET_LIKE_FIXTURE = ["model.unet.block_out_channels=[32,64]", "model.unet.layers_per_block=2",
-                     "model.unet.down_block_types=[DownBlock2D,AttnDownBlock2D]",
-                     "model.unet.up_block_types=[AttnUpBlock2D,UpBlock2D]", "model.unet.attention_head_dim=16",
-                     "model.unet.norm_num_groups=32", "model.unet.sample_size=8"]
+UNET_LIKE_FIXTURE = ["model.denoiser.block_out_channels=[32,64]", "model.denoiser.layers_per_block=2",
+                     "model.denoiser.down_block_types=[DownBlock2D,AttnDownBlock2D]",
+                     "model.denoiser.up_block_types=[AttnUpBlock2D,UpBlock2D]", "model.denoiser.attention_head_dim=16",
+                     "model.denoiser.norm_num_groups=32", "model.denoiser.sample_size=8"]
 
 
 @pytest.mark.parity
@@ -138,18 +138,18 @@ def test_lab_keys_take_original_checkpoints_converted_once(compose_cfg, tmp_path
     out = convert_task.run(compose_cfg(["task=convert", f"convert.source={vq}"], tiny=False))
     assert (out / "config.json").is_file() and "VQModel" in (out / "config.json").read_text()
 
-    # model.first_stage: a whole LDM's first stage; model.unet_pretrained: its (EMA) UNet
-    cfg = compose_cfg([*LDM_TINY, *UNET_LIKE_FIXTURE, f"model.first_stage={ldm}", f"model.unet_pretrained={ldm}"],
+    # model.first_stage: a whole LDM's first stage; model.denoiser_pretrained: its (EMA) UNet
+    cfg = compose_cfg([*LDM_TINY, *UNET_LIKE_FIXTURE, f"model.first_stage={ldm}", f"model.denoiser_pretrained={ldm}"],
                       tiny=False)
     stage = build_stage(cfg.model, None)
     assert stage.first_stage.kind == "vq" and stage.first_stage.vae.config.num_vq_embeddings == 64
     unet = fixture("unet")
     with torch.no_grad():
-        assert_parity("unet.eps", stage.unet(unet["latents"], unet["timesteps"]).sample, unet["eps"])
-        torch.testing.assert_close(stage.ema.module.conv_out.weight, stage.unet.conv_out.weight)  # EMA starts there
+        assert_parity("unet.eps", stage.denoiser(unet["latents"], unet["timesteps"]).sample, unet["eps"])
+        torch.testing.assert_close(stage.ema.module.conv_out.weight, stage.denoiser.conv_out.weight)  # EMA starts there
     assert len(list(cache_root().iterdir())) == 1  # model.ckpt converted once, for both keys
-    with pytest.raises(InstantiationException, match="model.unet_pretrained=.*another UNet.*block_out_channels"):
-        build_stage(compose_cfg([*LDM_TINY, f"model.first_stage={ldm}", f"model.unet_pretrained={ldm}"],
+    with pytest.raises(InstantiationException, match="model.denoiser_pretrained=.*another UNet2DModel.*block_out_channels"):
+        build_stage(compose_cfg([*LDM_TINY, f"model.first_stage={ldm}", f"model.denoiser_pretrained={ldm}"],
                                 tiny=False).model, None)
 
     # model.pretrained: an autoencoder run starting from the original weights
@@ -197,7 +197,7 @@ def test_evaluate_measures_original_checkpoints(compose_cfg, tmp_path, monkeypat
     assert samples["samples"] == 3 and samples["fid"] > 0 and samples["resolution"] == "32x32"
     assert len(list(cache_root().iterdir())) == 2  # each file converted once
 
-    with pytest.raises(ConfigError, match=r"holds a UNet \(UNet2DModel\)\. evaluate.model takes an autoencoder .* or a latent"):
+    with pytest.raises(ConfigError, match=r"holds a denoiser \(UNet2DModel or DiTTransformer2DModel\)\. evaluate.model takes an autoencoder .* or a latent"):
         unet = tmp_path / "unet.ckpt"
         torch.save({"state_dict": fixture("unet")["state_dict"]}, unet)
         evaluate.run(compose_cfg(["task=evaluate", f"evaluate.model={unet}"]))

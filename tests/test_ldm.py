@@ -46,7 +46,7 @@ def _stage_and_data(cfg, cached=True):
 
 def test_schedule_is_ldm_linear_in_sqrt_beta(compose_cfg):
     cfg = compose_cfg(["model=unet"], tiny=False)
-    scheduler = instantiate(cfg.model.noise_scheduler)
+    scheduler = instantiate(cfg.model.objective.noise_scheduler)
     expected = torch.linspace(0.0015**0.5, 0.0195**0.5, 1000, dtype=torch.float64) ** 2
     torch.testing.assert_close(scheduler.betas.double(), expected, rtol=1e-6, atol=0)
     assert not torch.allclose(scheduler.betas.double(), torch.linspace(0.0015, 0.0195, 1000, dtype=torch.float64))
@@ -54,7 +54,7 @@ def test_schedule_is_ldm_linear_in_sqrt_beta(compose_cfg):
 
 def test_unet_is_the_seed_000_unet(compose_cfg):
     cfg = compose_cfg(["model=unet"], tiny=False)
-    unet = instantiate(cfg.model.unet)(in_channels=3, out_channels=3)
+    unet = instantiate(cfg.model.denoiser)(in_channels=3, out_channels=3)
     assert 270e6 < sum(p.numel() for p in unet.parameters()) < 278e6
     # attention at downsample factors 2, 4, 8 (levels 1-3), none at full resolution
     assert [type(b).__name__ for b in unet.down_blocks] == ["DownBlock2D"] + ["AttnDownBlock2D"] * 3
@@ -137,7 +137,7 @@ def test_tiny_unet_overfits_a_handful_of_latents(compose_cfg, tmp_path):
     def loss() -> float:
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
-            return float(torch.stack([stage.loss_simple(stage.unet, latents, g) for _ in range(20)]).mean())
+            return float(torch.stack([stage.loss(stage.denoiser, latents, g) for _ in range(20)]).mean())
 
     before = loss()
     fit(stage, [{"latents": latents}])
@@ -149,12 +149,12 @@ def test_ema_follows_its_formula_and_is_what_validation_and_sampling_use(compose
     cfg = _cfg(compose_cfg, first_stage, "model.max_steps=3", "model.ema_decay=0.9999")
     stage = build_stage(cfg.model, cfg.disc)
     stage.latent_scale.fill_(1.0)
-    initial = stage.unet.conv_out.weight.detach().clone()
+    initial = stage.denoiser.conv_out.weight.detach().clone()
     snapshots = []
 
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            snapshots.append(pl_module.unet.conv_out.weight.detach().clone())
+            snapshots.append(pl_module.denoiser.conv_out.weight.detach().clone())
 
     channels = stage.first_stage.latent_channels * (2 if stage.first_stage.kind == "kl" else 1)  # KL: mean, logvar
     fit(stage, [{"latents": torch.randn(2, channels, 8, 8)}], callbacks=[Record()])
@@ -162,14 +162,14 @@ def test_ema_follows_its_formula_and_is_what_validation_and_sampling_use(compose
     for n, weights in enumerate(snapshots, start=1):
         expected = expected + (1 - min(0.9999, (1 + n) / (10 + n))) * (weights - expected)
     torch.testing.assert_close(stage.ema.module.conv_out.weight, expected)
-    assert not torch.allclose(stage.ema.module.conv_out.weight, stage.unet.conv_out.weight)
+    assert not torch.allclose(stage.ema.module.conv_out.weight, stage.denoiser.conv_out.weight)
 
     latents = torch.randn(2, channels, 8, 8)
     stage._val_sums = torch.zeros(3, dtype=torch.float64)
     stage.validation_step({"latents": latents}, 0)
     g = stage._val_generator(0, 1)
     with torch.no_grad():
-        expected = stage.loss_simple(stage.ema.module, stage.latents({"latents": latents}, stage._val_generator(0, 0)), g)
+        expected = stage.loss(stage.ema.module, stage.latents({"latents": latents}, stage._val_generator(0, 0)), g)
     assert float(stage._val_sums[1] / 2) == pytest.approx(float(expected), rel=1e-5)
     assert stage._val_sums[0] != stage._val_sums[1]
 
@@ -177,9 +177,9 @@ def test_ema_follows_its_formula_and_is_what_validation_and_sampling_use(compose
         leftover_resolution = (32, 32)
 
     _, previews, _ = stage.preview_images(Data(), 2, cfg.sample)
-    args = (stage.first_stage, 1.0, stage.sampling_scheduler, 2, 32, 32)
+    args = (stage.first_stage, 1.0, stage.objective.sampling_scheduler, 2, 32, 32)
     with_ema = generate_images(stage.ema.module, *args, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
-    with_unet = generate_images(stage.unet, *args, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    with_unet = generate_images(stage.denoiser, *args, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(previews, with_ema)
     assert not torch.allclose(previews, with_unet)
 

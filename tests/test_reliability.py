@@ -209,9 +209,9 @@ def test_resuming_an_ldm_with_another_first_stage_is_refused(compose_cfg, tmp_pa
     # is no UNet: the one resolver says what the source holds and what the key takes (ldm_lab/io/sources.py).
     reused = build_stage(compose_cfg([*LDM_TINY, f"model.first_stage={last}"], tiny=False).model, None)
     assert reused.first_stage.fingerprint() == load_first_stage(a).fingerprint()
-    with pytest.raises(InstantiationException, match=r"model.unet_pretrained=.*first_stage_a holds an autoencoder .*"
-                                                     r"model.unet_pretrained takes a UNet"):
-        build_stage(compose_cfg([*LDM_TINY, f"model.first_stage={a}", f"model.unet_pretrained={a}"], tiny=False).model,
+    with pytest.raises(InstantiationException, match=r"model.denoiser_pretrained=.*first_stage_a holds an autoencoder .*"
+                                                     r"model.denoiser_pretrained takes a denoiser"):
+        build_stage(compose_cfg([*LDM_TINY, f"model.first_stage={a}", f"model.denoiser_pretrained={a}"], tiny=False).model,
                     None)
 
 
@@ -397,10 +397,10 @@ def test_ddim_sampling_matches_ldms_ddim_sampler(compose_cfg, tmp_path):
     reference = torch.load(ROOT / "tests" / "fixtures" / "ldm_ddim_reference.pt")
     cfg = compose_cfg([*LDM_TINY, f"model.first_stage={save_tiny_first_stage('vq', tmp_path / 'vq')}"], tiny=False)
     stage = build_stage(cfg.model, cfg.disc)
-    for name, (ours, expected) in parity.ddim_outputs(stage.sampling_scheduler).items():
+    for name, (ours, expected) in parity.ddim_outputs(stage.objective.sampling_scheduler).items():
         assert_parity(name, ours, expected)
     for steps, expected in reference["samples"].items():  # steps_offset 0, set_alpha_to_one: another sampler
-        diffusers_default = denoise(eps_model, inference_scheduler(stage.noise_scheduler, "ddim"), reference["x_T"], steps,
+        diffusers_default = denoise(eps_model, inference_scheduler(stage.objective.noise_scheduler, "ddim"), reference["x_T"], steps,
                                     progress=False)
         assert parity.error(diffusers_default, expected) > 10 * parity.MARGIN * parity.MEASURED[f"ddim.{steps}"]
 

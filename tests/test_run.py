@@ -91,7 +91,7 @@ def test_misspelt_norm_type_fails_before_training(tmp_path):
 
 USER_ERRORS = {
     "wrong_kind_checkpoint": (["ckpt_path={root}/tests/fixtures/legacy_ldm.ckpt"],
-                              "error: ckpt_path=.*legacy_ldm.ckpt holds a latent diffusion UNet .* this run trains a KL"),
+                              "error: ckpt_path=.*legacy_ldm.ckpt holds a latent diffusion model .* this run trains a KL"),
     "empty_data_folder": (["data=folder", "data.source.root={tmp}/empty"], "error: no usable .* images under data.source.root="),
     "too_few_images": (["data=folder", "data.source.root={tmp}/few", "data.num_val=1"],
                        "error: 2 images cannot fill one batch of 8 .* lower data.batch_size"),

@@ -4,8 +4,6 @@ And the recipe options the quickstart is measured with: min-SNR-gamma, logit-nor
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -141,17 +139,17 @@ def _stage(compose_cfg, tmp_path, *overrides):
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_min_snr_gamma_weights_each_image_by_its_timestep(compose_cfg, tmp_path, prediction_type):
-    stage = _stage(compose_cfg, tmp_path, "model.snr_gamma=1", f"model.noise_scheduler.prediction_type={prediction_type}")
+    stage = _stage(compose_cfg, tmp_path, "model.objective.snr_gamma=1", f"model.objective.noise_scheduler.prediction_type={prediction_type}")
     latents = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    weighted = stage.loss_simple(stage.unet, latents, torch.Generator().manual_seed(1), training=True)
-    plain = stage.loss_simple(stage.unet, latents, torch.Generator().manual_seed(1))
+    weighted = stage.loss(stage.denoiser, latents, torch.Generator().manual_seed(1), training=True)
+    plain = stage.loss(stage.denoiser, latents, torch.Generator().manual_seed(1))
 
     g = torch.Generator().manual_seed(1)  # the same draws as loss_simple's
     noise = torch.randn(latents.shape, generator=g)
     timesteps = torch.randint(0, 1000, (16,), generator=g)
-    scheduler = stage.noise_scheduler
+    scheduler = stage.objective.noise_scheduler
     with torch.no_grad():
-        prediction = stage.unet(scheduler.add_noise(latents, noise, timesteps), timesteps).sample
+        prediction = stage.denoiser(scheduler.add_noise(latents, noise, timesteps), timesteps).sample
     target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
     per_image = (prediction - target).pow(2).mean(dim=(1, 2, 3))
     snr = compute_snr(scheduler, timesteps)
@@ -163,37 +161,37 @@ def test_min_snr_gamma_weights_each_image_by_its_timestep(compose_cfg, tmp_path,
 
 
 def test_logit_normal_density_draws_the_training_timesteps_and_validation_stays_uniform(compose_cfg, tmp_path):
-    stage = _stage(compose_cfg, tmp_path, "model.timestep_density.weighting_scheme=logit_normal",
-                   "model.timestep_density.logit_mean=-3", "model.timestep_density.logit_std=0.05")
+    stage = _stage(compose_cfg, tmp_path, "model.objective.timestep_density.weighting_scheme=logit_normal",
+                   "model.objective.timestep_density.logit_mean=-3", "model.objective.timestep_density.logit_std=0.05")
     drawn = []
 
-    def unet(noisy, timesteps, class_labels=None):  # records the timesteps each loss draws
+    def predict(noisy, timesteps):  # records the timesteps each loss draws
         drawn.append(timesteps)
-        return SimpleNamespace(sample=torch.zeros_like(noisy))
+        return torch.zeros_like(noisy)
 
     latents = torch.randn(256, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    stage.loss_simple(unet, latents, torch.Generator().manual_seed(1), training=True)
-    stage.loss_simple(unet, latents, torch.Generator().manual_seed(1))
+    stage.objective.loss(predict, latents, torch.Generator().manual_seed(1), training=True)
+    stage.objective.loss(predict, latents, torch.Generator().manual_seed(1))
     training, validation = drawn
     expected = 1000 / (1 + np.exp(3))  # 1000 x sigmoid(-3): 47
     assert training.min() >= expected * 0.7 and training.max() <= expected * 1.3
     assert validation.min() < 100 and validation.max() > 900
-    with pytest.raises(Exception, match="model.timestep_density.weighting_scheme=lognormal"):
-        _stage(compose_cfg, tmp_path, "model.timestep_density.weighting_scheme=lognormal")
+    with pytest.raises(Exception, match="model.objective.timestep_density.weighting_scheme=lognormal"):
+        _stage(compose_cfg, tmp_path, "model.objective.timestep_density.weighting_scheme=lognormal")
 
 
 def test_zero_terminal_snr_needs_v_prediction_and_samples_from_the_last_timestep(compose_cfg, tmp_path):
-    zero_snr = ["model.noise_scheduler.rescale_betas_zero_snr=true", "model.ddim.timestep_spacing=trailing",
-                "model.ddim.steps_offset=0"]
+    zero_snr = ["model.objective.noise_scheduler.rescale_betas_zero_snr=true", "model.objective.ddim.timestep_spacing=trailing",
+                "model.objective.ddim.steps_offset=0"]
     with pytest.raises(Exception, match="prediction_type=v_prediction") as refused:
         _stage(compose_cfg, tmp_path, *zero_snr)
     assert "rescale_betas_zero_snr" in str(refused.value)
-    stage = _stage(compose_cfg, tmp_path, *zero_snr, "model.noise_scheduler.prediction_type=v_prediction")
-    assert float(stage.noise_scheduler.alphas_cumprod[-1]) == pytest.approx(0, abs=1e-12)
-    scheduler = stage.sampling_scheduler
+    stage = _stage(compose_cfg, tmp_path, *zero_snr, "model.objective.noise_scheduler.prediction_type=v_prediction")
+    assert float(stage.objective.noise_scheduler.alphas_cumprod[-1]) == pytest.approx(0, abs=1e-12)
+    scheduler = stage.objective.sampling_scheduler
     scheduler.set_timesteps(10)
     assert scheduler.timesteps[0] == 999 and scheduler.config.rescale_betas_zero_snr
-    default = _stage(compose_cfg, tmp_path).sampling_scheduler
+    default = _stage(compose_cfg, tmp_path).objective.sampling_scheduler
     default.set_timesteps(10)
     assert default.timesteps[0] == 901  # LDM's DDIMSampler: leading spacing plus one
 

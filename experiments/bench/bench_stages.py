@@ -97,12 +97,17 @@ def pixels(batch: int, side: int):
 
 
 def moments(cfg, batch: int, side: int):
-    """Random cached-latent batches shaped like the first stage's moments (KL: mean and logvar)."""
+    """Random cached-latent batches shaped like the first stage's moments (KL: mean and logvar), with class
+    labels for a class-conditional model."""
     first = planning_config(cfg).first_stage
     config = first["config"]
     channels = 2 * config["latent_channels"] if first["class_name"] == "AutoencoderKL" else config["vq_embed_dim"]
     factor = downsampling(config)
-    return lambda: {"latents": torch.randn(batch, channels, side // factor, side // factor)}
+    if cfg.model.get("conditioning") != "class":
+        return lambda: {"latents": torch.randn(batch, channels, side // factor, side // factor)}
+    classes = len(planning_config(cfg).class_names)  # the plan's stand-ins
+    return lambda: {"latents": torch.randn(batch, channels, side // factor, side // factor),
+                    "class_labels": torch.randint(classes, (batch,))}
 
 
 def median_seconds(fn, repeats: int = 3) -> float:
@@ -208,7 +213,7 @@ def main() -> None:
     stage = build_stage(planning_config(cfg), None).eval().to("cuda" if CUDA else "cpu")
 
     def sample(sampler, steps):
-        return lambda: generate_images(stage.eval_unet, stage.first_stage, 1.0, stage.noise_scheduler, 4, 64, 64,
+        return lambda: generate_images(stage.eval_denoiser, stage.first_stage, 1.0, stage.objective.sampling_scheduler, 4, 64, 64,
                                        sampler, steps, generator=torch.Generator().manual_seed(0))
 
     ddim = median_seconds(sample("ddim", 50), repeats=3) / 4

@@ -3,7 +3,7 @@
     make gpu-check        (or: python experiments/gpu/gpu_check.py [--steps N] [--no-compile])
 
 1. Memory: task=plan's prediction (traced on the CPU) against torch.cuda.max_memory_allocated() of real
-   training steps, for experiment=sd_vae_4060ti and experiment=celebahq_ldm_vq4 (the goal: within 10%).
+   training steps, for experiment=sd_vae_4060ti, celebahq_ldm_vq4 and imagenet100_dit_b2 (the goal: within 10%).
 2. Speed of each stage at its real size: images/s, and the fraction of this GPU's bf16 peak (a measured
    8192^3 bf16 matmul) that a step achieves (FLOPs from torch.utils.flop_counter).
 3. Each speed option (conf/speed) off and on: channels_last, torch.compile, fused AdamW, SDPA attention.
@@ -40,7 +40,10 @@ GIB = 1024**3
 # (label, composition, side, cached latents): each stage at its preset's real size.
 STAGES = [("KL SD f8c4 + PatchGAN (sd_vae_4060ti)", ["experiment=sd_vae_4060ti"], 256, False),
           ("VQ f4 + PatchGAN (celebahq_vqvae_f4)", ["experiment=celebahq_vqvae_f4"], 256, False),
-          ("LDM-VQ-4 UNet, cached latents (celebahq_ldm_vq4)", ["experiment=celebahq_ldm_vq4"], 256, True)]
+          ("LDM-VQ-4 UNet, cached latents (celebahq_ldm_vq4)", ["experiment=celebahq_ldm_vq4"], 256, True),
+          ("DiT-B/2 rectified flow, 100 classes, cached f8 latents (imagenet100_dit_b2)",
+           ["experiment=imagenet100_dit_b2"], 256, True)]
+PRESETS = ("sd_vae_4060ti", "celebahq_ldm_vq4", "imagenet100_dit_b2")  # memory: plan against the GPU
 OPTIONS = ["channels_last", "compile", "fused_adamw", "sdpa"]
 
 
@@ -113,7 +116,7 @@ def memory_rows(compose_cfg) -> list[str]:
 
     rows = ["| config | predicted (task=plan, traced on the CPU) | measured max_memory_allocated | measured / predicted |",
             "|---|---:|---:|---:|"]
-    for preset in ("sd_vae_4060ti", "celebahq_ldm_vq4"):
+    for preset in PRESETS:
         try:
             cfg = compose_cfg(f"experiment={preset}", f"paths.output_dir={tempfile.mkdtemp()}")
             predicted = plan(cfg)["total"]

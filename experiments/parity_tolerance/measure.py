@@ -37,8 +37,7 @@ CAPS = {name for variables in SETTINGS.values() for name in variables}  # cleare
 
 
 def sampling_scheduler():
-    """The DDIM scheduler model=unet samples with (the stage's ``sampling_scheduler``)."""
-    from diffusers import DDIMScheduler
+    """The DDIM scheduler model=unet samples with (its objective's ``sampling_scheduler``)."""
     from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
@@ -47,7 +46,7 @@ def sampling_scheduler():
     register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         model = compose(config_name="config", overrides=["model=unet"]).model
-    return DDIMScheduler.from_config(instantiate(model.noise_scheduler).config, **model.ddim)
+    return instantiate(model.objective).sampling_scheduler
 
 
 def worker(threads: int) -> None:

@@ -19,23 +19,23 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-EPSILON = "model.noise_scheduler.prediction_type=epsilon"
-V = "model.noise_scheduler.prediction_type=v_prediction"
+EPSILON = "model.objective.noise_scheduler.prediction_type=epsilon"
+V = "model.objective.noise_scheduler.prediction_type=v_prediction"
 LR = "model.lr=2e-5"  # session 5's quickstart
-UNIFORM = "model.timestep_density.weighting_scheme=uniform"  # LDM's timesteps
-LOGIT_NORMAL_MINUS_1 = ["model.timestep_density.weighting_scheme=logit_normal",
-                        "model.timestep_density.logit_mean=-1.0", "model.timestep_density.logit_std=1.0"]
+UNIFORM = "model.objective.timestep_density.weighting_scheme=uniform"  # LDM's timesteps
+LOGIT_NORMAL_MINUS_1 = ["model.objective.timestep_density.weighting_scheme=logit_normal",
+                        "model.objective.timestep_density.logit_mean=-1.0", "model.objective.timestep_density.logit_std=1.0"]
 RECIPES = {  # each says every option it depends on, whatever experiment=quickstart_ldm sets
     "epsilon (LDM)": [EPSILON, LR, UNIFORM],
     "v-prediction": [V, LR, UNIFORM],
     "v-prediction, lr 8e-5": [V, "model.lr=8e-5", UNIFORM],
-    "min-SNR-5 (epsilon)": [EPSILON, LR, UNIFORM, "model.snr_gamma=5"],
-    "v + zero terminal SNR, trailing": [V, LR, UNIFORM, "model.noise_scheduler.rescale_betas_zero_snr=true",
-                                        "model.ddim.timestep_spacing=trailing", "model.ddim.steps_offset=0"],
+    "min-SNR-5 (epsilon)": [EPSILON, LR, UNIFORM, "model.objective.snr_gamma=5"],
+    "v + zero terminal SNR, trailing": [V, LR, UNIFORM, "model.objective.noise_scheduler.rescale_betas_zero_snr=true",
+                                        "model.objective.ddim.timestep_spacing=trailing", "model.objective.ddim.steps_offset=0"],
     "v, lr 8e-5, logit-normal timesteps, 4000 steps": [V, "model.lr=8e-5", *LOGIT_NORMAL_MINUS_1, "max_steps=4000",
-                                                        "model.unet.block_out_channels=[32,64,64]"],
+                                                        "model.denoiser.block_out_channels=[32,64,64]"],
     "v, lr 4e-5, logit-normal timesteps, UNet 48/96/96, 2500 steps": [
-        V, "model.lr=4e-5", *LOGIT_NORMAL_MINUS_1, "max_steps=2500", "model.unet.block_out_channels=[48,96,96]"],
+        V, "model.lr=4e-5", *LOGIT_NORMAL_MINUS_1, "max_steps=2500", "model.denoiser.block_out_channels=[48,96,96]"],
 }
 
 
@@ -46,12 +46,14 @@ def run(args: list[str], log: Path) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(recipes: dict[str, list[str]] = RECIPES, out: Path = ROOT / "outputs" / "quickstart_recipes",
+         description: str = __doc__) -> None:
+    """Train and evaluate each of ``recipes`` (name -> overrides of experiment=quickstart_ldm) for each seed."""
+    parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--first-stage", help="the first stage's checkpoint (a quickstart run's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "quickstart_recipes")
+    parser.add_argument("--recipes", nargs="+", default=list(recipes), choices=list(recipes))
+    parser.add_argument("--out", type=Path, default=out)
     parser.add_argument("--table-only", action="store_true", help="the table of the runs in <out>/results.json")
     parser.add_argument("overrides", nargs="*", help="more overrides for every training run")
     args = parser.parse_args()
@@ -68,7 +70,7 @@ def main() -> None:
         for recipe in (r for r in args.recipes if (r, seed) not in done):
             folder = args.out / f"{''.join(c if c.isalnum() else '_' for c in recipe)}-seed{seed}"
             common = ["experiment=quickstart_ldm", f"seed={seed}", *args.overrides]
-            train = run([*common, *RECIPES[recipe], f"model.first_stage={args.first_stage}", "overwrite=true",
+            train = run([*common, *recipes[recipe], f"model.first_stage={args.first_stage}", "overwrite=true",
                          f"hydra.run.dir={folder}"], folder.with_suffix(".train.log"))
             run([*common, "task=evaluate", f"evaluate.model={folder / 'checkpoints' / 'last.ckpt'}",
                  "evaluate.num_samples=64", f"hydra.run.dir={folder / 'evaluation'}"], folder.with_suffix(".eval.log"))

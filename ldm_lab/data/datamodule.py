@@ -322,7 +322,7 @@ class ImageDataModule(L.LightningDataModule):
                     f"ckpt_path={path} was trained with {key} = {trained}, this run gives {given}: its place in the "
                     f"epoch counts batches of that size on that many processes, and a latent diffusion model's "
                     f"learning rate was scaled by them. Resume with {key} = {trained}, or start a new run from its "
-                    f"weights: model.pretrained={path} (an autoencoder) or model.unet_pretrained={path} (a latent "
+                    f"weights: model.pretrained={path} (an autoencoder) or model.denoiser_pretrained={path} (a latent "
                     f"diffusion model)")
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ldm_lab.config.errors import ConfigError
+from ldm_lab.nn.denoisers import predict as denoiser_predict
 
 NULL_CLASS = "null_class"  # sample.class_labels: the null class, unconditional samples of a conditional model
 
@@ -40,21 +41,19 @@ def class_ids(requested: str | int | Sequence[str | int] | None, class_names: Se
     return ids
 
 
-def guided(unet: nn.Module, class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
+def guided(denoiser: nn.Module, class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
            null_class: int | None = None) -> Predict:
-    """The prediction function sampling steps with: the unconditional UNet's; with ``class_labels`` (N,) the
+    """The prediction function sampling steps with: the unconditional denoiser's; with ``class_labels`` (N,) the
     conditional one's; and with a ``guidance_scale`` other than 1 both, in one doubled batch (conditional
     first, then ``null_class``), combined as uncond + s (cond - uncond)."""
-    if class_labels is None:
-        return lambda latents, t: unet(latents, t).sample
-    if guidance_scale == 1:
-        return lambda latents, t: unet(latents, t, class_labels=class_labels).sample
+    if class_labels is None or guidance_scale == 1:
+        return lambda latents, t: denoiser_predict(denoiser, latents, t, class_labels)
     if null_class is None:
         raise ConfigError("guidance needs the model's null class: a model trained with model.conditioning=class")
     both = torch.cat([class_labels, torch.full_like(class_labels, null_class)])
 
     def predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        conditional, unconditional = unet(torch.cat([latents, latents]), t, class_labels=both).sample.chunk(2)
+        conditional, unconditional = denoiser_predict(denoiser, torch.cat([latents, latents]), t, both).chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)
 
     return predict

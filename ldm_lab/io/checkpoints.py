@@ -41,6 +41,27 @@ def current_targets(config: Any) -> Any:
     return config
 
 
+# Keys the latent diffusion stage had before the denoiser and the objective became seams (issue 24): its config's
+# model.unet is model.denoiser, model.unet_pretrained model.denoiser_pretrained, the DDPM keys went into
+# model.objective; its weights under unet.* are under denoiser.*.
+LDM_STAGE = "ldm_lab.stages.latent_diffusion.LatentDiffusionStage"
+DDPM_KEYS = ("noise_scheduler", "timestep_density", "snr_gamma", "ddim")
+
+
+def current_layout(checkpoint: dict) -> dict:
+    """A latent diffusion checkpoint written before issue 24, in today's layout (:data:`DDPM_KEYS`)."""
+    model = checkpoint["ldm_lab"]["config"]["model"]
+    if model.get("_target_") != LDM_STAGE or "unet" not in model:
+        return checkpoint
+    model["denoiser"] = model.pop("unet")
+    model["denoiser_pretrained"] = model.pop("unet_pretrained", None)
+    model["objective"] = {"_target_": "ldm_lab.diffusion.objectives.DDPM",
+                          **{key: model.pop(key) for key in DDPM_KEYS if key in model}}
+    checkpoint["state_dict"] = {("denoiser." + key[len("unet."):] if key.startswith("unet.") else key): value
+                                for key, value in checkpoint["state_dict"].items()}
+    return checkpoint
+
+
 def nonfinite_tensors(tensors: dict[str, Any]) -> list[str]:
     """Names of the floating-point tensors of ``tensors`` holding a NaN or an infinity."""
     return [name for name, tensor in tensors.items()
@@ -49,7 +70,7 @@ def nonfinite_tensors(tensors: dict[str, Any]) -> list[str]:
 
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
     """A lab training checkpoint on the CPU, refusing empty, unreadable or foreign files and non-finite weights,
-    its config's ``_target_`` paths made current (:func:`current_targets`). ``mmap``: tensors are read from
+    its config's ``_target_`` paths and layout made current (:func:`current_targets`, :func:`current_layout`). ``mmap``: tensors are read from
     disk when touched (cheap checks before the real load)."""
     path = Path(path)
     if not path.is_file():
@@ -73,7 +94,7 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict:
                               f"({', '.join(damaged[:3])}{', ...' if len(damaged) > 3 else ''}): the file is damaged "
                               f"or the run diverged before it was written. Use an earlier checkpoint (best.ckpt)")
     checkpoint["ldm_lab"]["config"] = current_targets(checkpoint["ldm_lab"]["config"])
-    return checkpoint
+    return current_layout(checkpoint)
 
 
 def stage_description(checkpoint: dict) -> str:

@@ -1,8 +1,8 @@
 """Where a trained model comes from: one resolver for every key that names one (``model.first_stage``,
-``model.pretrained``, ``model.unet_pretrained``, ``sample.model``, ``evaluate.model``). Each takes the same
+``model.pretrained``, ``model.denoiser_pretrained``, ``sample.model``, ``evaluate.model``). Each takes the same
 kinds of source: a lab training checkpoint (.ckpt), an exported diffusers folder, or an original checkpoint
 of LDM, taming or Stable Diffusion (converted once and cached, ldm_lab/io/convert.py). A whole latent
-diffusion model also serves as its first stage or its UNet. ``model.pretrained`` takes a Hugging Face hub
+diffusion model also serves as its first stage or its denoiser. ``model.pretrained`` takes a Hugging Face hub
 id too (``from_pretrained`` downloads it where there is a network)."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers import AutoencoderKL, DDIMScheduler, UNet2DModel, VQModel
+import diffusers
+from diffusers import AutoencoderKL, VQModel
 from hydra.utils import get_class
 from torch import nn
 
@@ -22,12 +23,17 @@ from ldm_lab.io.convert import converted, is_original
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
 from ldm_lab.stages.build import load_stage
 
-AUTOENCODER, UNET, LATENT_DIFFUSION = "autoencoder", "unet", "latent_diffusion"
+AUTOENCODER, DENOISER, LATENT_DIFFUSION = "autoencoder", "denoiser", "latent_diffusion"
 WHAT = {AUTOENCODER: "an autoencoder (model=vae, vqvae or their tiny variants; AutoencoderKL or VQModel)",
-        UNET: "a UNet (UNet2DModel)", LATENT_DIFFUSION: "a latent diffusion model (model=unet; LDMPipeline)"}
-FOLDER_CLASSES = {"AutoencoderKL": AUTOENCODER, "VQModel": AUTOENCODER, "UNet2DModel": UNET}
+        DENOISER: "a denoiser (UNet2DModel or DiTTransformer2DModel)",
+        LATENT_DIFFUSION: "a latent diffusion model (model=unet or dit; a pipeline folder)"}
+FOLDER_CLASSES = {"AutoencoderKL": AUTOENCODER, "VQModel": AUTOENCODER, "UNet2DModel": DENOISER,
+                  "DiTTransformer2DModel": DENOISER}
 FOLDER_MODELS = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
-PARTS = {AUTOENCODER: "vqvae", UNET: "unet"}  # an LDMPipeline folder's subfolders
+# A pipeline folder's subfolders: LDMPipeline's names, which the lab's own pipeline (io/latent_pipeline.py) keeps
+# for every denoiser
+PARTS = {AUTOENCODER: "vqvae", DENOISER: "unet"}
+SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
 
 class SourceError(ConfigError):
@@ -111,26 +117,35 @@ def load_first_stage(value, key: str = "model.first_stage") -> FrozenAutoencoder
     return FrozenAutoencoder(load_autoencoder(value, key))
 
 
-def load_unet(value, key: str) -> UNet2DModel:
-    """The UNet of a source: a UNet folder, or a latent diffusion model's (evaluation weights: the EMA when on)."""
-    source = resolve(value, key, (UNET,))
+def load_denoiser(value, key: str) -> nn.Module:
+    """The denoiser of a source: a UNet2DModel or DiTTransformer2DModel folder, or a latent diffusion model's
+    (evaluation weights: the EMA when on)."""
+    source = resolve(value, key, (DENOISER,))
     if source.checkpoint:
-        return load_stage(source.path).eval_unet
-    return UNet2DModel.from_pretrained(source.folder(UNET))
+        return load_stage(source.path).eval_denoiser
+    return _from_folder(source.folder(DENOISER), FOLDER_CLASSES, DENOISER)
+
+
+def _from_folder(folder: Path, known, what: str, config_name: str = "config.json"):
+    """A diffusers model or scheduler saved in ``folder``, by the class its config names (one of ``known``)."""
+    name = json.loads((folder / config_name).read_text())["_class_name"]
+    if name not in known:
+        raise SourceError(f"{folder} holds a {name}, which is no {what} the lab samples with ({', '.join(known)})")
+    return getattr(diffusers, name).from_pretrained(folder)
 
 
 def load_latent_diffusion(value, key: str) -> LatentDiffusionModel:
-    """A whole latent diffusion model, for sampling: a training checkpoint's evaluation UNet and sampling
+    """A whole latent diffusion model, for sampling: a training checkpoint's evaluation denoiser and sampling
     scheduler, or a pipeline folder's (``vqvae.config.scaling_factor`` is its latent scale; a class-conditional
     export's ``model_index.json`` names its classes)."""
     source = resolve(value, key, (LATENT_DIFFUSION,))
     if source.checkpoint:
         return load_stage(source.path).sampling_model()
     first_stage = load_first_stage(source.path / "vqvae", key)
-    class_names = json.loads((source.path / "model_index.json").read_text()).get("class_names")
-    return LatentDiffusionModel(UNet2DModel.from_pretrained(source.path / "unet").eval(), first_stage,
-                                first_stage.vae.config.scaling_factor,
-                                DDIMScheduler.from_pretrained(source.path / "scheduler"), class_names)
+    class_names = json.loads((source.path / "model_index.json").read_text()).get("class_names") or None  # [] unconditional
+    denoiser = _from_folder(source.folder(DENOISER), FOLDER_CLASSES, DENOISER).eval()
+    scheduler = _from_folder(source.path / "scheduler", SCHEDULERS, "scheduler", "scheduler_config.json")
+    return LatentDiffusionModel(denoiser, first_stage, first_stage.vae.config.scaling_factor, scheduler, class_names)
 
 
 def _is_hub_id(value) -> bool:

@@ -132,7 +132,7 @@ class TrainingStage(L.LightningModule):
             raise ConfigError(f"ckpt_path={path} was trained with model.accumulate_grad_batches={trained}, this run "
                               f"gives {self.accumulate_grad_batches}: resume with model.accumulate_grad_batches="
                               f"{trained}, or start a new run from its weights: model.pretrained={path} (an "
-                              f"autoencoder) or model.unet_pretrained={path} (a latent diffusion model)")
+                              f"autoencoder) or model.denoiser_pretrained={path} (a latent diffusion model)")
 
     def attach_data(self, datamodule, latent_cache_root: str | Path) -> None:
         """Before training: prepare what the stage reads from ``datamodule`` beyond its pixels."""

@@ -1,10 +1,11 @@
-"""The latent diffusion stage (LDM, Rombach et al. 2022; LDM-VQ-4, seed 000): a diffusers UNet2DModel
-learns to predict the noise added to scaled first-stage latents (DDPM, Ho et al. 2020: ``loss_simple`` =
-MSE between the UNet's prediction and the noise at a uniform random timestep).
+"""The latent diffusion stage (LDM, Rombach et al. 2022; LDM-VQ-4, seed 000): a denoiser (a diffusers UNet2DModel
+or DiTTransformer2DModel, ldm_lab/nn/denoisers.py) learns an objective (DDPM, LDM's: ``loss_simple`` = MSE between
+the prediction and the noise at a uniform random timestep; or rectified flow: ldm_lab/diffusion/objectives.py) on
+scaled first-stage latents.
 
 Unconditional, or class-conditional (``conditioning="class"``): the classes come from the data and are
-stored in the model config; the UNet's class embedding (diffusers' ``num_class_embeds`` = K + 1, the last id
-the null class) is added to its time embedding, as ADM and DiT condition. LDM's cin256 put one class token
+stored in the model config; the denoiser's class embedding (K + 1 ids, the last the null class) is added to its
+time embedding, as ADM and DiT condition. LDM's cin256 put one class token
 through cross-attention instead: with one key, softmax gives it weight 1, so each attention layer only
 adds a class-dependent vector, while the time embedding reaches every residual block's scale and shift,
 and costs no attention. Training replaces a label by the null class with probability ``label_dropout``
@@ -12,9 +13,9 @@ and costs no attention. Training replaces a label by the null class with probabi
 
 The first stage is frozen. Latents come from the latent cache (moments stored per image) or are encoded
 on the fly; either way ``latent_scale`` (1 / std of the training latents) multiplies them. It is set
-once, saved with the checkpoint (a buffer) and never recomputed on resume. An EMA of the UNet (only the
-UNet) is updated after every optimizer step and is what validation's ``loss_simple_ema``, the image
-logger, sampling and export use.
+once, saved with the checkpoint (a buffer) and never recomputed on resume. An EMA of the denoiser (only the
+denoiser) is updated after every optimizer step and is what validation's ``<loss>_ema``, the image logger,
+sampling and export use.
 """
 
 from __future__ import annotations
@@ -28,22 +29,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import DDIMScheduler
-from diffusers.schedulers.scheduling_utils import SchedulerMixin
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
 
 from ldm_lab.config.errors import ConfigError
 from ldm_lab.config.speed import optimizer_options
 from ldm_lab.diffusion.guidance import class_ids
+from ldm_lab.diffusion.objectives import DDPM, RectifiedFlow
 from ldm_lab.diffusion.sampling import LatentDiffusionModel
 from ldm_lab.io.checkpoints import CheckpointError
 from ldm_lab.io.export import export_pipeline
 from ldm_lab.io.samples import draw_samples, grid_classes
-from ldm_lab.io.sources import load_first_stage, load_unet
-from ldm_lab.nn.downsampling import downsampling
+from ldm_lab.io.sources import load_denoiser, load_first_stage
+from ldm_lab.nn import denoisers
 from ldm_lab.nn.ema import ema_with_warmup
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
 from ldm_lab.stages.base import TrainingStage
@@ -57,25 +55,20 @@ CONDITIONINGS = (None, "class")  # model.conditioning
 class LatentDiffusionStage(TrainingStage):
     """``lr`` is per sample when ``scale_lr`` is set: the optimizer gets lr x batch x accumulation x
     devices (LDM's main.py: 2e-6 x 48 = 9.6e-5 for LDM-VQ-4); otherwise it is used as given.
+    ``objective``: :class:`~ldm_lab.diffusion.objectives.DDPM` or ``RectifiedFlow`` (``model/objective``).
     ``latent_scale``: None measures 1 / std of the training latents (LDM's scale_by_std); a number is
-    used as given (LDM-VQ-4: 1.0). ``ddim``: the DDIM spacing of sampling and the export (LDM's
-    DDIMSampler: ``steps_offset`` 1, ``set_alpha_to_one`` false). ``unet_pretrained``: start from these
-    UNet weights (:func:`load_pretrained_unet`); the EMA starts from them too. ``snr_gamma``: min-SNR-gamma
-    weighting of the training loss (Hang et al. 2023), min(SNR, gamma) / SNR for epsilon and
-    min(SNR, gamma) / (SNR + 1) for v-prediction; validation reports the unweighted loss_simple.
-    ``timestep_density``: how training draws timesteps, diffusers' ``compute_density_for_timestep_sampling``
-    arguments: ``weighting_scheme`` uniform (LDM) or logit_normal (Esser et al. 2024: the timestep is
-    1000 x sigmoid(N(logit_mean, logit_std))); validation always draws them uniformly. ``conditioning``: None
+    used as given (LDM-VQ-4: 1.0). ``denoiser_pretrained``: start from these denoiser weights
+    (:func:`load_pretrained_denoiser`); the EMA starts from them too. ``conditioning``: None
     or "class", with ``class_names`` (filled from the data, :meth:`config_from_data`) and ``label_dropout``."""
 
-    monitor, monitor_mode = "val/loss_simple_ema", "min"
-    description = "a latent diffusion UNet (model=unet or unet_tiny)"
+    monitor_mode = "min"
+    description = "a latent diffusion model (model=unet, unet_tiny, dit or dit_tiny)"
     produces = "latent_diffusion"
 
     def __init__(
         self,
-        unet: functools.partial,
-        noise_scheduler: SchedulerMixin,
+        denoiser: functools.partial,
+        objective: DDPM | RectifiedFlow,
         first_stage: str | dict | None,
         optimizer: functools.partial,
         scheduler: functools.partial,
@@ -88,10 +81,7 @@ class LatentDiffusionStage(TrainingStage):
         ema_decay: float | None = 0.9999,
         latent_cache: bool = True,
         latent_scale: float | None = None,
-        ddim: dict | None = None,
-        unet_pretrained: str | None = None,
-        snr_gamma: float | None = None,
-        timestep_density: dict | None = None,
+        denoiser_pretrained: str | None = None,
         conditioning: str | None = None,
         class_names: list[str] | None = None,
         label_dropout: float = 0.1,
@@ -99,18 +89,9 @@ class LatentDiffusionStage(TrainingStage):
         seed: int = 0,
     ):
         super().__init__(max_steps, accumulate_grad_batches, gradient_clip_val, max_consecutive_nonfinite, seed)
-        config = noise_scheduler.config
-        if config.get("rescale_betas_zero_snr") and config.prediction_type == "epsilon":
-            raise ConfigError("model.noise_scheduler.rescale_betas_zero_snr=true makes the last timestep pure noise, "
-                              "where the noise is no target to learn (Lin et al. 2024): set "
-                              "model.noise_scheduler.prediction_type=v_prediction")
-        self.timestep_density = dict(timestep_density or {"weighting_scheme": "uniform"})
-        if self.timestep_density["weighting_scheme"] not in ("uniform", "logit_normal"):
-            raise ConfigError(f"model.timestep_density.weighting_scheme={self.timestep_density['weighting_scheme']}: "
-                              f"use uniform (LDM) or logit_normal")
         if first_stage is None:
-            raise ConfigError("model=unet trains in the latent space of a first stage: set model.first_stage to a "
-                              "first-stage checkpoint (.ckpt) or exported folder, e.g. from python run.py "
+            raise ConfigError("model=unet (or dit) trains in the latent space of a first stage: set model.first_stage to "
+                              "a first-stage checkpoint (.ckpt) or exported folder, e.g. from python run.py "
                               "experiment=quickstart: model.first_stage=outputs/<date>/<time>/checkpoints/last.ckpt")
         if isinstance(first_stage, Mapping):  # a checkpoint's description: the architecture, weights follow
             self.first_stage = FrozenAutoencoder.from_description(OmegaConf.to_container(OmegaConf.create(first_stage)))
@@ -123,33 +104,29 @@ class LatentDiffusionStage(TrainingStage):
             raise ConfigError(f"model.label_dropout={label_dropout}: the share of labels dropped in training, "
                               f"in [0, 1)")
         self.label_dropout = label_dropout
-        channels = self.first_stage.latent_channels
-        # a class-conditional UNet embeds K classes and the null class
-        classes = {} if self.class_names is None else {"num_class_embeds": len(self.class_names) + 1}
-        self.unet: nn.Module = unet(in_channels=channels, out_channels=channels, **classes)
-        if unet_pretrained is not None:
-            load_pretrained_unet(self.unet, unet_pretrained)
+        num_classes = None if self.class_names is None else len(self.class_names)
+        self.denoiser = denoisers.build(denoiser, self.first_stage.latent_channels, num_classes)
+        if denoiser_pretrained is not None:
+            load_pretrained_denoiser(self.denoiser, denoiser_pretrained)
         if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        self.noise_scheduler = noise_scheduler
+            self.denoiser.enable_gradient_checkpointing()
+        self.objective = objective
         # Set once (given, or measured at the start of training), then restored from checkpoints.
         self.register_buffer("latent_scale", torch.tensor(float("nan") if latent_scale is None else latent_scale))
-        self.ddim = dict(ddim or {})
-        self.ema = ema_with_warmup(self.unet, ema_decay) if ema_decay else None
+        self.ema = ema_with_warmup(self.denoiser, ema_decay) if ema_decay else None
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.lr, self.scale_lr = lr, scale_lr
         self.latent_cache = latent_cache
-        self.snr_gamma = snr_gamma
         self._val_sums: torch.Tensor | None = None
         self._latent_cache_root: str | Path | None = None  # attach_data: where setup fills the cache
 
     # ----------------------------------------------------------------------------- what the tasks ask
     @classmethod
     def downsample_factor_of(cls, model: DictConfig) -> int:
-        """The UNet's downsampling times its first stage's (when ``model.first_stage`` is set; without one,
-        image sides then fit any first stage up to the UNet's step)."""
+        """The denoiser's side multiple times its first stage's downsampling (when ``model.first_stage`` is set;
+        without one, image sides then fit any first stage up to the denoiser's step)."""
         first_stage = load_first_stage(model.first_stage).downsample_factor if model.first_stage else 1
-        return first_stage * downsampling(model.unet)
+        return first_stage * denoisers.side_multiple(model.denoiser)
 
     @classmethod
     def config_from_data(cls, model: DictConfig, datamodule) -> DictConfig:
@@ -225,7 +202,7 @@ class LatentDiffusionStage(TrainingStage):
             raise CheckpointError(
                 f"ckpt_path={path} was trained in the latent space of model.first_stage={trained_with}, but this run "
                 f"gives model.first_stage={self.first_stage_source}, whose weights differ: its latents and latent "
-                f"scale would not match the UNet. Resume with model.first_stage={trained_with}, or start a new run "
+                f"scale would not match the denoiser. Resume with model.first_stage={trained_with}, or start a new run "
                 f"(without ckpt_path) for the new first stage")
 
     def attach_data(self, datamodule, latent_cache_root: str | Path) -> None:
@@ -247,7 +224,7 @@ class LatentDiffusionStage(TrainingStage):
         return datamodule.latent_cache.dir
 
     def export(self, out_dir: Path, datamodule: Callable[[], object]) -> Path:
-        """An ``LDMPipeline`` folder of the evaluation UNet and the sampling scheduler (no data needed)."""
+        """A pipeline folder of the evaluation denoiser and the sampling scheduler (no data needed)."""
         return export_pipeline(self.sampling_model(), out_dir)
 
     def after_training(self, output_dir: Path, datamodule, sample_options: DictConfig) -> None:
@@ -257,29 +234,30 @@ class LatentDiffusionStage(TrainingStage):
         log.info("sample grid: %s", grid)
 
     def sampling_model(self) -> LatentDiffusionModel:
-        """The parts sampling needs: the evaluation UNet, the first stage, the latent scale, the sampling scheduler."""
-        return LatentDiffusionModel(self.eval_unet, self.first_stage, float(self.latent_scale), self.sampling_scheduler,
-                                    self.class_names)
+        """The parts sampling needs: the evaluation denoiser, the first stage, the latent scale, the objective's
+        sampling scheduler."""
+        return LatentDiffusionModel(self.eval_denoiser, self.first_stage, float(self.latent_scale),
+                                    self.objective.sampling_scheduler, self.class_names)
 
     # ----------------------------------------------------------------------------- properties
     @property
+    def monitor(self) -> str:
+        """The EMA's validation loss of the objective (DDPM: LDM's val/loss_simple_ema)."""
+        return f"val/{self.objective.validation_loss}_ema"
+
+    @property
     def downsample_factor(self) -> int:
-        """Pixels per latent of the first stage, times the UNet's own downsampling: image sides must divide by it."""
-        return self.first_stage.downsample_factor * downsampling(self.unet.config)
+        """Pixels per latent of the first stage, times the denoiser's side multiple: image sides must divide by it."""
+        return self.first_stage.downsample_factor * denoisers.side_multiple(self.denoiser)
 
     @property
     def trained_network(self) -> nn.Module:
-        return self.unet
+        return self.denoiser
 
     @property
-    def sampling_scheduler(self) -> DDIMScheduler:
-        """The training betas with the DDIM spacing ``ddim``: what sampling uses and the export holds."""
-        return DDIMScheduler.from_config(self.noise_scheduler.config, **self.ddim)
-
-    @property
-    def eval_unet(self) -> nn.Module:
-        """The weights validation's loss_simple_ema, image logging, sampling and export use: the EMA when on."""
-        return self.ema.module if self.ema is not None else self.unet
+    def eval_denoiser(self) -> nn.Module:
+        """The weights validation's <loss>_ema, image logging, sampling and export use: the EMA when on."""
+        return self.ema.module if self.ema is not None else self.denoiser
 
     # ----------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):
@@ -289,7 +267,7 @@ class LatentDiffusionStage(TrainingStage):
             lr = self.lr * batch_size * self.accumulate_grad_batches * devices
             log.info("learning rate %.3g = %.3g (model.lr) x batch %d x accumulation %d x devices %d", lr, self.lr,
                      batch_size, self.accumulate_grad_batches, devices)
-        optimizer = self.make_optimizer(self.unet.parameters(), lr=lr,
+        optimizer = self.make_optimizer(self.denoiser.parameters(), lr=lr,
                                         **optimizer_options(self.make_optimizer, self.fused_optimizer))
         return [optimizer], [self.make_scheduler(optimizer)]
 
@@ -323,42 +301,21 @@ class LatentDiffusionStage(TrainingStage):
         return self.memory_format(self.first_stage.sample(moments, generator) * self.latent_scale)
 
     # ----------------------------------------------------------------------------- the objective
-    def loss_simple(self, unet: nn.Module, latents: torch.Tensor, generator: torch.Generator,
-                    training: bool = False, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """MSE between the UNet's prediction (of images of ``class_labels``, for a class-conditional model) and
-        its target (the noise for epsilon prediction) at uniform timesteps; ``training``: timesteps drawn from
-        ``timestep_density`` and each image's MSE times its timestep's min-SNR weight, when ``snr_gamma`` is set."""
-        noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
-        if training and self.timestep_density["weighting_scheme"] != "uniform":
-            density = compute_density_for_timestep_sampling(batch_size=len(latents), device=latents.device,
-                                                            generator=generator, **self.timestep_density)
-            timesteps = (density * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
-        else:
-            timesteps = torch.randint(0, num_train_timesteps, (len(latents),), generator=generator,
-                                      device=latents.device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        prediction = unet(noisy, timesteps, class_labels=class_labels).sample
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        if not training or self.snr_gamma is None:
-            return F.mse_loss(prediction.float(), target.float())
-        snr = compute_snr(self.noise_scheduler, timesteps)
-        weight = snr.clamp(max=self.snr_gamma) / (snr + 1 if self.noise_scheduler.config.prediction_type == "v_prediction"
-                                                   else snr)
-        return (F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+    def loss(self, network: nn.Module, latents: torch.Tensor, generator: torch.Generator, training: bool = False,
+             class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """The objective's loss of ``network`` on ``latents`` (of ``class_labels``, for a class-conditional model);
+        ``training``: at the objective's training timesteps and weighting, else its validation loss."""
+        def predict(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return denoisers.predict(network, noisy, timesteps, class_labels)
+
+        return self.objective.loss(predict, latents, generator, training)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         generator = self.step_generator(self.device)
         latents = self.latents(batch, generator)
-        loss = self.loss_simple(self.unet, latents, generator, training=True,
-                                class_labels=self._dropped_labels(batch, generator))
-        name = "loss_simple" if self.snr_gamma is None else "loss_min_snr"
-        if self.timestep_density["weighting_scheme"] != "uniform":
-            name += "_" + self.timestep_density["weighting_scheme"]  # not LDM's loss_simple: other timesteps
-        self.backward_and_step([loss], {name: loss.detach()})
+        loss = self.loss(self.denoiser, latents, generator, training=True,
+                         class_labels=self._dropped_labels(batch, generator))
+        self.backward_and_step([loss], {self.objective.training_loss: loss.detach()})
 
     def class_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """A class-conditional model's labels of a batch (None for an unconditional model)."""
@@ -379,7 +336,7 @@ class LatentDiffusionStage(TrainingStage):
 
     def on_optimizer_step(self) -> None:
         if self.ema is not None:
-            self.ema.update_parameters(self.unet)
+            self.ema.update_parameters(self.denoiser)
 
     # ----------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
@@ -393,13 +350,14 @@ class LatentDiffusionStage(TrainingStage):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         latents, labels = self.latents(batch, self._val_generator(batch_idx, 0)), self.class_labels(batch)
-        loss = self.loss_simple(self.unet, latents, self._val_generator(batch_idx, 1), class_labels=labels)
-        loss_ema = self.loss_simple(self.eval_unet, latents, self._val_generator(batch_idx, 1), class_labels=labels)
+        loss = self.loss(self.denoiser, latents, self._val_generator(batch_idx, 1), class_labels=labels)
+        loss_ema = self.loss(self.eval_denoiser, latents, self._val_generator(batch_idx, 1), class_labels=labels)
         self._val_sums += torch.stack([loss.double(), loss_ema.double(), torch.ones((), device=self.device)]) * len(latents)
 
     def on_validation_epoch_end(self) -> None:
         loss, loss_ema, count = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
-        self.log_validation({"loss_simple": torch.tensor(loss / count), "loss_simple_ema": torch.tensor(loss_ema / count)})
+        name = self.objective.validation_loss
+        self.log_validation({name: torch.tensor(loss / count), f"{name}_ema": torch.tensor(loss_ema / count)})
 
     # ----------------------------------------------------------------------------- sampling
     def preview_images(self, datamodule, num_images: int, sampling: Mapping) -> tuple[str, torch.Tensor, int]:
@@ -445,20 +403,23 @@ def _describe(class_names: list[str] | None) -> str:
     return f"{len(class_names)} [{', '.join(class_names[:8])}{', ...' if len(class_names) > 8 else ''}]"
 
 
-def load_pretrained_unet(unet: nn.Module, source: str) -> None:
-    """Copy into ``unet`` the weights of a UNet source (ldm_lab/io/sources.py: a latent diffusion training
-    checkpoint, a UNet2DModel or LDMPipeline folder, an original LDM checkpoint); the architectures must be the same."""
-    pretrained = load_unet(source, "model.unet_pretrained")
-    keys = ("block_out_channels", "layers_per_block", "down_block_types", "attention_head_dim", "in_channels",
-            "num_class_embeds")
-    differ = {k: (_plain(pretrained.config[k]), _plain(unet.config[k])) for k in keys
-              if _plain(pretrained.config[k]) != _plain(unet.config[k])}
+def load_pretrained_denoiser(denoiser: nn.Module, source: str) -> None:
+    """Copy into ``denoiser`` the weights of a denoiser source (ldm_lab/io/sources.py: a latent diffusion training
+    checkpoint, a UNet2DModel, DiTTransformer2DModel or pipeline folder, an original LDM checkpoint); the
+    architectures must be the same."""
+    pretrained = load_denoiser(source, "model.denoiser_pretrained")
+    if type(pretrained) is not type(denoiser):
+        raise ConfigError(f"model.denoiser_pretrained={source} holds a {type(pretrained).__name__}, but model.denoiser "
+                          f"builds a {type(denoiser).__name__}: choose the model option of that kind")
+    keys = denoisers.backbone(denoiser).architecture
+    differ = {k: (_plain(pretrained.config[k]), _plain(denoiser.config[k])) for k in keys
+              if _plain(pretrained.config[k]) != _plain(denoiser.config[k])}
     if differ:
-        raise ConfigError(f"model.unet_pretrained={source} is another UNet than model.unet: "
-                          + "; ".join(f"{k} {a} there, {b} here" for k, (a, b) in differ.items())
-                          + ". Set model.unet.* to its config")
-    unet.load_state_dict(pretrained.state_dict())
-    log.info("UNet weights from %s", source)
+        raise ConfigError(f"model.denoiser_pretrained={source} is another {type(denoiser).__name__} than "
+                          f"model.denoiser: " + "; ".join(f"{k} {a} there, {b} here" for k, (a, b) in differ.items())
+                          + ". Set model.denoiser.* to its config")
+    denoiser.load_state_dict(pretrained.state_dict())
+    log.info("denoiser weights from %s", source)
 
 
 def _plain(value):

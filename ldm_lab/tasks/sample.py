@@ -22,7 +22,7 @@ def run(cfg: DictConfig) -> Path:
     if cfg.sample.model is None:
         raise ConfigError("task=sample needs ckpt_path=<an LDM checkpoint> or sample.model=<an exported pipeline folder>")
     model = load_latent_diffusion(cfg.sample.model, "sample.model")
-    side = model.unet.config.sample_size * model.first_stage.downsample_factor
+    side = model.denoiser.config.sample_size * model.first_stage.downsample_factor
     grid = draw_samples(cfg.sample, model, Path(cfg.paths.output_dir) / "samples", (side, side))
     log.info("sample grid: %s", grid)
     return grid
