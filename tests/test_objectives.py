@@ -8,6 +8,7 @@ import functools
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -207,6 +208,12 @@ def test_every_pair_trains_validates_and_samples_from_its_export(compose_cfg, tr
     stage = load_stage(run / "checkpoints" / "last.ckpt")
     assert type(stage.denoiser) is (DiTTransformer2DModel if model == "dit_tiny" else UNet2DModel)
     assert type(stage.objective) is (RectifiedFlow if objective == "rectified_flow" else DDPM)
+    bucketed = SimpleNamespace(buckets={"step": 64})  # a datamodule with aspect-ratio buckets
+    if model == "dit_tiny":  # refused before any latent is encoded
+        with pytest.raises(ConfigError, match="square latents only.*data.buckets=null"):
+            stage.attach_data(bucketed, run / "cache")
+    else:
+        stage.attach_data(bucketed, run / "cache")
     exported = load_latent_diffusion(run / "export", "sample.model")  # the folder, loaded back
     ours = stage.sampling_model().generate(2, 32, 32, num_inference_steps=3, generator=torch.Generator().manual_seed(3))
     theirs = exported.generate(2, 32, 32, num_inference_steps=3, generator=torch.Generator().manual_seed(3))

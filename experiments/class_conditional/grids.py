@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
-from torchvision.utils import make_grid
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+
+from experiments.panels import panel, save_sheet  # noqa: E402
 
 
 def main() -> None:
@@ -37,20 +37,9 @@ def main() -> None:
         images = model.generate(len(labels), args.side, args.side, num_inference_steps=args.steps,
                                 generator=torch.Generator().manual_seed(0), class_labels=labels,
                                 guidance_scale=scale)
-        grid = make_grid(images.clamp(-1, 1).add(1).div(2), nrow=args.per_class, padding=2, pad_value=1.0)
-        picture = Image.fromarray((grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8"))
-        picture = picture.resize((picture.width * args.zoom, picture.height * args.zoom), Image.NEAREST)
-        titled = Image.new("RGB", (picture.width, picture.height + 24), "white")
-        titled.paste(picture, (0, 24))
-        ImageDraw.Draw(titled).text((4, 6), f"guidance {scale:g}" + (" (unconditional)" if scale == 0 else ""),
-                                    fill="black")
-        panels.append(titled)
-    sheet = Image.new("RGB", (sum(p.width for p in panels) + 12 * (len(panels) - 1), panels[0].height), "white")
-    x = 0
-    for panel in panels:
-        sheet.paste(panel, (x, 0))
-        x += panel.width + 12
-    sheet.save(args.out)
+        title = f"guidance {scale:g}" + (" (unconditional)" if scale == 0 else "")
+        panels.append(panel(images, args.per_class, title, args.zoom))
+    save_sheet(panels, args.out)
     print(f"rows: {', '.join(model.class_names)}; written: {args.out}")
 
 

@@ -47,7 +47,6 @@ class DDPM:
     2023), min(SNR, gamma) / SNR for epsilon and min(SNR, gamma) / (SNR + 1) for v; validation reports the
     unweighted loss_simple at uniform timesteps. ``ddim``: the DDIM spacing sampling and the export use."""
 
-    name, samplers = "ddpm", ("ddim", "ddpm")
     validation_loss = "loss_simple"
 
     def __init__(self, noise_scheduler: SchedulerMixin, timestep_density: dict | None = None,
@@ -102,7 +101,6 @@ class RectifiedFlow:
     (shift t / (1 + (shift - 1) t)); SD3 published 3.0 for its large images, 1 here: training from scratch, the
     times sampling walks are those training drew (the shift does not touch training's t)."""
 
-    name, samplers = "rectified_flow", ("euler", "heun")
     validation_loss = "loss_flow"
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, timestep_density: dict | None = None):

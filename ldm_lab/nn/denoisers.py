@@ -26,6 +26,7 @@ class UNet:
 
     architecture = ("block_out_channels", "layers_per_block", "down_block_types", "attention_head_dim",
                     "in_channels", "num_class_embeds")
+    square_only = False
 
     def build(self, network: functools.partial, channels: int, num_classes: int | None) -> nn.Module:
         classes = {} if num_classes is None else {"num_class_embeds": num_classes + 1}
@@ -45,6 +46,7 @@ class DiT:
 
     architecture = ("num_attention_heads", "attention_head_dim", "num_layers", "patch_size", "in_channels",
                     "num_embeds_ada_norm")
+    square_only = True
 
     def build(self, network: functools.partial, channels: int, num_classes: int | None) -> nn.Module:
         model = network(in_channels=channels, out_channels=channels, num_embeds_ada_norm=num_classes or 1)

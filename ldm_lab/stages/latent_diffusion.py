@@ -206,7 +206,12 @@ class LatentDiffusionStage(TrainingStage):
                 f"(without ckpt_path) for the new first stage")
 
     def attach_data(self, datamodule, latent_cache_root: str | Path) -> None:
-        """With the latent cache, where it lives: the trainer's processes fill it together in :meth:`setup`."""
+        """With the latent cache, where it lives: the trainer's processes fill it together in :meth:`setup`.
+        Aspect-ratio buckets are refused here, before any encoding, for a denoiser of square latents only."""
+        if datamodule.buckets is not None and denoisers.backbone(self.denoiser).square_only:
+            raise ConfigError(f"{type(self.denoiser).__name__} denoises square latents only (diffusers' unpatchify is "
+                              f"square), and data.buckets makes batches of other shapes: train it with data.buckets=null "
+                              f"(square crops of data.resolution), or use model=unet")
         self._latent_cache_root = latent_cache_root if self.latent_cache else None
 
     def setup(self, stage: str) -> None:
