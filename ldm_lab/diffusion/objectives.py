@@ -78,7 +78,8 @@ class DDPM:
         noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         num_train_timesteps = self.noise_scheduler.config.num_train_timesteps
         if training and self.timestep_density["weighting_scheme"] != "uniform":
-            density = _training_times(self.timestep_density, latents, generator, training)
+            density = compute_density_for_timestep_sampling(batch_size=len(latents), device=latents.device,
+                                                            generator=generator, **self.timestep_density)
             timesteps = (density * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
         else:
             timesteps = torch.randint(0, num_train_timesteps, (len(latents),), generator=generator,

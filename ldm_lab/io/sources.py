@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
-from diffusers import AutoencoderKL, VQModel
+from diffusers import AutoencoderKL
 from hydra.utils import get_class
 from torch import nn
 
@@ -29,7 +29,6 @@ WHAT = {AUTOENCODER: "an autoencoder (model=vae, vqvae or their tiny variants; A
         LATENT_DIFFUSION: "a latent diffusion model (model=unet or dit; a pipeline folder)"}
 FOLDER_CLASSES = {"AutoencoderKL": AUTOENCODER, "VQModel": AUTOENCODER, "UNet2DModel": DENOISER,
                   "DiTTransformer2DModel": DENOISER}
-FOLDER_MODELS = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
 # A pipeline folder's subfolders: LDMPipeline's names, which the lab's own pipeline (io/latent_pipeline.py) keeps
 # for every denoiser
 PARTS = {AUTOENCODER: "vqvae", DENOISER: "unet"}
@@ -103,8 +102,7 @@ def load_autoencoder(value, key: str, subfolder: str | None = None, model_class:
         stage = load_stage(source.path)
         vae = stage.first_stage.vae if source.holds == LATENT_DIFFUSION else stage.eval_vae
     else:
-        folder = source.folder(AUTOENCODER)
-        vae = FOLDER_MODELS[json.loads((folder / "config.json").read_text())["_class_name"]].from_pretrained(folder)
+        vae = _from_folder(source.folder(AUTOENCODER), _classes_of(AUTOENCODER), AUTOENCODER)
     if model_class is not None and not isinstance(vae, model_class):
         raise SourceError(f"{key}={value} holds a {type(vae).__name__}, but the model config builds a "
                           f"{model_class.__name__}: choose the model option of that kind (model=vae for an "
@@ -123,14 +121,19 @@ def load_denoiser(value, key: str) -> nn.Module:
     source = resolve(value, key, (DENOISER,))
     if source.checkpoint:
         return load_stage(source.path).eval_denoiser
-    return _from_folder(source.folder(DENOISER), FOLDER_CLASSES, DENOISER)
+    return _from_folder(source.folder(DENOISER), _classes_of(DENOISER), DENOISER)
+
+
+def _classes_of(kind: str) -> list[str]:
+    """The diffusers model classes a folder of ``kind`` (AUTOENCODER | DENOISER) may hold."""
+    return [name for name, held in FOLDER_CLASSES.items() if held == kind]
 
 
 def _from_folder(folder: Path, known, what: str, config_name: str = "config.json"):
     """A diffusers model or scheduler saved in ``folder``, by the class its config names (one of ``known``)."""
     name = json.loads((folder / config_name).read_text())["_class_name"]
     if name not in known:
-        raise SourceError(f"{folder} holds a {name}, which is no {what} the lab samples with ({', '.join(known)})")
+        raise SourceError(f"{folder} holds a {name}, which is no {what} the lab loads ({', '.join(known)})")
     return getattr(diffusers, name).from_pretrained(folder)
 
 
@@ -143,7 +146,7 @@ def load_latent_diffusion(value, key: str) -> LatentDiffusionModel:
         return load_stage(source.path).sampling_model()
     first_stage = load_first_stage(source.path / "vqvae", key)
     class_names = json.loads((source.path / "model_index.json").read_text()).get("class_names") or None  # [] unconditional
-    denoiser = _from_folder(source.folder(DENOISER), FOLDER_CLASSES, DENOISER).eval()
+    denoiser = _from_folder(source.folder(DENOISER), _classes_of(DENOISER), DENOISER).eval()
     scheduler = _from_folder(source.path / "scheduler", SCHEDULERS, "scheduler", "scheduler_config.json")
     return LatentDiffusionModel(denoiser, first_stage, first_stage.vae.config.scaling_factor, scheduler, class_names)
 

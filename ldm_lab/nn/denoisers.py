@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ldm_lab.config.errors import ConfigError
+from ldm_lab.nn.downsampling import downsampling
 
 
 class UNet:
@@ -33,7 +34,7 @@ class UNet:
         return network(in_channels=channels, out_channels=channels, **classes)
 
     def side_multiple(self, config: Mapping) -> int:
-        return 2 ** (len(config["block_out_channels"]) - 1)
+        return downsampling(config)
 
     def __call__(self, network: nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
                  class_labels: torch.Tensor | None) -> torch.Tensor:
