@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# experiment=quickstart_ldm's objective and sampler when these recipes were measured (issue 24 made it rectified flow)
+DDPM_DDIM_200 = ["model/objective=ddpm", "sample.sampler=ddim", "sample.num_inference_steps=200"]
 EPSILON = "model.objective.noise_scheduler.prediction_type=epsilon"
 V = "model.objective.noise_scheduler.prediction_type=v_prediction"
 LR = "model.lr=2e-5"  # session 5's quickstart
@@ -47,8 +49,9 @@ def run(args: list[str], log: Path) -> float:
 
 
 def main(recipes: dict[str, list[str]] = RECIPES, out: Path = ROOT / "outputs" / "quickstart_recipes",
-         description: str = __doc__) -> None:
-    """Train and evaluate each of ``recipes`` (name -> overrides of experiment=quickstart_ldm) for each seed."""
+         description: str = __doc__, protocol: list[str] = DDPM_DDIM_200) -> None:
+    """Train and evaluate each of ``recipes`` (name -> overrides of experiment=quickstart_ldm) for each seed, with
+    the overrides of ``protocol`` (what every recipe shares, the evaluation's sampler too) before the recipe's."""
     parser = argparse.ArgumentParser(description=description.splitlines()[0])
     parser.add_argument("--first-stage", help="the first stage's checkpoint (a quickstart run's)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -69,7 +72,7 @@ def main(recipes: dict[str, list[str]] = RECIPES, out: Path = ROOT / "outputs" /
     for seed in args.seeds:  # seed by seed: a comparison stopped early still compares every recipe
         for recipe in (r for r in args.recipes if (r, seed) not in done):
             folder = args.out / f"{''.join(c if c.isalnum() else '_' for c in recipe)}-seed{seed}"
-            common = ["experiment=quickstart_ldm", f"seed={seed}", *args.overrides]
+            common = ["experiment=quickstart_ldm", f"seed={seed}", *protocol, *args.overrides]
             train = run([*common, *recipes[recipe], f"model.first_stage={args.first_stage}", "overwrite=true",
                          f"hydra.run.dir={folder}"], folder.with_suffix(".train.log"))
             run([*common, "task=evaluate", f"evaluate.model={folder / 'checkpoints' / 'last.ckpt'}",
