@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ldm_lab.diffusion.sampling import denoise, inference_scheduler
+from ldm_lab.diffusion.objectives import DDPM
+from ldm_lab.diffusion.pipeline import denoise
 from ldm_lab.io.convert import convert_unet, convert_vae
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -95,7 +96,7 @@ def ddim_outputs(sampling_scheduler) -> dict[str, tuple[torch.Tensor, torch.Tens
     reference = torch.load(FIXTURES / "ldm_ddim_reference.pt")
     outputs = {}
     for steps, expected in reference["samples"].items():
-        scheduler = inference_scheduler(sampling_scheduler, "ddim")
-        outputs[f"ddim.{steps}"] = (denoise(eps_model, scheduler, reference["x_T"], steps, progress=False), expected)
+        scheduler = DDPM.sampler_scheduler(sampling_scheduler.config, "ddim")
+        outputs[f"ddim.{steps}"] = (denoise(eps_model, scheduler, reference["x_T"], steps), expected)
         assert scheduler.timesteps.tolist() == reference["timesteps"][steps].tolist()
     return outputs

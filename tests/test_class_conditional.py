@@ -21,7 +21,8 @@ from ldm_lab.data.buckets import Item
 from ldm_lab.data.datamodule import BucketedImages, ImageDataModule
 from ldm_lab.data.sources import FolderSource, HFSource
 from ldm_lab.data.synthetic import SyntheticSource, class_names
-from ldm_lab.diffusion.guidance import class_ids, guided
+from ldm_lab.diffusion.pipeline import class_ids, guided
+from ldm_lab.diffusion.sampling import SamplingOptions, generate, requested_classes
 from ldm_lab.evaluation.classes import correct, load_classifier, spread_labels
 from ldm_lab.io.samples import grid_classes
 from ldm_lab.io.sources import load_latent_diffusion
@@ -145,11 +146,11 @@ def test_guidance_in_one_doubled_batch_equals_two_separate_passes():
 
 def test_class_labels_by_name_id_or_null_class_and_grid_rows_evenly_spaced():
     names = ["cat", "dog", "10"]
-    assert class_ids(None, names) == [0, 1, 2]
+    assert requested_classes(SamplingOptions(class_labels=None), names) == [0, 1, 2]
     assert class_ids(["dog", 0, "10", "null_class"], names) == [1, 0, 2, 3]
-    assert class_ids("null_class", names) == [3]
-    with pytest.raises(ConfigError, match="'cow' is no class"):
-        class_ids(["cow"], names)
+    assert class_ids("null_class", names) == [3] == class_ids(3, names)  # id K: the null class
+    with pytest.raises(ConfigError, match="sample.class_labels: 'cow' is no class"):
+        requested_classes(SamplingOptions(class_labels=("cow",)), names)
     assert grid_classes(list(range(100))) == [round(i * 99 / 15) for i in range(16)]
     assert grid_classes([4, 7]) == [4, 7]
     assert spread_labels(7, 3).tolist() == [0, 1, 2, 0, 1, 2, 0]
@@ -230,9 +231,8 @@ print(type(pipe).__name__, "ldm_lab" in sys.modules)
                             env={"HF_MODULES_CACHE": str(tmp_path / "modules"), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-2:] == ["LatentDiffusionPipeline", "False"]
-    model = load_latent_diffusion(export, "sample.model")
-    ours = model.generate(2, 32, 32, num_inference_steps=3, generator=torch.Generator().manual_seed(7),
-                          class_labels=torch.tensor([2, 3]), guidance_scale=2.5)
+    ours = generate(load_latent_diffusion(export, "sample.model"), SamplingOptions(num_inference_steps=3), 2, 32, 32,
+                    torch.Generator().manual_seed(7), class_labels=[2, 3], guidance_scale=2.5)
     theirs = torch.load(tmp_path / "theirs.pt")
     torch.testing.assert_close(theirs, ((ours + 1) / 2).clamp(0, 1), rtol=0, atol=1e-5)
     assert json.loads((export / "model_index.json").read_text())["class_names"] == class_names(4)

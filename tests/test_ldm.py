@@ -14,7 +14,7 @@ from hydra.utils import instantiate
 from PIL import Image
 
 from ldm_lab.data.datamodule import ImageDataModule
-from ldm_lab.diffusion.sampling import generate_images
+from ldm_lab.diffusion.sampling import SamplingOptions, generate
 from ldm_lab.io.weights import MissingWeightsError
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
 from ldm_lab.stages.build import build_stage
@@ -176,10 +176,12 @@ def test_ema_follows_its_formula_and_is_what_validation_and_sampling_use(compose
     class Data:
         leftover_resolution = (32, 32)
 
-    _, previews, _ = stage.preview_images(Data(), 2, cfg.sample)
-    args = (stage.first_stage, 1.0, stage.objective.sampling_scheduler, 2, 32, 32)
-    with_ema = generate_images(stage.ema.module, *args, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
-    with_unet = generate_images(stage.denoiser, *args, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    _, previews, _ = stage.preview_images(Data(), 2, SamplingOptions.from_config(cfg.sample))
+    stage.latent_scale.fill_(1.0)
+    options = SamplingOptions(num_inference_steps=2)
+    with_ema = generate(stage.pipeline(), options, 2, 32, 32, torch.Generator().manual_seed(0))
+    stage.ema = None  # the pipeline's denoiser is the trained one without an EMA
+    with_unet = generate(stage.pipeline(), options, 2, 32, 32, torch.Generator().manual_seed(0))
     torch.testing.assert_close(previews, with_ema)
     assert not torch.allclose(previews, with_unet)
 

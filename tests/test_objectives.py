@@ -22,9 +22,9 @@ from diffusers import (
 
 from ldm_lab.config.errors import ConfigError
 from ldm_lab.config.validate import check_moved_keys
-from ldm_lab.diffusion.guidance import guided
-from ldm_lab.diffusion.objectives import DDPM, RectifiedFlow
-from ldm_lab.diffusion.sampling import denoise, inference_scheduler
+from ldm_lab.diffusion.objectives import DDPM, Objective, RectifiedFlow
+from ldm_lab.diffusion.pipeline import denoise, guided, predict
+from ldm_lab.diffusion.sampling import SamplingOptions, generate
 from ldm_lab.io.sources import load_latent_diffusion
 from ldm_lab.nn import denoisers
 from ldm_lab.stages.build import load_stage
@@ -58,7 +58,7 @@ def test_ddpm_losses_are_those_before_the_seam(case):
                        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8, norm_num_groups=8)
     latents = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        loss = objective.loss(functools.partial(denoisers.predict, unet), latents, torch.Generator().manual_seed(2),
+        loss = objective.loss(functools.partial(predict, unet), latents, torch.Generator().manual_seed(2),
                               training=training)
     assert float(loss) == pytest.approx(expected, rel=1e-5)
 
@@ -96,22 +96,25 @@ def test_rectified_flow_samplers_follow_the_velocity_to_the_data(sampler, evalua
         calls.append(timestep)
         return (latents - x0) / (timestep / 1000)
 
-    scheduler = inference_scheduler(RectifiedFlow().sampling_scheduler, sampler)
+    scheduler = RectifiedFlow.sampler_scheduler(RectifiedFlow().sampling_scheduler.config, sampler)
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(denoise(velocity, scheduler, noise, 6, progress=False), x0, rtol=0, atol=1e-5)
+    torch.testing.assert_close(denoise(velocity, scheduler, noise, 6), x0, rtol=0, atol=1e-5)
     assert len(calls) == evaluations  # Heun: 2N - 1 network evaluations for N steps
 
 
 def test_samplers_fit_their_objective():
     flow, ddpm = RectifiedFlow().sampling_scheduler, _ddpm("epsilon").sampling_scheduler
-    assert type(inference_scheduler(flow, "auto")).__name__ == "FlowMatchEulerDiscreteScheduler"
-    assert type(inference_scheduler(ddpm, "auto")).__name__ == "DDIMScheduler"
+    assert Objective.named(None, flow) is RectifiedFlow and Objective.named(None, ddpm) is DDPM  # LDMPipeline's
+    assert Objective.named("rectified_flow", ddpm) is RectifiedFlow  # what a pipeline records comes first
+    assert type(RectifiedFlow.sampler_scheduler(flow.config)).__name__ == "FlowMatchEulerDiscreteScheduler"
+    assert type(DDPM.sampler_scheduler(ddpm.config)).__name__ == "DDIMScheduler"
+    assert DDPM.sampler_scheduler(ddpm.config, "ddpm").config.steps_offset == 0  # every step down to 0
     with pytest.raises(ConfigError, match="sample.sampler=ddim samples models of another objective.*euler or heun"):
-        inference_scheduler(flow, "ddim")
+        RectifiedFlow.sampler_scheduler(flow.config, "ddim")
     with pytest.raises(ConfigError, match="sample.sampler=heun samples models of another objective.*ddim or ddpm"):
-        inference_scheduler(ddpm, "heun")
+        DDPM.sampler_scheduler(ddpm.config, "heun")
     with pytest.raises(ConfigError, match="sample.sampler=dpm is no sampler"):
-        inference_scheduler(ddpm, "dpm")
+        DDPM.sampler_scheduler(ddpm.config, "dpm")
     assert not hasattr(flow, "init_noise_sigma") and isinstance(flow, FlowMatchEulerDiscreteScheduler)
 
 
@@ -126,26 +129,26 @@ def test_dit_starts_as_adaln_zero_and_drops_labels_only_once():
     dit = _dit(3).train()
     latents, t = torch.randn(64, 4, 8, 8), torch.full((64,), 500.0)
     labels = torch.randint(3, (64,))
-    assert torch.equal(denoisers.predict(dit, latents, t, labels), torch.zeros_like(latents))  # the final layer is 0
+    assert torch.equal(predict(dit, latents, t, labels), torch.zeros_like(latents))  # the final layer is 0
     assert all(not block.norm1.linear.weight.any() for block in dit.transformer_blocks)
     torch.nn.init.normal_(dit.proj_out_2.weight)  # trained a little: now the class shows
     torch.nn.init.normal_(dit.proj_out_1.weight)
-    first, second = (denoisers.predict(dit, latents, t, labels) for _ in range(2))
+    first, second = (predict(dit, latents, t, labels) for _ in range(2))
     torch.testing.assert_close(first, second, rtol=0, atol=0)  # no block drops labels on its own in training
-    null = denoisers.predict(dit, latents, t, torch.full((64,), 3))  # id K: the null class, DiT's own extra row
+    null = predict(dit, latents, t, torch.full((64,), 3))  # id K: the null class, DiT's own extra row
     assert not torch.allclose(null, first)
     dit.eval()
     both = guided(dit, labels[:2], 2.0, null_class=3)(latents[:2], torch.tensor(500.0))
-    conditional = denoisers.predict(dit, latents[:2], t[:2], labels[:2])
-    unconditional = denoisers.predict(dit, latents[:2], t[:2], torch.full((2,), 3))
+    conditional = predict(dit, latents[:2], t[:2], labels[:2])
+    unconditional = predict(dit, latents[:2], t[:2], torch.full((2,), 3))
     torch.testing.assert_close(both, unconditional + 2 * (conditional - unconditional), rtol=1e-5, atol=1e-6)
     assert denoisers.side_multiple(dit) == 2 and denoisers.side_multiple({"_target_": "diffusers.UNet2DModel",
                                                                            "block_out_channels": [8, 8, 8]}) == 4
-    with pytest.raises(ConfigError, match="square latents only.*data.buckets=null"):
-        denoisers.predict(dit, torch.randn(1, 4, 8, 4), t[:1])
+    with pytest.raises(ValueError, match="square latents only"):
+        predict(dit, torch.randn(1, 4, 8, 4), t[:1])
     unconditional_dit = _dit(None)
     assert unconditional_dit.config.num_embeds_ada_norm == 1  # one dummy class, always class 0
-    assert denoisers.predict(unconditional_dit, latents[:2], t[:2]).shape == (2, 4, 8, 8)
+    assert predict(unconditional_dit, latents[:2], t[:2]).shape == (2, 4, 8, 8)
 
 
 def test_keys_and_checkpoints_from_before_the_seams():
@@ -215,8 +218,9 @@ def test_every_pair_trains_validates_and_samples_from_its_export(compose_cfg, tr
     else:
         stage.attach_data(bucketed, run / "cache")
     exported = load_latent_diffusion(run / "export", "sample.model")  # the folder, loaded back
-    ours = stage.sampling_model().generate(2, 32, 32, num_inference_steps=3, generator=torch.Generator().manual_seed(3))
-    theirs = exported.generate(2, 32, 32, num_inference_steps=3, generator=torch.Generator().manual_seed(3))
+    options = SamplingOptions(num_inference_steps=3)
+    ours = generate(stage.pipeline(), options, 2, 32, 32, torch.Generator().manual_seed(3))
+    theirs = generate(exported, options, 2, 32, 32, torch.Generator().manual_seed(3))
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
     grid = sample.run(compose_cfg([*LDM_TINY, "task=sample", f"sample.model={run / 'export'}", "sample.num_images=2",
                                    "sample.height=32", "sample.width=32", f"paths.output_dir={tmp_path}"], tiny=False))
@@ -253,6 +257,6 @@ print(json.dumps(out), "ldm_lab" in sys.modules)
         "dit_tiny-rectified_flow": ["LatentDiffusionPipeline", "DiTTransformer2DModel",
                                     "FlowMatchEulerDiscreteScheduler"]}
     for name, folder in folders.items():
-        ours = load_latent_diffusion(folder, "sample.model").generate(2, 32, 32, num_inference_steps=3,
-                                                                      generator=torch.Generator().manual_seed(3))
+        ours = generate(load_latent_diffusion(folder, "sample.model"), SamplingOptions(num_inference_steps=3), 2, 32, 32,
+                        torch.Generator().manual_seed(3))
         torch.testing.assert_close(torch.load(f"{tmp_path}/{name}.pt"), ((ours + 1) / 2).clamp(0, 1), rtol=0, atol=1e-5)

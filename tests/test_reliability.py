@@ -27,7 +27,8 @@ from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.data.index import index_folder
 from ldm_lab.data.latent_cache import LatentCacheError
 from ldm_lab.data.sources import IMAGE_EXTENSIONS, FolderSource
-from ldm_lab.diffusion.sampling import denoise, inference_scheduler
+from ldm_lab.diffusion.objectives import DDPM
+from ldm_lab.diffusion.pipeline import denoise
 from ldm_lab.io.atomic import FILE_MODE
 from ldm_lab.io.checkpoints import CheckpointError
 from ldm_lab.io.sources import load_first_stage
@@ -400,8 +401,8 @@ def test_ddim_sampling_matches_ldms_ddim_sampler(compose_cfg, tmp_path):
     for name, (ours, expected) in parity.ddim_outputs(stage.objective.sampling_scheduler).items():
         assert_parity(name, ours, expected)
     for steps, expected in reference["samples"].items():  # steps_offset 0, set_alpha_to_one: another sampler
-        diffusers_default = denoise(eps_model, inference_scheduler(stage.objective.noise_scheduler, "ddim"), reference["x_T"], steps,
-                                    progress=False)
+        diffusers_default = denoise(eps_model, DDPM.sampler_scheduler(stage.objective.noise_scheduler.config, "ddim"),
+                                    reference["x_T"], steps)
         assert parity.error(diffusers_default, expected) > 10 * parity.MARGIN * parity.MEASURED[f"ddim.{steps}"]
 
 

@@ -24,7 +24,7 @@ from hydra import compose, initialize_config_dir
 from torch.utils.flop_counter import FlopCounterMode
 
 from ldm_lab.config.schema import register_configs
-from ldm_lab.diffusion.sampling import generate_images
+from ldm_lab.diffusion.sampling import SamplingOptions, generate
 from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks.plan import planning_config
@@ -213,8 +213,8 @@ def main() -> None:
     stage = build_stage(planning_config(cfg), None).eval().to("cuda" if CUDA else "cpu")
 
     def sample(sampler, steps):
-        return lambda: generate_images(stage.eval_denoiser, stage.first_stage, 1.0, stage.objective.sampling_scheduler, 4, 64, 64,
-                                       sampler, steps, generator=torch.Generator().manual_seed(0))
+        options = SamplingOptions(sampler=sampler, num_inference_steps=steps, batch_size=4)
+        return lambda: generate(stage.pipeline(), options, 4, 64, 64, torch.Generator().manual_seed(0))
 
     ddim = median_seconds(sample("ddim", 50), repeats=3) / 4
     ddpm = median_seconds(sample("ddpm", 1000), repeats=1) / 4

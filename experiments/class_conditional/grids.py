@@ -19,6 +19,7 @@ from experiments.panels import panel, save_sheet  # noqa: E402
 
 
 def main() -> None:
+    from ldm_lab.diffusion.sampling import SamplingOptions, generate
     from ldm_lab.io.sources import load_latent_diffusion
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -30,17 +31,18 @@ def main() -> None:
     parser.add_argument("--zoom", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("guidance_grids.png"))
     args = parser.parse_args()
-    model = load_latent_diffusion(args.model, "model")
-    labels = torch.arange(len(model.class_names)).repeat_interleave(args.per_class)
+    pipeline = load_latent_diffusion(args.model, "model")
+    class_names = pipeline.config.class_names
+    labels = [label for label in range(len(class_names)) for _ in range(args.per_class)]
+    options = SamplingOptions(num_inference_steps=args.steps, batch_size=len(labels))
     panels = []
     for scale in args.scales:
-        images = model.generate(len(labels), args.side, args.side, num_inference_steps=args.steps,
-                                generator=torch.Generator().manual_seed(0), class_labels=labels,
-                                guidance_scale=scale)
+        images = generate(pipeline, options, len(labels), args.side, args.side, torch.Generator().manual_seed(0),
+                          class_labels=labels, guidance_scale=scale)
         title = f"guidance {scale:g}" + (" (unconditional)" if scale == 0 else "")
         panels.append(panel(images, args.per_class, title, args.zoom))
     save_sheet(panels, args.out)
-    print(f"rows: {', '.join(model.class_names)}; written: {args.out}")
+    print(f"rows: {', '.join(class_names)}; written: {args.out}")
 
 
 if __name__ == "__main__":

@@ -35,15 +35,17 @@ def run(args: list[str], log: Path) -> float:
 
 def sampling_seconds(checkpoint: Path, num_images: int, steps: int) -> dict[str, float]:
     """Seconds to draw ``num_images`` with DDIM-``steps`` unguided (scale 1: one pass a step) and guided (two)."""
+    from ldm_lab.diffusion.sampling import SamplingOptions, generate
     from ldm_lab.io.sources import load_latent_diffusion
 
-    model = load_latent_diffusion(checkpoint, "checkpoint")
-    labels = torch.arange(num_images) % len(model.class_names)
+    pipeline = load_latent_diffusion(checkpoint, "checkpoint")
+    labels = [i % len(pipeline.config.class_names) for i in range(num_images)]
+    options = SamplingOptions(num_inference_steps=steps, batch_size=num_images)
     seconds = {}
     for scale in (1.0, 3.0, 1.0, 3.0):  # twice each, alternating: the machine's speed drifts
         start = time.perf_counter()
-        model.generate(num_images, 32, 32, num_inference_steps=steps, class_labels=labels, guidance_scale=scale,
-                       generator=torch.Generator().manual_seed(0))
+        generate(pipeline, options, num_images, 32, 32, torch.Generator().manual_seed(0), class_labels=labels,
+                 guidance_scale=scale)
         seconds.setdefault(f"guidance {scale:g}", []).append(time.perf_counter() - start)
     return {name: min(times) for name, times in seconds.items()}
 

@@ -20,6 +20,7 @@ from experiments.panels import panel, save_sheet  # noqa: E402
 
 
 def main() -> None:
+    from ldm_lab.diffusion.sampling import SamplingOptions, generate
     from ldm_lab.io.sources import load_latent_diffusion
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -33,9 +34,9 @@ def main() -> None:
     args = parser.parse_args()
     panels = []
     for model_path, title in zip(args.models, args.titles, strict=True):
-        model = load_latent_diffusion(model_path, "model")
-        images = model.generate(args.count, args.side, args.side, num_inference_steps=args.steps,
-                                generator=torch.Generator().manual_seed(0))
+        options = SamplingOptions(num_inference_steps=args.steps, batch_size=args.count)
+        images = generate(load_latent_diffusion(model_path, "model"), options, args.count, args.side, args.side,
+                          torch.Generator().manual_seed(0))
         panels.append(panel(images, int(args.count**0.5), title, args.zoom))
     save_sheet(panels, args.out)
     print(f"written: {args.out}")

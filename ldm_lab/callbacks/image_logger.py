@@ -10,6 +10,7 @@ import lightning as L
 from torchvision.utils import make_grid, save_image
 
 from ldm_lab.callbacks.loggers import log_image
+from ldm_lab.diffusion.sampling import SamplingOptions
 
 
 class ImageLogger(L.Callback):
@@ -23,7 +24,7 @@ class ImageLogger(L.Callback):
         self.every_n_steps = every_n_steps
         self.num_images = num_images
         self.dirpath = Path(dirpath)
-        self.sampling = dict(sampling or {})
+        self.sampling = SamplingOptions.from_config(sampling or {})
         self._logged_step: int | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -51,7 +51,7 @@ def check_task_options(overrides: list[str], conf_dir: Path) -> None:
                               f"task={task}; add task={owner[0]}, or leave {key} out")
 
 
-# Keys of model=unet that moved when the denoiser and the objective became seams (issue 24): old spelling -> new
+# Keys of the latent diffusion model in their old spelling -> today's (CHANGELOG.md)
 MOVED_KEYS = {
     "model.unet": "model.denoiser",
     "model.unet_pretrained": "model.denoiser_pretrained",
@@ -60,7 +60,7 @@ MOVED_KEYS = {
 
 
 def check_moved_keys(overrides: list[str]) -> None:
-    """A key of the command line in its spelling before issue 24 is named with today's. (Hydra would say only
+    """A key of the command line in an old spelling (:data:`MOVED_KEYS`) is named with today's. (Hydra would say only
     "Key 'noise_scheduler' is not in struct".)"""
     for override in overrides:
         key = override.lstrip("+~").partition("=")[0]

@@ -1,21 +1,28 @@
 """What a latent diffusion model learns, apart from its network (as DiT's ``diffusion.training_losses``): each
-objective gives the training loss on clean latents and the scheduler its samples are drawn with (what exports
-hold; ldm_lab/diffusion/sampling.py derives each sampler from it). ``model/objective=ddpm`` (the default) or
-``rectified_flow`` (conf/model/objective/).
+objective gives the training loss on clean latents, the scheduler an export holds, and the samplers its models
+are drawn with (``sample.sampler``). ``model/objective=ddpm`` (the default) or ``rectified_flow``
+(conf/model/objective/); a new objective is one subclass of :class:`Objective` here and one config.
 
-``predict`` is the denoiser's call, (noisy latents, timesteps (N,)) -> prediction (ldm_lab/nn/denoisers.py), with
-the batch's class labels bound in. Both objectives show the network timesteps on one scale, 0-1000."""
+``predict`` is the denoiser's call, (noisy latents, timesteps (N,)) -> prediction (ldm_lab/diffusion/pipeline.py),
+with the batch's class labels bound in. Both objectives show the network timesteps on one scale, 0-1000."""
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    FlowMatchEulerDiscreteScheduler,
+    FlowMatchHeunDiscreteScheduler,
+)
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
 
 from ldm_lab.config.errors import ConfigError
-from ldm_lab.diffusion.guidance import Predict
+from ldm_lab.diffusion.pipeline import Predict
 
 WEIGHTING_SCHEMES = ("uniform", "logit_normal")
 
@@ -39,7 +46,43 @@ def _training_times(density: dict, latents: torch.Tensor, generator: torch.Gener
     return torch.rand(len(latents), generator=generator, device=latents.device)
 
 
-class DDPM:
+class Objective:
+    """An objective: its ``name`` (what a pipeline's config records) and its samplers, ``sample.sampler`` names
+    for scheduler classes (the first is ``auto``'s)."""
+
+    name: ClassVar[str]
+    samplers: ClassVar[dict[str, type[SchedulerMixin]]]
+    validation_loss: ClassVar[str]
+
+    @classmethod
+    def sampler_scheduler(cls, config, sampler: str = "auto") -> SchedulerMixin:
+        """The ``sampler`` scheduler built from a model's scheduler ``config``; a sampler of another objective is
+        refused by name."""
+        sampler = next(iter(cls.samplers)) if sampler == "auto" else sampler
+        if sampler not in cls.samplers:
+            known = sorted(name for objective in Objective.__subclasses__() for name in objective.samplers)
+            why = "is no sampler" if sampler not in known else "samples models of another objective"
+            raise ConfigError(f"sample.sampler={sampler} {why}: this model was trained with model/objective={cls.name}, "
+                              f"which samples with {' or '.join(cls.samplers)} (or auto: {next(iter(cls.samplers))})")
+        return cls.samplers[sampler].from_config(config)
+
+    @staticmethod
+    def scheduler_names() -> list[str]:
+        """The scheduler classes some objective samples with, by name."""
+        return [scheduler.__name__ for objective in Objective.__subclasses__() for scheduler in objective.samplers.values()]
+
+    @staticmethod
+    def named(name: str | None, scheduler: SchedulerMixin) -> type[Objective]:
+        """The objective a pipeline records (``name``), or for a folder that cannot record it (an ``LDMPipeline``'s),
+        the one whose samplers include its ``scheduler``'s class."""
+        for objective in Objective.__subclasses__():
+            if objective.name == name or (name is None and type(scheduler) in objective.samplers.values()):
+                return objective
+        raise ConfigError(f"a pipeline of objective {name!r} with a {type(scheduler).__name__}: the lab samples "
+                          f"{', '.join(o.name for o in Objective.__subclasses__())} models")
+
+
+class DDPM(Objective):
     """Denoising diffusion (Ho et al. 2020; LDM's objective): a diffusers ``noise_scheduler`` holds the betas and
     the prediction type (epsilon, or v_prediction, Salimans & Ho 2022), the loss is the MSE between prediction and
     target at a timestep drawn from ``timestep_density`` (uniform, LDM's loss_simple, or logit_normal: 1000 x
@@ -47,7 +90,15 @@ class DDPM:
     2023), min(SNR, gamma) / SNR for epsilon and min(SNR, gamma) / (SNR + 1) for v; validation reports the
     unweighted loss_simple at uniform timesteps. ``ddim``: the DDIM spacing sampling and the export use."""
 
+    name = "ddpm"
+    samplers = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
     validation_loss = "loss_simple"
+
+    @classmethod
+    def sampler_scheduler(cls, config, sampler: str = "auto") -> SchedulerMixin:
+        """DDIM keeps the export's spacing (``steps_offset``, ``set_alpha_to_one``); DDPM walks every step down to 0."""
+        scheduler = super().sampler_scheduler(config, sampler)
+        return DDPMScheduler.from_config(config, steps_offset=0) if isinstance(scheduler, DDPMScheduler) else scheduler
 
     def __init__(self, noise_scheduler: SchedulerMixin, timestep_density: dict | None = None,
                  snr_gamma: float | None = None, ddim: dict | None = None):
@@ -94,7 +145,7 @@ class DDPM:
         return (F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
 
 
-class RectifiedFlow:
+class RectifiedFlow(Objective):
     """Rectified flow (Liu et al. 2022; SD3, Esser et al. 2024): x_t = (1 - t) x0 + t noise on a straight line, the
     network predicts its velocity noise - x0, t from ``timestep_density`` (logit_normal(0, 1) by default: SD3's
     study ranked it first of 61 variants) and shown to the network as 1000 t. Sampled by diffusers'
@@ -102,6 +153,8 @@ class RectifiedFlow:
     (shift t / (1 + (shift - 1) t)); SD3 published 3.0 for its large images, 1 here: training from scratch, the
     times sampling walks are those training drew (the shift does not touch training's t)."""
 
+    name = "rectified_flow"
+    samplers = {"euler": FlowMatchEulerDiscreteScheduler, "heun": FlowMatchHeunDiscreteScheduler}
     validation_loss = "loss_flow"
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, timestep_density: dict | None = None):

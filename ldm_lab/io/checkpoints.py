@@ -20,8 +20,8 @@ class CheckpointError(ConfigError):
     """A checkpoint that cannot be used as asked; the message names the file and what to do."""
 
 
-# Modules that moved (issue 22 grouped the package root): checkpoints store the ``_target_`` paths of their
-# config, and those written before a move name the old module. Read, they name the new one.
+# Modules that moved (CHANGELOG.md): checkpoints store the ``_target_`` paths of their config, and those written
+# before a move name the old module. Read, they name the new one.
 MOVED_MODULES = {
     "ldm_lab.metrics": "ldm_lab.evaluation.metrics",
 }
@@ -41,15 +41,15 @@ def current_targets(config: Any) -> Any:
     return config
 
 
-# Keys the latent diffusion stage had before the denoiser and the objective became seams (issue 24): its config's
-# model.unet is model.denoiser, model.unet_pretrained model.denoiser_pretrained, the DDPM keys went into
-# model.objective; its weights under unet.* are under denoiser.*.
+# Keys the latent diffusion stage had before the denoiser and the objective became config groups (CHANGELOG.md):
+# its config's model.unet is model.denoiser, model.unet_pretrained model.denoiser_pretrained, the DDPM keys went
+# into model.objective; its weights under unet.* are under denoiser.*.
 LDM_STAGE = "ldm_lab.stages.latent_diffusion.LatentDiffusionStage"
 DDPM_KEYS = ("noise_scheduler", "timestep_density", "snr_gamma", "ddim")
 
 
 def current_layout(checkpoint: dict) -> dict:
-    """A latent diffusion checkpoint written before issue 24, in today's layout (:data:`DDPM_KEYS`)."""
+    """A latent diffusion checkpoint of the old layout (model.unet, DDPM keys in model) in today's."""
     model = checkpoint["ldm_lab"]["config"]["model"]
     if model.get("_target_") != LDM_STAGE or "unet" not in model:
         return checkpoint

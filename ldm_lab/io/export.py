@@ -1,12 +1,12 @@
 """Trained models as diffusers folders (what task=train writes after training and task=export from a
 checkpoint, through the stage's ``export``). An autoencoder gets its latent scale measured; an unconditional
 UNet trained with DDPM becomes an ``LDMPipeline`` folder (vqvae, unet, DDIM scheduler), every other latent
-diffusion model (class-conditional, rectified flow, DiT) a folder of the same parts that carries its own
-``pipeline.py`` (ldm_lab/io/latent_pipeline.py)."""
+diffusion model (class-conditional, rectified flow, DiT) a ``LatentDiffusionPipeline`` folder of the same parts
+that carries its code as ``pipeline.py`` (ldm_lab/diffusion/pipeline.py)."""
 
 from __future__ import annotations
 
-import copy
+import json
 import logging
 import shutil
 from collections.abc import Iterable
@@ -15,8 +15,8 @@ from pathlib import Path
 from diffusers import LDMPipeline, UNet2DModel
 from torch import nn
 
-from ldm_lab.diffusion.sampling import LatentDiffusionModel, objective_of
-from ldm_lab.io import latent_pipeline
+from ldm_lab.diffusion import pipeline as pipeline_code
+from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline
 from ldm_lab.nn.frozen_autoencoder import measure_latent_scale
 
 log = logging.getLogger(__name__)
@@ -33,24 +33,26 @@ def export_autoencoder(vae: nn.Module, pixel_batches: Iterable[dict], out_dir: P
     return out_dir
 
 
-def export_pipeline(model: LatentDiffusionModel, out_dir: Path) -> Path:
-    """A pipeline folder: the first stage (as ``vqvae``, with ``scaling_factor`` = the latent scale), the denoiser
-    (as ``unet``) and the scheduler. An unconditional UNet of DDPM: an ``LDMPipeline`` (it samples square latents
-    of ``unet.config.sample_size`` and divides by ``scaling_factor``). Any other: a ``LatentDiffusionPipeline``
-    with the class names, and its code as ``pipeline.py``, which diffusers loads with ``custom_pipeline=<folder>``."""
+def export_pipeline(pipeline: LatentDiffusionPipeline, out_dir: Path) -> Path:
+    """A pipeline folder of ``pipeline``'s parts: the first stage (``vqvae``, its ``scaling_factor`` the latent
+    scale), the denoiser (``unet``) and the scheduler. An unconditional UNet of DDPM: an ``LDMPipeline`` (it samples
+    square latents of ``unet.config.sample_size`` and divides by ``scaling_factor``). Any other: the
+    ``LatentDiffusionPipeline`` with its class names and objective, its code as ``pipeline.py``, and
+    ``model_index.json`` naming that file (diffusers' ``["pipeline", "LatentDiffusionPipeline"]``), so
+    ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads it."""
     out_dir = Path(out_dir)
-    vae = copy.deepcopy(model.first_stage.vae)
-    vae.register_to_config(scaling_factor=float(model.latent_scale))
-    plain = (model.class_names is None and isinstance(model.denoiser, UNet2DModel)
-             and objective_of(model.scheduler) == "ddpm")
+    class_names = pipeline.config.class_names
+    plain = not class_names and isinstance(pipeline.unet, UNet2DModel) and pipeline.config.objective == "ddpm"
     if plain:
-        LDMPipeline(vqvae=vae, unet=model.denoiser, scheduler=model.scheduler).save_pretrained(out_dir)
+        LDMPipeline(vqvae=pipeline.vqvae, unet=pipeline.unet, scheduler=pipeline.scheduler).save_pretrained(out_dir)
         loads = "LDMPipeline.from_pretrained"
     else:
-        latent_pipeline.LatentDiffusionPipeline(vqvae=vae, unet=model.denoiser, scheduler=model.scheduler,
-                                                class_names=model.class_names).save_pretrained(out_dir)
-        shutil.copyfile(latent_pipeline.__file__, out_dir / "pipeline.py")
-        classes = f", {len(model.class_names)} classes" if model.class_names else ""
-        loads = f"DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True){classes}"
-    log.info("exported %s (%s) with scaling_factor %.5f", out_dir, loads, float(model.latent_scale))
+        pipeline.save_pretrained(out_dir)
+        shutil.copyfile(pipeline_code.__file__, out_dir / "pipeline.py")
+        index = out_dir / "model_index.json"
+        config = json.loads(index.read_text())  # save_pretrained writes the class name as a plain string
+        index.write_text(json.dumps({**config, "_class_name": ["pipeline", type(pipeline).__name__]}, indent=2) + "\n")
+        classes = f", {len(class_names)} classes" if class_names else ""
+        loads = f"DiffusionPipeline.from_pretrained(folder, trust_remote_code=True){classes}"
+    log.info("exported %s (%s) with scaling_factor %.5f", out_dir, loads, pipeline.vqvae.config.scaling_factor)
     return out_dir

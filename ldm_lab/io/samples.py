@@ -10,11 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torchvision.utils import make_grid, save_image
 
-from ldm_lab.diffusion.guidance import NULL_CLASS, class_ids
-from ldm_lab.diffusion.sampling import LatentDiffusionModel
+from ldm_lab.diffusion.pipeline import NULL_CLASS, LatentDiffusionPipeline
+from ldm_lab.diffusion.sampling import SamplingOptions, generate, requested_classes
 
 log = logging.getLogger(__name__)
 
@@ -64,25 +63,25 @@ def save_class_samples(images: torch.Tensor, labels: list[int], names: list[str]
     return grid
 
 
-def draw_samples(options: DictConfig, model: LatentDiffusionModel, out_dir: Path, default_size: tuple[int, int]) -> Path:
+def draw_samples(options: SamplingOptions, pipeline: LatentDiffusionPipeline, out_dir: Path,
+                 default_size: tuple[int, int]) -> Path:
     """Draw the images ``options`` (the config's ``sample.*``) asks for, of ``default_size`` (height, width)
     unless ``sample.height`` / ``sample.width`` say otherwise, and save them; returns the grid's path. A
     class-conditional model draws ``sample.num_images`` of each class of ``sample.class_labels``, guided
     by ``sample.guidance_scale``."""
-    model.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    height, width = options.height or default_size[0], options.width or default_size[1]
-    generate = {"sampler": options.sampler, "num_inference_steps": options.num_inference_steps, "eta": options.eta,
-                "batch_size": options.batch_size, "generator": torch.Generator().manual_seed(options.seed),
-                "progress": True}
+    pipeline.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    height, width = options.size(default_size)
+    generator = torch.Generator().manual_seed(options.seed)
     described = f"{options.sampler}, {options.num_inference_steps} steps, eta {options.eta:.2g}, seed {options.seed}"
-    if model.class_names is None:
-        images = model.generate(options.num_images, height, width, **generate)
+    class_names = pipeline.config.class_names
+    if not class_names:
+        images = generate(pipeline, options, options.num_images, height, width, generator, progress=True)
         grid = save_samples(images, out_dir)
     else:
-        labels = [i for i in class_ids(options.class_labels, model.class_names) for _ in range(options.num_images)]
-        images = model.generate(len(labels), height, width, class_labels=torch.tensor(labels),
-                                guidance_scale=options.guidance_scale, **generate)
-        grid = save_class_samples(images, labels, model.class_names, out_dir)
+        labels = [i for i in requested_classes(options, class_names) for _ in range(options.num_images)]
+        images = generate(pipeline, options, len(labels), height, width, generator, class_labels=labels,
+                          guidance_scale=options.guidance_scale, progress=True)
+        grid = save_class_samples(images, labels, class_names, out_dir)
         described += f", {len(set(labels))} classes x {options.num_images}, guidance {options.guidance_scale:g}"
     log.info("%d samples (%dx%d, %s): %s", len(images), width, height, described, out_dir)
     return grid

@@ -17,22 +17,21 @@ from hydra.utils import get_class
 from torch import nn
 
 from ldm_lab.config.errors import ConfigError
-from ldm_lab.diffusion.sampling import LatentDiffusionModel
+from ldm_lab.diffusion.objectives import Objective
+from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline
 from ldm_lab.io.checkpoints import read_checkpoint
 from ldm_lab.io.convert import converted, is_original
-from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
+from ldm_lab.nn.denoisers import model_classes
+from ldm_lab.nn.frozen_autoencoder import AUTOENCODERS, FrozenAutoencoder
 from ldm_lab.stages.build import load_stage
 
 AUTOENCODER, DENOISER, LATENT_DIFFUSION = "autoencoder", "denoiser", "latent_diffusion"
 WHAT = {AUTOENCODER: "an autoencoder (model=vae, vqvae or their tiny variants; AutoencoderKL or VQModel)",
         DENOISER: "a denoiser (UNet2DModel or DiTTransformer2DModel)",
         LATENT_DIFFUSION: "a latent diffusion model (model=unet or dit; a pipeline folder)"}
-FOLDER_CLASSES = {"AutoencoderKL": AUTOENCODER, "VQModel": AUTOENCODER, "UNet2DModel": DENOISER,
-                  "DiTTransformer2DModel": DENOISER}
-# A pipeline folder's subfolders: LDMPipeline's names, which the lab's own pipeline (io/latent_pipeline.py) keeps
+# A pipeline folder's subfolders: LDMPipeline's names, which the lab's own pipeline (diffusion/pipeline.py) keeps
 # for every denoiser
 PARTS = {AUTOENCODER: "vqvae", DENOISER: "unet"}
-SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
 
 
 class SourceError(ConfigError):
@@ -61,11 +60,17 @@ def _error(key: str, value, problem: str, accepts: tuple[str, ...]) -> SourceErr
         f"(LDM's or taming's model.ckpt, Stable Diffusion's VAE .safetensors)")
 
 
+def _classes_of(kind: str) -> list[str]:
+    """The diffusers model classes a folder of ``kind`` (AUTOENCODER | DENOISER) may hold."""
+    return [c.__name__ for c in AUTOENCODERS] if kind == AUTOENCODER else list(model_classes())
+
+
 def _folder_holds(path: Path) -> str | None:
     if (path / "model_index.json").is_file():
         return LATENT_DIFFUSION
     if (path / "config.json").is_file():
-        return FOLDER_CLASSES.get(json.loads((path / "config.json").read_text()).get("_class_name"))
+        name = json.loads((path / "config.json").read_text()).get("_class_name")
+        return next((kind for kind in (AUTOENCODER, DENOISER) if name in _classes_of(kind)), None)
     return None
 
 
@@ -124,11 +129,6 @@ def load_denoiser(value, key: str) -> nn.Module:
     return _from_folder(source.folder(DENOISER), _classes_of(DENOISER), DENOISER)
 
 
-def _classes_of(kind: str) -> list[str]:
-    """The diffusers model classes a folder of ``kind`` (AUTOENCODER | DENOISER) may hold."""
-    return [name for name, held in FOLDER_CLASSES.items() if held == kind]
-
-
 def _from_folder(folder: Path, known, what: str, config_name: str = "config.json"):
     """A diffusers model or scheduler saved in ``folder``, by the class its config names (one of ``known``)."""
     name = json.loads((folder / config_name).read_text())["_class_name"]
@@ -137,18 +137,20 @@ def _from_folder(folder: Path, known, what: str, config_name: str = "config.json
     return getattr(diffusers, name).from_pretrained(folder)
 
 
-def load_latent_diffusion(value, key: str) -> LatentDiffusionModel:
-    """A whole latent diffusion model, for sampling: a training checkpoint's evaluation denoiser and sampling
-    scheduler, or a pipeline folder's (``vqvae.config.scaling_factor`` is its latent scale; a class-conditional
-    export's ``model_index.json`` names its classes)."""
+def load_latent_diffusion(value, key: str) -> LatentDiffusionPipeline:
+    """A whole latent diffusion model as the pipeline that samples it: a training checkpoint's evaluation denoiser
+    and sampling scheduler, or a pipeline folder's (``vqvae.config.scaling_factor`` is its latent scale; the lab's
+    own ``model_index.json`` names its classes and objective, an ``LDMPipeline``'s is told by its scheduler)."""
     source = resolve(value, key, (LATENT_DIFFUSION,))
     if source.checkpoint:
-        return load_stage(source.path).sampling_model()
-    first_stage = load_first_stage(source.path / "vqvae", key)
-    class_names = json.loads((source.path / "model_index.json").read_text()).get("class_names") or None  # [] unconditional
+        return load_stage(source.path).pipeline()
+    vae = load_autoencoder(source.path / "vqvae", key)
+    index = json.loads((source.path / "model_index.json").read_text())
     denoiser = _from_folder(source.folder(DENOISER), _classes_of(DENOISER), DENOISER).eval()
-    scheduler = _from_folder(source.path / "scheduler", SCHEDULERS, "scheduler", "scheduler_config.json")
-    return LatentDiffusionModel(denoiser, first_stage, first_stage.vae.config.scaling_factor, scheduler, class_names)
+    scheduler = _from_folder(source.path / "scheduler", Objective.scheduler_names(), "scheduler",
+                             "scheduler_config.json")
+    objective = Objective.named(index.get("objective"), scheduler)
+    return LatentDiffusionPipeline(vae.eval(), denoiser, scheduler, index.get("class_names"), objective.name)
 
 
 def _is_hub_id(value) -> bool:

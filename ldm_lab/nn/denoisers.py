@@ -1,7 +1,7 @@
-"""The denoisers a latent diffusion model trains, behind one call: (latents, timesteps (N,), class labels or None)
--> prediction, and the side multiple each needs. The stage, the objectives, sampling, guidance and the export
-reach a network only through :func:`predict`, :func:`side_multiple` and :func:`build`; a new backbone is one
-class here plus one config.
+"""The denoisers a latent diffusion model trains: how each is built for the latents and classes it sees, and the
+side multiple it needs. Their call, (latents, timesteps, class labels) -> prediction, is the exported pipeline's
+(ldm_lab/diffusion/pipeline.py ``predict``). A new backbone is one :class:`Backbone` subclass here, its call in
+the pipeline file, and one config.
 
 - ``UNet2DModel`` (LDM's UNet; classes through diffusers' ``num_class_embeds`` = K + 1, added to the time
   embedding as ADM does, id K the null class).
@@ -14,20 +14,36 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Mapping
+from typing import ClassVar
 
-import torch
+from diffusers import DiTTransformer2DModel, UNet2DModel
 from torch import nn
 
 from ldm_lab.config.errors import ConfigError
 from ldm_lab.nn.downsampling import downsampling
 
 
-class UNet:
+class Backbone:
+    """A diffusers denoiser class: ``model_class``; ``architecture``, the config keys two networks must share for
+    weights to move between them; ``square_only``: whether it denoises square latents only."""
+
+    model_class: ClassVar[type[nn.Module]]
+    architecture: ClassVar[tuple[str, ...]]
+    square_only: ClassVar[bool] = False
+
+    def build(self, network: functools.partial, channels: int, num_classes: int | None) -> nn.Module:
+        raise NotImplementedError
+
+    def side_multiple(self, config: Mapping) -> int:
+        raise NotImplementedError
+
+
+class UNet(Backbone):
     """diffusers' ``UNet2DModel``: halves the side at each level but the last."""
 
+    model_class = UNet2DModel
     architecture = ("block_out_channels", "layers_per_block", "down_block_types", "attention_head_dim",
                     "in_channels", "num_class_embeds")
-    square_only = False
 
     def build(self, network: functools.partial, channels: int, num_classes: int | None) -> nn.Module:
         classes = {} if num_classes is None else {"num_class_embeds": num_classes + 1}
@@ -36,15 +52,12 @@ class UNet:
     def side_multiple(self, config: Mapping) -> int:
         return downsampling(config)
 
-    def __call__(self, network: nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
-                 class_labels: torch.Tensor | None) -> torch.Tensor:
-        return network(latents, timesteps, class_labels=class_labels).sample
 
-
-class DiT:
+class DiT(Backbone):
     """diffusers' ``DiTTransformer2DModel``: ``num_embeds_ada_norm`` classes K and its own null id K (the row its
     label embedder adds for classifier-free guidance); an unconditional model is K = 1 and always class 0."""
 
+    model_class = DiTTransformer2DModel
     architecture = ("num_attention_heads", "attention_head_dim", "num_layers", "patch_size", "in_channels",
                     "num_embeds_ada_norm")
     square_only = True
@@ -59,46 +72,30 @@ class DiT:
     def side_multiple(self, config: Mapping) -> int:
         return config["patch_size"]
 
-    def __call__(self, network: nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
-                 class_labels: torch.Tensor | None) -> torch.Tensor:
-        if latents.shape[-2] != latents.shape[-1]:
-            raise ConfigError(f"model=dit denoises square latents only (diffusers' DiTTransformer2DModel unpatchifies "
-                              f"a square), not {latents.shape[-2]}x{latents.shape[-1]}: train without aspect-ratio "
-                              f"buckets (data.buckets=null) and sample with sample.height equal to sample.width")
-        if class_labels is None:
-            class_labels = torch.zeros(len(latents), dtype=torch.long, device=latents.device)
-        return network(latents, timestep=timesteps, class_labels=class_labels).sample
+
+def model_classes() -> dict[str, type[nn.Module]]:
+    """The denoiser classes the lab trains and loads, by name."""
+    return {backbone.model_class.__name__: backbone.model_class for backbone in Backbone.__subclasses__()}
 
 
-BACKBONES = {"UNet2DModel": UNet(), "DiTTransformer2DModel": DiT()}
-
-
-def backbone(network_or_config: nn.Module | Mapping) -> UNet | DiT:
+def backbone(network_or_config: nn.Module | Mapping) -> Backbone:
     """The backbone of a network, of its diffusers config (``_class_name``) or of a composed ``model.denoiser``
     config (``_target_``)."""
     if isinstance(network_or_config, nn.Module):
-        return _named(type(network_or_config).__name__)
-    return _named(network_or_config.get("_class_name") or str(network_or_config.get("_target_", "")).rpartition(".")[2])
-
-
-def _named(name: str) -> UNet | DiT:
-    if name not in BACKBONES:
-        raise ConfigError(f"model.denoiser: {name or 'a config without _target_'} is no denoiser the lab knows; use "
-                          f"one of {', '.join(BACKBONES)} (model=unet, unet_tiny, dit or dit_tiny)")
-    return BACKBONES[name]
+        name = type(network_or_config).__name__
+    else:
+        name = network_or_config.get("_class_name") or str(network_or_config.get("_target_", "")).rpartition(".")[2]
+    for kind in Backbone.__subclasses__():
+        if kind.model_class.__name__ == name:
+            return kind()
+    raise ConfigError(f"model.denoiser: {name or 'a config without _target_'} is no denoiser the lab knows; use "
+                      f"one of {', '.join(model_classes())} (model=unet, unet_tiny, dit or dit_tiny)")
 
 
 def build(network: functools.partial, channels: int, num_classes: int | None) -> nn.Module:
     """The denoiser ``network`` (a partial of the model class) for latents of ``channels`` and ``num_classes``
     classes (None: unconditional)."""
-    return _named(network.func.__name__).build(network, channels, num_classes)
-
-
-def predict(network: nn.Module, latents: torch.Tensor, timesteps: torch.Tensor,
-            class_labels: torch.Tensor | None = None) -> torch.Tensor:
-    """The network's prediction for ``latents`` at ``timesteps`` (a number or one per image) of ``class_labels``."""
-    timesteps = torch.as_tensor(timesteps, device=latents.device)
-    return backbone(network)(network, latents, timesteps.expand(len(latents)), class_labels)
+    return backbone({"_class_name": network.func.__name__}).build(network, channels, num_classes)
 
 
 def side_multiple(network_or_config: nn.Module | Mapping) -> int:

@@ -15,12 +15,14 @@ import json
 import diffusers
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, VQModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from ldm_lab.config.errors import ConfigError
 from ldm_lab.nn.downsampling import downsampling
+
+AUTOENCODERS = (AutoencoderKL, VQModel)  # the first stages the lab trains and loads
 
 
 def kind_of(vae: nn.Module) -> str:

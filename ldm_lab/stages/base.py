@@ -25,6 +25,7 @@ from lightning.pytorch.strategies import ParallelStrategy
 from omegaconf import DictConfig
 
 from ldm_lab.config.errors import ConfigError
+from ldm_lab.diffusion.sampling import SamplingOptions
 from ldm_lab.io.checkpoints import check_resume_kind, nonfinite_tensors
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ class TrainingStage(L.LightningModule):
         """Write the trained model as a diffusers folder; ``datamodule`` builds the data (if the export measures it)."""
         raise NotImplementedError
 
-    def after_training(self, output_dir: Path, datamodule, sample_options: DictConfig) -> None:
+    def after_training(self, output_dir: Path, datamodule, sampling: SamplingOptions) -> None:
         """What task=train does after the export (a latent diffusion model draws a grid of samples)."""
 
     @property
@@ -212,20 +213,20 @@ class TrainingStage(L.LightningModule):
             )
 
     def _optimizer_step(self, active: list[bool]) -> None:
-        optimizers, schedulers = _as_list(self.optimizers()), _as_list(self.lr_schedulers())
+        optimizers, lr_schedules = _as_list(self.optimizers()), _as_list(self.lr_schedulers())
         if self._contributed == 0:  # every micro-batch of this cycle was skipped: nothing to apply
             for optimizer in optimizers:
                 optimizer.zero_grad(set_to_none=True)
             return
         if not self._gradients_synced:
             self._all_reduce_gradients()
-        for optimizer, scheduler, is_active in zip(optimizers, schedulers, active, strict=True):
+        for optimizer, lr_schedule, is_active in zip(optimizers, lr_schedules, active, strict=True):
             if is_active:
                 if self.gradient_clip_val:
                     self._clip_gradients(optimizer)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
+                lr_schedule.step()
         self.step += 1
         self.on_optimizer_step()
         self._log_train_scalars()

@@ -9,7 +9,7 @@ time embedding, as ADM and DiT condition. LDM's cin256 put one class token
 through cross-attention instead: with one key, softmax gives it weight 1, so each attention layer only
 adds a class-dependent vector, while the time embedding reaches every residual block's scale and shift,
 and costs no attention. Training replaces a label by the null class with probability ``label_dropout``
-(classifier-free guidance, Ho & Salimans 2022; ldm_lab/diffusion/guidance.py samples with it).
+(classifier-free guidance, Ho & Salimans 2022; ldm_lab/diffusion/pipeline.py samples with it).
 
 The first stage is frozen. Latents come from the latent cache (moments stored per image) or are encoded
 on the fly; either way ``latent_scale`` (1 / std of the training latents) multiplies them. It is set
@@ -34,9 +34,9 @@ from torch import nn
 
 from ldm_lab.config.errors import ConfigError
 from ldm_lab.config.speed import optimizer_options
-from ldm_lab.diffusion.guidance import class_ids
 from ldm_lab.diffusion.objectives import DDPM, RectifiedFlow
-from ldm_lab.diffusion.sampling import LatentDiffusionModel
+from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline, predict
+from ldm_lab.diffusion.sampling import SamplingOptions, generate, requested_classes
 from ldm_lab.io.checkpoints import CheckpointError
 from ldm_lab.io.export import export_pipeline
 from ldm_lab.io.samples import draw_samples, grid_classes
@@ -152,7 +152,7 @@ class LatentDiffusionStage(TrainingStage):
     @classmethod
     def inference_config(cls, model: dict, state: dict) -> dict:
         """The first stage rebuilt from the checkpoint's description (its weights are in the state dict), not its
-        source; the ``preview`` sampling options older checkpoints hold are the image logger's now (issue 22)."""
+        source; the ``preview`` sampling options older checkpoints hold are dropped (the image logger reads ``sample.*``)."""
         model["first_stage"] = state["first_stage"]
         model.pop("preview", None)
         return model
@@ -230,19 +230,21 @@ class LatentDiffusionStage(TrainingStage):
 
     def export(self, out_dir: Path, datamodule: Callable[[], object]) -> Path:
         """A pipeline folder of the evaluation denoiser and the sampling scheduler (no data needed)."""
-        return export_pipeline(self.sampling_model(), out_dir)
+        return export_pipeline(self.pipeline(), out_dir)
 
-    def after_training(self, output_dir: Path, datamodule, sample_options: DictConfig) -> None:
+    def after_training(self, output_dir: Path, datamodule, sampling: SamplingOptions) -> None:
         """A grid of ``sample.*`` samples at the leftover bucket's resolution, on the GPU when there is one."""
         self.to("cpu")
-        grid = draw_samples(sample_options, self.sampling_model(), output_dir / "samples", datamodule.leftover_resolution)
+        grid = draw_samples(sampling, self.pipeline(), output_dir / "samples", datamodule.leftover_resolution)
         log.info("sample grid: %s", grid)
 
-    def sampling_model(self) -> LatentDiffusionModel:
-        """The parts sampling needs: the evaluation denoiser, the first stage, the latent scale, the objective's
-        sampling scheduler."""
-        return LatentDiffusionModel(self.eval_denoiser, self.first_stage, float(self.latent_scale),
-                                    self.objective.sampling_scheduler, self.class_names)
+    def pipeline(self) -> LatentDiffusionPipeline:
+        """What sampling and the export use: the first stage (its ``scaling_factor`` set to the latent scale), the
+        evaluation denoiser, the objective's sampling scheduler, the classes and the objective's name."""
+        self.first_stage.vae.register_to_config(scaling_factor=float(self.latent_scale))
+        return LatentDiffusionPipeline(vqvae=self.first_stage.vae, unet=self.eval_denoiser,
+                                       scheduler=self.objective.sampling_scheduler, class_names=self.class_names,
+                                       objective=self.objective.name)
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -310,10 +312,10 @@ class LatentDiffusionStage(TrainingStage):
              class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """The objective's loss of ``network`` on ``latents`` (of ``class_labels``, for a class-conditional model);
         ``training``: at the objective's training timesteps and weighting, else its validation loss."""
-        def predict(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            return denoisers.predict(network, noisy, timesteps, class_labels)
+        def predict_noise(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            return predict(network, noisy, timesteps, class_labels)
 
-        return self.objective.loss(predict, latents, generator, training)
+        return self.objective.loss(predict_noise, latents, generator, training)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         generator = self.step_generator(self.device)
@@ -365,23 +367,21 @@ class LatentDiffusionStage(TrainingStage):
         self.log_validation({name: torch.tensor(loss / count), f"{name}_ema": torch.tensor(loss_ema / count)})
 
     # ----------------------------------------------------------------------------- sampling
-    def preview_images(self, datamodule, num_images: int, sampling: Mapping) -> tuple[str, torch.Tensor, int]:
-        """For :class:`~ldm_lab.callbacks.image_logger.ImageLogger`: samples from the same noise every time,
-        with the EMA weights, drawn as ``sampling`` (the run's ``sample.*``) says; a class-conditional model's
-        grid has a row per class (:func:`~ldm_lab.io.samples.grid_classes`) of ``num_images`` // rows images."""
+    def preview_images(self, datamodule, num_images: int, sampling: SamplingOptions) -> tuple[str, torch.Tensor, int]:
+        """For :class:`~ldm_lab.callbacks.image_logger.ImageLogger`: samples from the same noise every time (the
+        run's seed), in one batch, with the EMA weights, drawn as ``sampling`` (the run's ``sample.*``) says; a
+        class-conditional model's grid has a row per class (:func:`~ldm_lab.io.samples.grid_classes`) of
+        ``num_images`` // rows images."""
         height, width = datamodule.leftover_resolution
         generator = torch.Generator().manual_seed(self.seed)
-        options = {key: sampling[key] for key in ("sampler", "num_inference_steps", "eta", "guidance_scale")
-                   if key in sampling}
-        model = self.sampling_model()
         if self.class_names is None:
-            options.pop("guidance_scale", None)
-            images = model.generate(num_images, height, width, generator=generator, **options)
+            images = generate(self.pipeline(), sampling, num_images, height, width, generator, batch_size=num_images)
             return "samples", images, math.ceil(math.sqrt(num_images))
-        rows = grid_classes(class_ids(sampling.get("class_labels"), self.class_names))
+        rows = grid_classes(requested_classes(sampling, self.class_names))
         per_row = max(1, num_images // len(rows))
-        labels = torch.tensor(rows).repeat_interleave(per_row)
-        images = model.generate(len(labels), height, width, generator=generator, class_labels=labels, **options)
+        labels = [label for label in rows for _ in range(per_row)]
+        images = generate(self.pipeline(), sampling, len(labels), height, width, generator, class_labels=labels,
+                          guidance_scale=sampling.guidance_scale, batch_size=len(labels))
         return "samples", images, per_row
 
     # ----------------------------------------------------------------------------- checkpoints

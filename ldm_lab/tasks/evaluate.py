@@ -24,7 +24,8 @@ from omegaconf import DictConfig
 
 from ldm_lab.config.errors import ConfigError
 from ldm_lab.data.synthetic import SyntheticSource
-from ldm_lab.diffusion.sampling import LatentDiffusionModel
+from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline
+from ldm_lab.diffusion.sampling import SamplingOptions, generate
 from ldm_lab.evaluation.classes import correct, load_classifier, spread_labels
 from ldm_lab.evaluation.metrics import ReconstructionMetrics, SampleQuality, make_fid
 from ldm_lab.evaluation.offline import (
@@ -44,6 +45,7 @@ from ldm_lab.io.sources import (
     resolve,
 )
 from ldm_lab.io.weights import MissingWeightsError, find_weights, missing_message
+from ldm_lab.nn.denoisers import side_multiple
 from ldm_lab.tasks.trainer import build_datamodule
 
 FEATURES = ("auto", "inception", "synthetic")  # evaluate.features: the embedding of an LDM's sample FID
@@ -99,28 +101,27 @@ def _features(cfg: DictConfig, datamodule) -> tuple[str, Path | None]:
 
 def evaluate_diffusion(cfg: DictConfig, source: Source, device: torch.device) -> tuple[dict, list[str], str]:
     """FID of ``evaluate.num_samples`` samples (drawn as ``sample.*`` says) against the training images."""
-    model = load_latent_diffusion(source.path, source.key).to(device)
-    datamodule = _datamodule(cfg, model.downsample_factor)
-    if model.class_names is not None:
-        return evaluate_class_conditional(cfg, model, datamodule, device)
+    pipeline = load_latent_diffusion(source.path, source.key).to(device)
+    datamodule = _datamodule(cfg, pipeline.downsample_factor * side_multiple(pipeline.unet))
+    options = SamplingOptions.from_config(cfg.sample)
+    if pipeline.config.class_names:
+        return evaluate_class_conditional(cfg, pipeline, options, datamodule, device)
     features, weights = _features(cfg, datamodule)
-    options = cfg.sample
-    height, width = options.height or datamodule.resolution, options.width or datamodule.resolution
+    height, width = options.size((datamodule.resolution, datamodule.resolution))
     generator = torch.Generator().manual_seed(options.seed)
 
-    def generate(n: int) -> torch.Tensor:
-        return model.generate(n, height, width, sampler=options.sampler, num_inference_steps=options.num_inference_steps,
-                              eta=options.eta, batch_size=n, generator=generator)
+    def draw(n: int) -> torch.Tensor:
+        return generate(pipeline, options, n, height, width, generator, batch_size=n)
 
     notes = []
     if features == "inception":
         fid = make_fid(2048, str(weights)).to(device)
         reference = _reference_path(cfg, datamodule, "train", int((~datamodule.is_val).sum()))
-        results = evaluate_samples(generate, cfg.evaluate.num_samples, options.batch_size,
+        results = evaluate_samples(draw, cfg.evaluate.num_samples, options.batch_size,
                                    datamodule.reference_dataloader(), fid, reference)
     else:
         feature_net, described = load_feature_net(cfg.evaluate.reference_dir, datamodule.resolution)
-        results = evaluate_samples_against_floor(generate, cfg.evaluate.num_samples, options.batch_size,
+        results = evaluate_samples_against_floor(draw, cfg.evaluate.num_samples, options.batch_size,
                                                  datamodule.reference_dataloader(), SampleQuality(feature_net))
         notes.append(f"features: {described}, not Inception: these figures compare only with each other. "
                      f"floor_*: held-out real images in the samples' place")
@@ -132,18 +133,19 @@ def evaluate_diffusion(cfg: DictConfig, source: Source, device: torch.device) ->
     return results, notes, datamodule.source.name
 
 
-def evaluate_class_conditional(cfg: DictConfig, model: LatentDiffusionModel, datamodule,
-                               device: torch.device) -> tuple[dict, list[str], str]:
+def evaluate_class_conditional(cfg: DictConfig, pipeline: LatentDiffusionPipeline, options: SamplingOptions,
+                               datamodule, device: torch.device) -> tuple[dict, list[str], str]:
     """``evaluate.num_samples`` samples spread evenly over the classes, at guidance 1 and at
     ``sample.guidance_scale`` (or at ``evaluate.guidance_scales``), from the same noise at each: FID (and, in
     the synthetic features, precision/recall against the floor, and per class where a class has enough
     samples) and the share of samples a classifier tells as their class."""
-    if datamodule.class_names != model.class_names:
-        raise ConfigError(f"evaluate.model draws the classes {model.class_names[:8]}..., the data has "
+    class_names = list(pipeline.config.class_names)
+    if datamodule.class_names != class_names:
+        raise ConfigError(f"evaluate.model draws the classes {class_names[:8]}..., the data has "
                           f"{(datamodule.class_names or [])[:8]}: evaluate it on the data it was trained on")
     features, weights = _features(cfg, datamodule)
-    options, num_classes = cfg.sample, len(model.class_names)
-    height, width = options.height or datamodule.resolution, options.width or datamodule.resolution
+    num_classes = len(class_names)
+    height, width = options.size((datamodule.resolution, datamodule.resolution))
     labels = spread_labels(cfg.evaluate.num_samples, num_classes)
     scales = sorted({float(s) for s in cfg.evaluate.guidance_scales or (1.0, options.guidance_scale)})
     notes = [f"{len(labels)} samples, classes evenly ({len(labels) // num_classes}-{-(-len(labels) // num_classes)} "
@@ -172,9 +174,8 @@ def evaluate_class_conditional(cfg: DictConfig, model: LatentDiffusionModel, dat
             fid.reset()  # the samples of the last scale; the real statistics stay
         for start in range(0, len(labels), options.batch_size):
             batch = labels[start : start + options.batch_size]
-            images = model.generate(len(batch), height, width, sampler=options.sampler, eta=options.eta,
-                                    num_inference_steps=options.num_inference_steps, batch_size=len(batch),
-                                    generator=generator, class_labels=batch, guidance_scale=scale).float().clamp(-1, 1)
+            images = generate(pipeline, options, len(batch), height, width, generator, class_labels=batch.tolist(),
+                              guidance_scale=scale, batch_size=len(batch)).clamp(-1, 1)
             if features == "synthetic":
                 quality.update(images, f"samples@{scale:g}", batch)
             else:
@@ -187,8 +188,8 @@ def evaluate_class_conditional(cfg: DictConfig, model: LatentDiffusionModel, dat
             results.update({f"{name}{at}": value for name, value in figures.items() if "images" not in name})
             results.update(reference_images=figures["reference_images"], held_out_images=figures["held_out_images"])
             for label, per_class in quality.compute_per_class(f"samples@{scale:g}").items():
-                results[f"fid of {model.class_names[label]}{at}"] = per_class["fid"]
-                results[f"floor_fid of {model.class_names[label]}{at}"] = per_class["floor_fid"]
+                results[f"fid of {class_names[label]}{at}"] = per_class["fid"]
+                results[f"floor_fid of {class_names[label]}{at}"] = per_class["floor_fid"]
         else:
             results[f"fid{at}"] = float(fid.compute())
         if told:

@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ldm_lab.config.errors import ConfigError
+from ldm_lab.diffusion.sampling import SamplingOptions
 from ldm_lab.io.samples import draw_samples
 from ldm_lab.io.sources import load_latent_diffusion
 
@@ -21,8 +22,9 @@ log = logging.getLogger(__name__)
 def run(cfg: DictConfig) -> Path:
     if cfg.sample.model is None:
         raise ConfigError("task=sample needs ckpt_path=<an LDM checkpoint> or sample.model=<an exported pipeline folder>")
-    model = load_latent_diffusion(cfg.sample.model, "sample.model")
-    side = model.denoiser.config.sample_size * model.first_stage.downsample_factor
-    grid = draw_samples(cfg.sample, model, Path(cfg.paths.output_dir) / "samples", (side, side))
+    pipeline = load_latent_diffusion(cfg.sample.model, "sample.model")
+    side = pipeline.unet.config.sample_size * pipeline.downsample_factor
+    grid = draw_samples(SamplingOptions.from_config(cfg.sample), pipeline, Path(cfg.paths.output_dir) / "samples",
+                        (side, side))
     log.info("sample grid: %s", grid)
     return grid
