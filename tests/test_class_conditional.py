@@ -24,9 +24,11 @@ from ldm_lab.data.synthetic import SyntheticSource, class_names
 from ldm_lab.diffusion.pipeline import class_ids, guided
 from ldm_lab.diffusion.sampling import SamplingOptions, generate, requested_classes
 from ldm_lab.evaluation.classes import correct, load_classifier, spread_labels
+from ldm_lab.io.checkpoints import read_checkpoint
+from ldm_lab.io.networks import latent_diffusion_of
 from ldm_lab.io.samples import grid_classes
 from ldm_lab.io.sources import load_latent_diffusion
-from ldm_lab.stages.build import build_stage, load_stage
+from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks import evaluate, sample, train
 from ldm_lab.tasks.trainer import build_datamodule
 from tests.conftest import LDM_TINY
@@ -196,8 +198,8 @@ def trained(compose_cfg, first_stage, tmp_path):
 
 def test_train_sample_and_resume_with_classes(compose_cfg, first_stage, trained, tmp_path):
     checkpoint = trained / "checkpoints" / "last.ckpt"
-    stage = load_stage(checkpoint)  # rebuilt from the checkpoint's config alone: the classes are in it
-    assert stage.class_names == class_names(4) and stage.denoiser.config.num_class_embeds == 5
+    networks = latent_diffusion_of(read_checkpoint(checkpoint))  # from the checkpoint alone: the classes are in it
+    assert networks.class_names == class_names(4) and networks.denoiser.config.num_class_embeds == 5
     with Image.open(trained / "images" / "samples_step0000002.png") as preview:  # 4 rows (classes) of 2
         assert preview.size == (2 * 34 + 2, 4 * 34 + 2)
     sample.run(_cfg(compose_cfg, first_stage, "task=sample", f"ckpt_path={checkpoint}", "sample.num_images=3",
@@ -221,7 +223,7 @@ def test_the_export_samples_a_class_through_diffusers_alone(compose_cfg, first_s
     code = f"""
 import sys, torch
 from diffusers import DiffusionPipeline
-pipe = DiffusionPipeline.from_pretrained({str(export)!r}, custom_pipeline={str(export)!r}, trust_remote_code=True)
+pipe = DiffusionPipeline.from_pretrained({str(export)!r}, trust_remote_code=True)  # model_index names pipeline.py
 images = pipe(class_labels=["02-polygons-hue225", 3], guidance_scale=2.5, num_inference_steps=3, height=32, width=32,
               generator=torch.Generator().manual_seed(7), output_type="pt").images
 torch.save(images, {str(tmp_path / "theirs.pt")!r})
@@ -235,7 +237,9 @@ print(type(pipe).__name__, "ldm_lab" in sys.modules)
                     torch.Generator().manual_seed(7), class_labels=[2, 3], guidance_scale=2.5)
     theirs = torch.load(tmp_path / "theirs.pt")
     torch.testing.assert_close(theirs, ((ours + 1) / 2).clamp(0, 1), rtol=0, atol=1e-5)
-    assert json.loads((export / "model_index.json").read_text())["class_names"] == class_names(4)
+    index = json.loads((export / "model_index.json").read_text())
+    assert index["class_names"] == class_names(4) and index["objective"] == "ddpm"
+    assert index["_class_name"] == ["pipeline", "LatentDiffusionPipeline"]
 
 
 def test_evaluate_spreads_samples_over_the_classes_at_guidance_1_and_the_chosen_scale(compose_cfg, first_stage,

@@ -1,20 +1,28 @@
-"""Checkpoints and latent caches written by older code still load: their config's ``_target_`` paths name modules
-that have moved since (issue 22), and ``read_checkpoint`` maps them; caches keep their on-disk order of sides. tests/fixtures/legacy_*.ckpt were written before
-the move (tests/fixtures/make_legacy_checkpoints.sh)."""
+"""Checkpoints, exports and latent caches written by older code still load: their config's ``_target_`` paths name
+modules that have moved since, and ``read_checkpoint`` maps them; exports may lack what the pipeline records now;
+caches keep their on-disk order of sides. tests/fixtures/legacy_*.ckpt were written before the moves
+(tests/fixtures/make_legacy_checkpoints.sh)."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, LDMPipeline
+from diffusers import AutoencoderKL, LDMPipeline, UNet2DModel
 from PIL import Image
 
 from ldm_lab.data.datamodule import BucketConfig, ImageDataModule
 from ldm_lab.data.latent_cache import CachedLatents, LatentCache, data_fingerprint
 from ldm_lab.data.sources import FolderSource
+from ldm_lab.diffusion.objectives import RectifiedFlow
+from ldm_lab.diffusion.sampling import SamplingOptions, assemble, generate
 from ldm_lab.io.checkpoints import MOVED_MODULES, current_targets, read_checkpoint
+from ldm_lab.io.export import export_pipeline
+from ldm_lab.io.sources import load_latent_diffusion
 from ldm_lab.tasks import export, sample, train
 from tests.conftest import ROOT
+from tests.helpers import save_tiny_first_stage
 
 FIXTURES = ROOT / "tests" / "fixtures"
 LEGACY_RUN = ["data.resolution=32", "data.batch_size=2", "data.num_val=2", "data.num_workers=0",
@@ -55,6 +63,26 @@ def test_an_old_ldm_checkpoint_samples_and_exports(compose_cfg, tmp_path):
                                   f"paths.output_dir={tmp_path / 'x'}"], tiny=False))
     pipeline = LDMPipeline.from_pretrained(out)
     assert list(pipeline.unet.config.block_out_channels) == [8, 8, 8]
+
+
+def test_an_export_without_its_objective_or_pipeline_file_named_loads_and_samples_alike(tmp_path):
+    """Exports written before the pipeline recorded its objective and model_index.json named pipeline.py: the lab
+    tells the objective by the scheduler, and draws the same images."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL.from_pretrained(save_tiny_first_stage("kl", tmp_path / "vae"))
+    unet = UNet2DModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=8)
+    flow = RectifiedFlow()
+    folder = export_pipeline(assemble(vae, unet, 1.3, flow, None), tmp_path / "export")
+    options = SamplingOptions(sampler="heun", num_inference_steps=3)
+    today = generate(load_latent_diffusion(folder, "sample.model"), options, 2, 32, 32, torch.Generator().manual_seed(1))
+    index = json.loads((folder / "model_index.json").read_text())
+    del index["objective"]
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "LatentDiffusionPipeline"}))
+    old = load_latent_diffusion(folder, "sample.model")
+    assert old.config.objective == "rectified_flow"
+    torch.testing.assert_close(generate(old, options, 2, 32, 32, torch.Generator().manual_seed(1)), today, rtol=0, atol=0)
 
 
 def test_latent_caches_written_before_the_height_width_order_keep_reading(tmp_path):

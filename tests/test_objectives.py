@@ -25,9 +25,11 @@ from ldm_lab.config.validate import check_moved_keys
 from ldm_lab.diffusion.objectives import DDPM, Objective, RectifiedFlow
 from ldm_lab.diffusion.pipeline import denoise, guided, predict
 from ldm_lab.diffusion.sampling import SamplingOptions, generate
+from ldm_lab.io.checkpoints import read_checkpoint
+from ldm_lab.io.networks import latent_diffusion_of
 from ldm_lab.io.sources import load_latent_diffusion
 from ldm_lab.nn import denoisers
-from ldm_lab.stages.build import load_stage
+from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks import sample, train
 from tests.conftest import LDM_TINY, ROOT
 from tests.helpers import save_tiny_first_stage
@@ -160,11 +162,11 @@ def test_keys_and_checkpoints_from_before_the_seams():
     check_moved_keys(["model=unet", "model.denoiser.sample_size=8", "model.objective.ddim.steps_offset=0"])
     legacy = ROOT / "tests" / "fixtures" / "legacy_ldm.ckpt"  # model.unet, model.noise_scheduler, unet.* weights
     stored = torch.load(legacy, map_location="cpu", weights_only=False)
-    stage = load_stage(legacy)
-    assert isinstance(stage.objective, DDPM) and isinstance(stage.denoiser, UNet2DModel)
-    assert stage.objective.noise_scheduler.config.beta_schedule == stored["ldm_lab"]["config"]["model"][
+    networks = latent_diffusion_of(read_checkpoint(legacy))
+    assert isinstance(networks.objective, DDPM) and isinstance(networks.denoiser, UNet2DModel)
+    assert networks.objective.noise_scheduler.config.beta_schedule == stored["ldm_lab"]["config"]["model"][
         "noise_scheduler"]["beta_schedule"]
-    assert torch.equal(stage.denoiser.conv_out.weight, stored["state_dict"]["unet.conv_out.weight"])
+    assert torch.equal(networks.denoiser.conv_out.weight, stored["state_dict"]["ema.module.conv_out.weight"])
 
 
 # ------------------------------------------------------------------------------------ every pair, end to end
@@ -208,9 +210,12 @@ def test_every_pair_trains_validates_and_samples_from_its_export(compose_cfg, tr
     assert checkpoint["ldm_lab"]["step"] == 2
     assert any(f"'monitor': 'val/{loss}_ema'" in key for key in checkpoint["callbacks"])  # best.ckpt chosen on it
     assert (run / "samples" / "grid.png").is_file()
-    stage = load_stage(run / "checkpoints" / "last.ckpt")
-    assert type(stage.denoiser) is (DiTTransformer2DModel if model == "dit_tiny" else UNet2DModel)
-    assert type(stage.objective) is (RectifiedFlow if objective == "rectified_flow" else DDPM)
+    networks = latent_diffusion_of(read_checkpoint(run / "checkpoints" / "last.ckpt"))
+    assert type(networks.denoiser) is (DiTTransformer2DModel if model == "dit_tiny" else UNet2DModel)
+    assert type(networks.objective) is (RectifiedFlow if objective == "rectified_flow" else DDPM)
+    stage = build_stage(compose_cfg([*LDM_TINY, f"model={model}", f"model/objective={objective}",
+                                     f"model.first_stage={run.parent.parent / 'first_stage'}",
+                                     *(DIT_TINY if model == "dit_tiny" else [])], tiny=False).model, None)
     bucketed = SimpleNamespace(buckets={"step": 64})  # a datamodule with aspect-ratio buckets
     if model == "dit_tiny":  # refused before any latent is encoded
         with pytest.raises(ConfigError, match="square latents only.*data.buckets=null"):
@@ -219,7 +224,8 @@ def test_every_pair_trains_validates_and_samples_from_its_export(compose_cfg, tr
         stage.attach_data(bucketed, run / "cache")
     exported = load_latent_diffusion(run / "export", "sample.model")  # the folder, loaded back
     options = SamplingOptions(num_inference_steps=3)
-    ours = generate(stage.pipeline(), options, 2, 32, 32, torch.Generator().manual_seed(3))
+    ours = generate(load_latent_diffusion(run / "checkpoints" / "last.ckpt", "sample.model"), options, 2, 32, 32,
+                    torch.Generator().manual_seed(3))
     theirs = generate(exported, options, 2, 32, 32, torch.Generator().manual_seed(3))
     torch.testing.assert_close(theirs, ours, rtol=0, atol=1e-5)
     grid = sample.run(compose_cfg([*LDM_TINY, "task=sample", f"sample.model={run / 'export'}", "sample.num_images=2",

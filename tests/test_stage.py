@@ -10,7 +10,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from hydra.errors import InstantiationException
 
 from ldm_lab.nn.ema import ema_with_warmup
-from ldm_lab.stages.base import NonFiniteLossError
+from ldm_lab.stages.base import NonFiniteLossError, TrainingStage
 from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks.trainer import build_datamodule
 from tests.helpers import StopAt, fit, random_batches
@@ -208,19 +208,23 @@ def test_unloadable_pretrained_model_says_how_to_get_it(compose_cfg, tmp_path, m
         _stage(compose_cfg, "model.pretrained=stabilityai/sd-vae-ft-mse")
 
 
-def test_inference_loading_needs_no_lpips_weights(compose_cfg, tmp_path, monkeypatch):
+def test_inference_loading_needs_no_lpips_weights_and_builds_no_stage(compose_cfg, tmp_path, monkeypatch):
     from torchvision.models import vgg16
 
-    from ldm_lab.stages.build import load_stage
+    from ldm_lab.io.sources import load_autoencoder
+    from ldm_lab.nn.discriminator import NLayerDiscriminator
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     weights = tmp_path / "torch" / "hub" / "checkpoints" / "vgg16-397923af.pth"
     weights.parent.mkdir(parents=True)
     torch.save(vgg16().state_dict(), weights)
-    stage, _ = _stage(compose_cfg, "model.loss.perceptual_weight=0.5", "model.max_steps=1")
+    stage, _ = _stage(compose_cfg, "model.loss.perceptual_weight=0.5", "model.max_steps=2")
     assert stage.loss.perceptual is not None
-    trainer = fit(stage, random_batches(1))
+    trainer = fit(stage, random_batches(2))  # two steps: the EMA's first update copies the weights
     trainer.save_checkpoint(tmp_path / "trained.ckpt")
     weights.unlink()  # an export or evaluation machine without the VGG16 weights
-    loaded = load_stage(tmp_path / "trained.ckpt")
-    assert torch.equal(loaded.vae.decoder.conv_out.weight, stage.vae.decoder.conv_out.weight)
+    for built in (TrainingStage, NLayerDiscriminator):  # what only training uses
+        monkeypatch.setattr(built, "__init__", lambda *args, name=built.__name__, **kwargs: pytest.fail(f"{name} built"))
+    loaded = load_autoencoder(tmp_path / "trained.ckpt", "evaluate.model")
+    assert torch.equal(loaded.decoder.conv_out.weight, stage.eval_vae.decoder.conv_out.weight)  # the EMA's
+    assert not torch.equal(loaded.decoder.conv_out.weight, stage.vae.decoder.conv_out.weight)

@@ -49,6 +49,14 @@ class SamplingOptions:
         return self.height or default[0], self.width or default[1]
 
 
+def assemble(vae: torch.nn.Module, denoiser: torch.nn.Module, latent_scale: float, objective: Objective,
+             class_names: Sequence[str] | None) -> LatentDiffusionPipeline:
+    """The pipeline of a latent diffusion model's parts: the first stage with its ``scaling_factor`` set to the
+    latent scale, the denoiser, the scheduler of the objective's default sampler, the classes, the objective."""
+    vae.register_to_config(scaling_factor=float(latent_scale))
+    return LatentDiffusionPipeline(vae, denoiser, objective.sampling_scheduler, class_names, objective.name)
+
+
 def requested_classes(options: SamplingOptions, class_names: Sequence[str]) -> list[int]:
     """``sample.class_labels`` as ids (None: every class)."""
     if options.class_labels is None:

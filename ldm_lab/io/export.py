@@ -6,10 +6,10 @@ that carries its code as ``pipeline.py`` (ldm_lab/diffusion/pipeline.py)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import shutil
-from collections.abc import Iterable
 from pathlib import Path
 
 from diffusers import LDMPipeline, UNet2DModel
@@ -22,11 +22,13 @@ from ldm_lab.nn.frozen_autoencoder import measure_latent_scale
 log = logging.getLogger(__name__)
 
 
-def export_autoencoder(vae: nn.Module, pixel_batches: Iterable[dict], out_dir: Path) -> Path:
-    """Write ``vae`` with ``save_pretrained``; ``scaling_factor`` is 1/std of its latents on ``pixel_batches``,
-    measured as the LDM's latent cache measures it (:class:`~ldm_lab.nn.frozen_autoencoder.LatentScale`:
-    exact for a KL posterior, not one sample)."""
-    scale = measure_latent_scale(vae, pixel_batches)
+def export_autoencoder(vae: nn.Module, datamodule, out_dir: Path, scale_batches: int = 4) -> Path:
+    """Write ``vae`` with ``save_pretrained``; ``scaling_factor`` is 1/std of its latents on up to ``scale_batches``
+    of the datamodule's validation batches, measured as the LDM's latent cache measures it
+    (:class:`~ldm_lab.nn.frozen_autoencoder.LatentScale`: exact for a KL posterior, not one sample)."""
+    datamodule.prepare_data()
+    datamodule.setup("validate")
+    scale = measure_latent_scale(vae.eval(), itertools.islice(datamodule.val_dataloader(), scale_batches))
     vae.register_to_config(scaling_factor=scale)
     vae.save_pretrained(out_dir)
     log.info("exported %s (%s.from_pretrained) with scaling_factor %.5f", out_dir, type(vae).__name__, scale)

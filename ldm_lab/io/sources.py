@@ -8,22 +8,22 @@ id too (``from_pretrained`` downloads it where there is a network)."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import diffusers
 from diffusers import AutoencoderKL
-from hydra.utils import get_class
 from torch import nn
 
 from ldm_lab.config.errors import ConfigError
 from ldm_lab.diffusion.objectives import Objective
 from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline
+from ldm_lab.diffusion.sampling import assemble
 from ldm_lab.io.checkpoints import read_checkpoint
 from ldm_lab.io.convert import converted, is_original
+from ldm_lab.io.networks import autoencoder_of, holds_latent_diffusion, latent_diffusion_of
 from ldm_lab.nn.denoisers import model_classes
 from ldm_lab.nn.frozen_autoencoder import AUTOENCODERS, FrozenAutoencoder
-from ldm_lab.stages.build import load_stage
 
 AUTOENCODER, DENOISER, LATENT_DIFFUSION = "autoencoder", "denoiser", "latent_diffusion"
 WHAT = {AUTOENCODER: "an autoencoder (model=vae, vqvae or their tiny variants; AutoencoderKL or VQModel)",
@@ -45,8 +45,9 @@ class Source:
 
     key: str
     path: Path
-    holds: str  # AUTOENCODER | UNET | LATENT_DIFFUSION
-    checkpoint: bool  # a lab training checkpoint, else a diffusers folder
+    holds: str  # AUTOENCODER | DENOISER | LATENT_DIFFUSION
+    checkpoint: dict | None = field(default=None, compare=False, repr=False)  # a lab training checkpoint, read
+    # with its tensors memory-mapped; None: a diffusers folder
 
     def folder(self, part: str) -> Path:
         """The diffusers folder of ``part``: the folder itself, or a pipeline's subfolder."""
@@ -76,11 +77,15 @@ def _folder_holds(path: Path) -> str | None:
 
 def resolve(value, key: str, accepts: tuple[str, ...]) -> Source:
     """What ``key=value`` holds, checked against what the key ``accepts`` (a latent diffusion model serves
-    as its parts): the one place a source is told apart and refused."""
+    as its parts): the one place a source is told apart and refused. A resolved :class:`Source` passes through
+    (the loaders below take one, so a checkpoint is read once)."""
+    if isinstance(value, Source):
+        return value
     path = Path(str(value)).expanduser()
-    checkpoint = path.is_file() and not is_original(path)
-    if checkpoint:
-        held = get_class(read_checkpoint(path, mmap=True)["ldm_lab"]["config"]["model"]["_target_"]).produces
+    checkpoint = None
+    if path.is_file() and not is_original(path):
+        checkpoint = read_checkpoint(path, mmap=True)
+        held = LATENT_DIFFUSION if holds_latent_diffusion(checkpoint) else AUTOENCODER
     elif path.is_file():
         path = converted(path)
         held = _folder_holds(path)
@@ -99,17 +104,18 @@ def load_autoencoder(value, key: str, subfolder: str | None = None, model_class:
     """The diffusers autoencoder of a source (a training checkpoint's evaluation weights: the EMA when on).
     ``subfolder``: of a folder or hub repository (``model.pretrained_subfolder``, e.g. "vae"); ``model_class``:
     the class the config builds (AutoencoderKL or VQModel), which the source must hold."""
-    local = Path(str(value)).expanduser()
-    if not local.exists() and _is_hub_id(value):
-        return _from_hub(model_class or AutoencoderKL, value, key, subfolder)
-    source = resolve(local / subfolder if subfolder else value, key, (AUTOENCODER,))
-    if source.checkpoint:
-        stage = load_stage(source.path)
-        vae = stage.first_stage.vae if source.holds == LATENT_DIFFUSION else stage.eval_vae
+    if not isinstance(value, Source):
+        local = Path(str(value)).expanduser()
+        if not local.exists() and _is_hub_id(value):
+            return _from_hub(model_class or AutoencoderKL, value, key, subfolder)
+        value = local / subfolder if subfolder else value
+    source = resolve(value, key, (AUTOENCODER,))
+    if source.checkpoint is not None:
+        vae = autoencoder_of(source.checkpoint)
     else:
         vae = _from_folder(source.folder(AUTOENCODER), _classes_of(AUTOENCODER), AUTOENCODER)
     if model_class is not None and not isinstance(vae, model_class):
-        raise SourceError(f"{key}={value} holds a {type(vae).__name__}, but the model config builds a "
+        raise SourceError(f"{key}={source.path} holds a {type(vae).__name__}, but the model config builds a "
                           f"{model_class.__name__}: choose the model option of that kind (model=vae for an "
                           f"AutoencoderKL, model=vqvae for a VQModel)")
     return vae
@@ -124,8 +130,8 @@ def load_denoiser(value, key: str) -> nn.Module:
     """The denoiser of a source: a UNet2DModel or DiTTransformer2DModel folder, or a latent diffusion model's
     (evaluation weights: the EMA when on)."""
     source = resolve(value, key, (DENOISER,))
-    if source.checkpoint:
-        return load_stage(source.path).eval_denoiser
+    if source.checkpoint is not None:
+        return latent_diffusion_of(source.checkpoint).denoiser
     return _from_folder(source.folder(DENOISER), _classes_of(DENOISER), DENOISER)
 
 
@@ -142,8 +148,10 @@ def load_latent_diffusion(value, key: str) -> LatentDiffusionPipeline:
     and sampling scheduler, or a pipeline folder's (``vqvae.config.scaling_factor`` is its latent scale; the lab's
     own ``model_index.json`` names its classes and objective, an ``LDMPipeline``'s is told by its scheduler)."""
     source = resolve(value, key, (LATENT_DIFFUSION,))
-    if source.checkpoint:
-        return load_stage(source.path).pipeline()
+    if source.checkpoint is not None:
+        networks = latent_diffusion_of(source.checkpoint)
+        return assemble(networks.vae, networks.denoiser, networks.latent_scale, networks.objective,
+                        networks.class_names)
     vae = load_autoencoder(source.path / "vqvae", key)
     index = json.loads((source.path / "model_index.json").read_text())
     denoiser = _from_folder(source.folder(DENOISER), _classes_of(DENOISER), DENOISER).eval()

@@ -11,7 +11,6 @@ generator steps, which disc_start, the schedules and the EMA follow.
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -37,7 +36,7 @@ class AutoencoderStage(TrainingStage):
 
     monitor, monitor_mode = "val/psnr", "max"
     description = "a first stage: an autoencoder checkpoint (model=vae, vqvae or their tiny variants)"
-    produces, adversarial = "autoencoder", True
+    adversarial = True
 
     def __init__(
         self,
@@ -87,13 +86,6 @@ class AutoencoderStage(TrainingStage):
         return downsampling(model.vae)
 
     @classmethod
-    def inference_config(cls, model: dict, state: dict) -> dict:
-        """No LPIPS loss and no validation metrics: inference needs neither, nor their weights."""
-        model["loss"]["perceptual_weight"] = 0.0
-        model["metrics"].update(lpips=False, rfid=False)
-        return model
-
-    @classmethod
     def planning_config(cls, model: DictConfig, random_first_stage: Callable[[], dict]) -> DictConfig:
         """LPIPS with a random backbone (the same network), no validation metrics, the adversarial terms
         on from the start (the step's worst case)."""
@@ -102,13 +94,10 @@ class AutoencoderStage(TrainingStage):
             model.metrics.update(lpips=False, rfid=False)
         return model
 
-    def export(self, out_dir: Path, datamodule: Callable[[], object], scale_batches: int = 4) -> Path:
-        """The evaluation weights, with the latent scale measured on up to ``scale_batches`` validation batches."""
-        data = datamodule()
-        data.prepare_data()
-        data.setup("validate")
+    def export(self, out_dir: Path, datamodule: Callable[[], object]) -> Path:
+        """The evaluation weights, with the latent scale measured on validation batches."""
         self.eval()
-        return export_autoencoder(self.eval_vae, itertools.islice(data.val_dataloader(), scale_batches), out_dir)
+        return export_autoencoder(self.eval_vae, datamodule(), out_dir)
 
     # ----------------------------------------------------------------------------- properties
     @property

@@ -44,20 +44,17 @@ class TrainingStage(L.LightningModule):
     ``training_step``; they may extend :meth:`on_optimizer_step` and :meth:`train_scalars`.
     ``monitor`` / ``monitor_mode`` name the validation value the best checkpoint is chosen on;
     ``description`` says what the stage is in the words of its model option (for error messages);
-    ``produces`` what kind of model the trained stage is (ldm_lab/io/sources.py); ``adversarial`` whether
-    it trains against the ``disc`` discriminator.
+    ``adversarial`` whether it trains against the ``disc`` discriminator.
 
     What the tasks ask of a stage, so that a new stage is one new class: its downsampling from the config
-    (:meth:`downsample_factor_of`), what its config takes from the data (:meth:`config_from_data`), configs
-    for inference and for the memory plan (:meth:`inference_config`,
-    :meth:`planning_config`, :meth:`planning_batch`), whether a checkpoint resumes it (:meth:`check_resume`),
+    (:meth:`downsample_factor_of`), what its config takes from the data (:meth:`config_from_data`), the config
+    and a batch for the memory plan (:meth:`planning_config`, :meth:`planning_batch`), whether a checkpoint resumes it (:meth:`check_resume`),
     the data it needs (:meth:`attach_data`, :meth:`encode_latent_cache`), its export (:meth:`export`) and
     what follows training (:meth:`after_training`)."""
 
     monitor: str
     monitor_mode: str
     description = "a training stage"
-    produces: str
     adversarial = False
 
     def __init__(self, max_steps: int, accumulate_grad_batches: int = 1, gradient_clip_val: float | None = 1.0,
@@ -105,12 +102,6 @@ class TrainingStage(L.LightningModule):
     def config_from_data(cls, model: DictConfig, datamodule) -> DictConfig:
         """The model config completed with what comes from the data it trains on (a class-conditional model's
         classes), before the stage is built; ``datamodule`` is not set up yet."""
-        return model
-
-    @classmethod
-    def inference_config(cls, model: dict, state: dict) -> dict:
-        """The model config a stage is rebuilt from for inference, from the one ``state`` (a checkpoint's
-        ``ldm_lab`` entry) stored: what inference does not need is switched off."""
         return model
 
     @classmethod

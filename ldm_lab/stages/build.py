@@ -1,15 +1,12 @@
-"""A stage from its config (through ``_target_``), or from a training checkpoint: checkpoint reading
-lives here, beside the writing (stages/base.py, ``on_save_checkpoint``)."""
+"""A stage from its config (through ``_target_``). A trained model is loaded for sampling, evaluation and export
+as the networks its checkpoint holds (ldm_lab/io/networks.py), without a stage."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from ldm_lab.config.speed import apply_speed_options
-from ldm_lab.io.checkpoints import read_checkpoint
 from ldm_lab.stages.base import TrainingStage
 
 
@@ -26,17 +23,3 @@ def build_stage(model_cfg: DictConfig, disc_cfg: DictConfig | None, speed_cfg: D
         apply_speed_options(stage, **speed_cfg)
     stage.run_config = config
     return stage
-
-
-def load_stage(ckpt_path: str | Path) -> TrainingStage:
-    """The stage a training checkpoint holds, rebuilt from the config stored in it for inference (export,
-    evaluation, sampling; :meth:`TrainingStage.inference_config`). What kind of model a key takes is
-    checked by ldm_lab/io/sources.py."""
-    checkpoint = read_checkpoint(ckpt_path)
-    state = checkpoint["ldm_lab"]
-    saved = state["config"]
-    model = get_class(saved["model"]["_target_"]).inference_config(saved["model"], state)
-    stage = build_stage(OmegaConf.create(model), OmegaConf.create(saved.get("disc")))
-    stage.load_state_dict(checkpoint["state_dict"])
-    stage.run_config = saved
-    return stage.eval()

@@ -36,7 +36,7 @@ from ldm_lab.config.errors import ConfigError
 from ldm_lab.config.speed import optimizer_options
 from ldm_lab.diffusion.objectives import DDPM, RectifiedFlow
 from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline, predict
-from ldm_lab.diffusion.sampling import SamplingOptions, generate, requested_classes
+from ldm_lab.diffusion.sampling import SamplingOptions, assemble, generate, requested_classes
 from ldm_lab.io.checkpoints import CheckpointError
 from ldm_lab.io.export import export_pipeline
 from ldm_lab.io.samples import draw_samples, grid_classes
@@ -63,7 +63,6 @@ class LatentDiffusionStage(TrainingStage):
 
     monitor_mode = "min"
     description = "a latent diffusion model (model=unet, unet_tiny, dit or dit_tiny)"
-    produces = "latent_diffusion"
 
     def __init__(
         self,
@@ -150,14 +149,6 @@ class LatentDiffusionStage(TrainingStage):
         return model
 
     @classmethod
-    def inference_config(cls, model: dict, state: dict) -> dict:
-        """The first stage rebuilt from the checkpoint's description (its weights are in the state dict), not its
-        source; the ``preview`` sampling options older checkpoints hold are dropped (the image logger reads ``sample.*``)."""
-        model["first_stage"] = state["first_stage"]
-        model.pop("preview", None)
-        return model
-
-    @classmethod
     def planning_config(cls, model: DictConfig, random_first_stage: Callable[[], dict]) -> DictConfig:
         """An unscaled learning rate (its value takes no memory; scaling it needs a datamodule), a latent
         scale of 1, without a first stage a random one, and a class-conditional model's classes, which come from
@@ -239,12 +230,10 @@ class LatentDiffusionStage(TrainingStage):
         log.info("sample grid: %s", grid)
 
     def pipeline(self) -> LatentDiffusionPipeline:
-        """What sampling and the export use: the first stage (its ``scaling_factor`` set to the latent scale), the
-        evaluation denoiser, the objective's sampling scheduler, the classes and the objective's name."""
-        self.first_stage.vae.register_to_config(scaling_factor=float(self.latent_scale))
-        return LatentDiffusionPipeline(vqvae=self.first_stage.vae, unet=self.eval_denoiser,
-                                       scheduler=self.objective.sampling_scheduler, class_names=self.class_names,
-                                       objective=self.objective.name)
+        """What sampling and the export use: the first stage, the evaluation denoiser, the latent scale, the
+        objective and the classes (:func:`~ldm_lab.diffusion.sampling.assemble`)."""
+        return assemble(self.first_stage.vae, self.eval_denoiser, float(self.latent_scale), self.objective,
+                        self.class_names)
 
     # ----------------------------------------------------------------------------- properties
     @property

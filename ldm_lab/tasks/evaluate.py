@@ -67,7 +67,7 @@ def _reference_path(cfg: DictConfig, datamodule, split: str, count: int) -> Path
 
 def evaluate_autoencoder(cfg: DictConfig, source: Source, device: torch.device) -> tuple[dict, list[str], str]:
     """PSNR, SSIM, LPIPS and rFID of the autoencoder's reconstructions of the validation images."""
-    autoencoder = load_first_stage(source.path, source.key).to(device)
+    autoencoder = load_first_stage(source, source.key).to(device)
     datamodule = _datamodule(cfg, autoencoder.downsample_factor)
     # The validation stack decides what it can measure offline (weights present) and says what it cannot.
     available = ReconstructionMetrics(lpips=cfg.evaluate.lpips, rfid=cfg.evaluate.rfid,
@@ -101,7 +101,7 @@ def _features(cfg: DictConfig, datamodule) -> tuple[str, Path | None]:
 
 def evaluate_diffusion(cfg: DictConfig, source: Source, device: torch.device) -> tuple[dict, list[str], str]:
     """FID of ``evaluate.num_samples`` samples (drawn as ``sample.*`` says) against the training images."""
-    pipeline = load_latent_diffusion(source.path, source.key).to(device)
+    pipeline = load_latent_diffusion(source, source.key).to(device)
     datamodule = _datamodule(cfg, pipeline.downsample_factor * side_multiple(pipeline.unet))
     options = SamplingOptions.from_config(cfg.sample)
     if pipeline.config.class_names:
