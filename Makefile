@@ -72,7 +72,7 @@ lint: install ## ruff
 	$(BIN)/ruff check run.py ldm_lab tests experiments
 
 weights: install ## download the LPIPS (VGG16) and Inception weights into TORCH_HOME/hub/checkpoints
-	$(BIN)/python -m ldm_lab.io.weights
+	$(BIN)/python -m ldm_lab.core.weights
 
 clean: ## remove run outputs (outputs/, multirun/) and the generated synthetic data
 	rm -rf outputs multirun data

@@ -3,7 +3,7 @@
     python run.py model=vae disc.norm_type=spectral_group
     python run.py -m model.lr=1e-4,4.5e-6 disc.norm_type=spectral_group,spectral,batch,none
 
-An error the user caused and can fix (a bad value, a missing or wrong-kind file; ldm_lab/config/errors.py)
+An error the user caused and can fix (a bad value, a missing or wrong-kind file; ldm_lab/core/errors.py)
 is one ``error: ...`` line and exit status 2; ``HYDRA_FULL_ERROR=1`` shows its traceback. A run stopped by
 SIGTERM or SIGINT checkpoints and exits 128 + the signal (ldm_lab/callbacks/stop_signals.py).
 """
@@ -16,9 +16,9 @@ import hydra
 from omegaconf import DictConfig
 
 from ldm_lab.callbacks.stop_signals import RunStopped
-from ldm_lab.config.errors import user_error
 from ldm_lab.config.schema import register_configs
 from ldm_lab.config.validate import check_config, check_group_choices, check_moved_keys, check_task_options
+from ldm_lab.core.errors import user_error
 
 register_configs()
 

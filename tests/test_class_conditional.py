@@ -13,10 +13,9 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from hydra.utils import get_class
 from PIL import Image
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.data.buckets import Item
 from ldm_lab.data.datamodule import BucketedImages, ImageDataModule
 from ldm_lab.data.sources import FolderSource, HFSource
@@ -25,11 +24,11 @@ from ldm_lab.diffusion.pipeline import class_ids, guided
 from ldm_lab.diffusion.sampling import SamplingOptions, generate, requested_classes
 from ldm_lab.evaluation.classes import correct, load_classifier, spread_labels
 from ldm_lab.io.checkpoints import read_checkpoint
+from ldm_lab.io.model_sources import load_latent_diffusion
 from ldm_lab.io.networks import latent_diffusion_of
 from ldm_lab.io.samples import grid_classes
-from ldm_lab.io.sources import load_latent_diffusion
 from ldm_lab.stages.build import build_stage
-from ldm_lab.tasks import evaluate, sample, train
+from ldm_lab.tasks import evaluate, model_config, sample, train
 from ldm_lab.tasks.trainer import build_datamodule
 from tests.conftest import LDM_TINY
 from tests.helpers import save_tiny_first_stage
@@ -171,7 +170,7 @@ def first_stage(tmp_path):
 def test_the_stage_learns_the_datas_classes_and_drops_labels_for_guidance(compose_cfg, first_stage, tmp_path):
     cfg = _cfg(compose_cfg, first_stage)
     datamodule = build_datamodule(cfg)
-    model = get_class(cfg.model._target_).config_from_data(cfg.model, datamodule)
+    model = model_config.with_data(cfg.model, datamodule)
     stage = build_stage(model, cfg.disc)
     assert stage.class_names == class_names(4) and stage.denoiser.config.num_class_embeds == 5
     labels = torch.arange(4).repeat(2500)
@@ -181,7 +180,7 @@ def test_the_stage_learns_the_datas_classes_and_drops_labels_for_guidance(compos
     with pytest.raises(ConfigError, match="has none: label it"):  # unlabelled data
         unlabelled = compose_cfg([*LDM_TINY, f"model.first_stage={first_stage}", "model.conditioning=class"],
                                  tiny=False)
-        type(stage).config_from_data(unlabelled.model, build_datamodule(unlabelled))
+        model_config.with_data(unlabelled.model, build_datamodule(unlabelled))
     with pytest.raises(Exception, match="model.conditioning=classes: null"):  # wrapped by Hydra's instantiate
         build_stage(compose_cfg([*LDM_TINY, f"model.first_stage={first_stage}", "model.conditioning=classes",
                                  "model.class_names=[a,b]"], tiny=False).model, None)

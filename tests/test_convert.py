@@ -15,7 +15,7 @@ from hydra.errors import InstantiationException
 
 from ldm_lab.config.validate import ConfigError
 from ldm_lab.io.convert import cache_root, convert, convert_unet, convert_vae, detect_kind, is_original
-from ldm_lab.io.sources import load_first_stage
+from ldm_lab.io.model_sources import load_first_stage
 from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks import convert as convert_task
 from ldm_lab.tasks import sample

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.data import index as index_module
 from ldm_lab.data.datamodule import BucketConfig, ImageDataModule
 from ldm_lab.data.images import to_rgb

@@ -11,7 +11,7 @@ import datasets
 import pytest
 from PIL import Image
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.data.sources import HFSource
 

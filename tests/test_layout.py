@@ -53,7 +53,7 @@ def _external_imports(module: str) -> set[str]:
 
 
 def test_networks_losses_and_diffusion_are_pure():
-    """nn/, losses/ and diffusion/ import no stage, no task and no Lightning (ldm_lab/io/sources.py loads models)."""
+    """nn/, losses/ and diffusion/ import no stage, no task and no Lightning (ldm_lab/io/model_sources.py loads models)."""
     graph = _import_graph()
     pure = [m for m in graph if m.startswith(("ldm_lab.nn", "ldm_lab.losses", "ldm_lab.diffusion"))]
     assert len(pure) >= 10
@@ -69,6 +69,22 @@ def test_tasks_know_no_stage_class():
     interface = ("ldm_lab.stages.build", "ldm_lab.stages.base")
     assert [(m, d) for m in tasks for d in graph[m]
             if d.startswith("ldm_lab.stages") and not d.startswith(interface)] == []
+
+
+# The folders of ldm_lab/ from the ground up (docs/architecture.md): a folder imports only from lower rows.
+LAYERS = [("core",), ("nn",), ("losses", "data", "diffusion"), ("evaluation", "io", "config"), ("stages",),
+          ("callbacks",), ("tasks",)]
+
+
+def test_folders_import_only_from_lower_layers():
+    graph = _import_graph()
+    level = {folder: row for row, folders in enumerate(LAYERS) for folder in folders}
+    packages = {p.name for p in (ROOT / "ldm_lab").iterdir() if (p / "__init__.py").is_file()}
+    assert packages == set(level), packages ^ set(level)
+    upward = sorted((module, dep) for module, deps in graph.items() for dep in deps
+                    if module.count(".") > 1 and dep.count(".") > 1 and module.split(".")[1] != dep.split(".")[1]
+                    and level[dep.split(".")[1]] >= level[module.split(".")[1]])
+    assert upward == []
 
 
 def test_no_import_cycle():
@@ -92,10 +108,10 @@ def test_no_import_cycle():
 
 
 def test_tasks_are_thin_and_import_no_other_task():
-    """Library code (export, sampling, loading) lives in the package; a task module imports only the
-    shared builders (tasks/trainer.py), and only the dispatcher (tasks/__init__.py) imports the tasks."""
+    """Library code (export, sampling, loading) lives in the package; a task module imports only the shared
+    builders (tasks/trainer.py) and its own helpers, and only the dispatcher (tasks/__init__.py) imports the tasks."""
     graph = _import_graph()
-    tasks = {m for m in graph if m.startswith("ldm_lab.tasks.") and m != "ldm_lab.tasks.trainer"}
+    tasks = {f"ldm_lab.tasks.{task}" for task in TASKS}
     assert len(tasks) >= 9
     assert [(m, d) for m in tasks for d in graph[m] if d in tasks] == []
     assert all(d not in tasks for m, deps in graph.items() if not m.startswith("ldm_lab.tasks") for d in deps)

@@ -13,9 +13,9 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from PIL import Image
 
+from ldm_lab.core.weights import MissingWeightsError
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.diffusion.sampling import SamplingOptions, generate
-from ldm_lab.io.weights import MissingWeightsError
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
 from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.encoding import encode_latent_cache

@@ -19,7 +19,7 @@ from ldm_lab.diffusion.objectives import RectifiedFlow
 from ldm_lab.diffusion.sampling import SamplingOptions, assemble, generate
 from ldm_lab.io.checkpoints import MOVED_MODULES, current_targets, read_checkpoint
 from ldm_lab.io.export import export_pipeline
-from ldm_lab.io.sources import load_latent_diffusion
+from ldm_lab.io.model_sources import load_latent_diffusion
 from ldm_lab.tasks import export, sample, train
 from tests.conftest import ROOT
 from tests.helpers import save_tiny_first_stage

@@ -20,14 +20,14 @@ from diffusers import (
     UNet2DModel,
 )
 
-from ldm_lab.config.errors import ConfigError
 from ldm_lab.config.validate import check_moved_keys
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.diffusion.objectives import DDPM, Objective, RectifiedFlow
 from ldm_lab.diffusion.pipeline import denoise, guided, predict
 from ldm_lab.diffusion.sampling import SamplingOptions, generate
 from ldm_lab.io.checkpoints import read_checkpoint
+from ldm_lab.io.model_sources import load_latent_diffusion
 from ldm_lab.io.networks import latent_diffusion_of
-from ldm_lab.io.sources import load_latent_diffusion
 from ldm_lab.nn import denoisers
 from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks import sample, train

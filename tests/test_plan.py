@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from ldm_lab.config.memory import tensor_bytes
 from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks import plan
+from ldm_lab.tasks.memory import tensor_bytes
 from tests.helpers import save_tiny_first_stage
 
 TINY_PLAN = ["task=plan", "model=vae_tiny", "require_weights=false", "data.resolution=128", "data.batch_size=4",
@@ -31,7 +31,7 @@ def test_plan_extrapolated_from_small_traces_matches_the_measured_peak(compose_c
 def test_held_memory_counts_adamw_states_as_twice_the_trainable_weights(compose_cfg):
     cfg = compose_cfg(TINY_PLAN + ["plan.trace_sides=[32]", "disc.ndf=8"], tiny=False)
     stage = build_stage(plan.planning_config(cfg), cfg.disc)
-    from ldm_lab.config.memory import trace_step
+    from ldm_lab.tasks.memory import trace_step
 
     held, peak = trace_step(stage, lambda: {"pixel_values": __import__("torch").rand(2, 3, 32, 32) * 2 - 1})
     trainable = tensor_bytes(p for p in stage.parameters() if p.requires_grad)

@@ -23,15 +23,15 @@ from hydra.errors import InstantiationException
 from PIL import Image
 
 from ldm_lab.config.validate import ConfigError, check_config, check_group_choices
+from ldm_lab.core.atomic import FILE_MODE
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.data.index import index_folder
 from ldm_lab.data.latent_cache import LatentCacheError
 from ldm_lab.data.sources import IMAGE_EXTENSIONS, FolderSource
 from ldm_lab.diffusion.objectives import DDPM
 from ldm_lab.diffusion.pipeline import denoise
-from ldm_lab.io.atomic import FILE_MODE
 from ldm_lab.io.checkpoints import CheckpointError
-from ldm_lab.io.sources import load_first_stage
+from ldm_lab.io.model_sources import load_first_stage
 from ldm_lab.stages.base import NonFiniteValidationError
 from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.encoding import encode_latent_cache
@@ -207,7 +207,7 @@ def test_resuming_an_ldm_with_another_first_stage_is_refused(compose_cfg, tmp_pa
     assert _step_of(last) == 4
 
     # A latent diffusion checkpoint serves as its first stage (as an original whole LDM does); an autoencoder
-    # is no UNet: the one resolver says what the source holds and what the key takes (ldm_lab/io/sources.py).
+    # is no UNet: the one resolver says what the source holds and what the key takes (ldm_lab/io/model_sources.py).
     reused = build_stage(compose_cfg([*LDM_TINY, f"model.first_stage={last}"], tiny=False).model, None)
     assert reused.first_stage.fingerprint() == load_first_stage(a).fingerprint()
     with pytest.raises(InstantiationException, match=r"model.denoiser_pretrained=.*first_stage_a holds an autoencoder .*"

@@ -11,11 +11,10 @@ import sys
 
 import pytest
 import torch
-from hydra.utils import get_class
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from ldm_lab.tasks import train
+from ldm_lab.tasks import model_config, train
 from tests.conftest import ROOT, TINY
 
 
@@ -204,7 +203,7 @@ def test_buckets_task_takes_an_ldm(compose_cfg, tmp_path):
     first_stage = save_tiny_first_stage("vq", tmp_path / "vq")
     cfg = compose_cfg(["task=buckets", *LDM_TINY, f"model.first_stage={first_stage}", "+data/buckets=novelai",
                        "data.source.min_side=256", "data.source.max_side=400", "data.source.num_images=8"], tiny=False)
-    assert get_class(cfg.model._target_).downsample_factor_of(cfg.model) == 4 * 4  # f4 first stage x the UNet's 3 levels
+    assert model_config.downsample_factor(cfg.model) == 4 * 4  # f4 first stage x the UNet's 3 levels
     assert buckets.run(cfg).is_file()
 
 

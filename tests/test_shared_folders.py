@@ -40,7 +40,7 @@ def _encode(barrier, data_dir: Path, first_stage: Path, cache: Path) -> None:
 
     from ldm_lab.data.datamodule import ImageDataModule
     from ldm_lab.data.synthetic import SyntheticSource
-    from ldm_lab.io.sources import load_first_stage
+    from ldm_lab.io.model_sources import load_first_stage
     from ldm_lab.stages.encoding import encode_latent_cache
 
     torch.set_num_threads(1)
@@ -76,7 +76,7 @@ def test_two_jobs_filling_one_latent_cache_encode_each_latent_once(tmp_path):
 
 
 def test_a_published_folder_has_the_permissions_mkdir_gives(tmp_path):
-    from ldm_lab.io.atomic import FOLDER_MODE, publish_folder, side_folder
+    from ldm_lab.core.atomic import FOLDER_MODE, publish_folder, side_folder
 
     built = side_folder(tmp_path / "set")
     (built / "done").write_text("")

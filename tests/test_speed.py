@@ -7,8 +7,8 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import nn
 
-from ldm_lab.config.speed import optimizer_options
 from ldm_lab.stages.build import build_stage
+from ldm_lab.stages.speed import optimizer_options
 from ldm_lab.tasks.trainer import build_trainer
 from tests.helpers import fit, random_batches
 

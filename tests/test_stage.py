@@ -211,7 +211,7 @@ def test_unloadable_pretrained_model_says_how_to_get_it(compose_cfg, tmp_path, m
 def test_inference_loading_needs_no_lpips_weights_and_builds_no_stage(compose_cfg, tmp_path, monkeypatch):
     from torchvision.models import vgg16
 
-    from ldm_lab.io.sources import load_autoencoder
+    from ldm_lab.io.model_sources import load_autoencoder
     from ldm_lab.nn.discriminator import NLayerDiscriminator
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))

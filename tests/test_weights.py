@@ -6,7 +6,9 @@ import pytest
 import torch
 from torchvision.models import vgg16
 
-from ldm_lab.io.weights import MissingWeightsError, find_weights, require_weights
+from ldm_lab.core.weights import MissingWeightsError, find_weights, require_weights
+from ldm_lab.evaluation.metrics import ReconstructionMetrics
+from ldm_lab.losses.autoencoder import AutoencoderLoss
 from ldm_lab.losses.perceptual import LPIPS
 
 
@@ -21,10 +23,20 @@ def test_missing_weights_message_says_what_where_and_how(empty_torch_home):
         require_weights("vgg16")
     message = str(info.value)
     for part in ("vgg16-397923af.pth", str(empty_torch_home), "make weights",
-                 "https://download.pytorch.org/models/vgg16-397923af.pth", "model.loss.perceptual_weight=0"):
+                 "https://download.pytorch.org/models/vgg16-397923af.pth", "paths.weights.vgg16=/path/to"):
         assert part in message
-    with pytest.raises(MissingWeightsError, match="model.metrics.rfid=false"):
-        require_weights("inception")
+    assert "do without" not in message  # how to do without it is the caller's: it knows the task
+
+
+def test_each_task_names_only_its_own_way_to_do_without_weights(empty_torch_home):
+    """Training names the loss and validation keys, task=evaluate its own keys, an LDM's sample FID none."""
+    with pytest.raises(MissingWeightsError, match="model.loss.perceptual_weight=0 model.metrics.lpips=false"):
+        AutoencoderLoss(perceptual_weight=0.5)
+    training = ReconstructionMetrics(lpips=True, rfid=True)
+    assert "model.metrics.lpips=false" in training.notes[0] and "model.metrics.rfid=false" in training.notes[1]
+    evaluation = ReconstructionMetrics(lpips=True, rfid=True, switches="evaluate")
+    assert "evaluate.lpips=false" in evaluation.notes[0] and "evaluate.rfid=false" in evaluation.notes[1]
+    assert not any("model." in note for note in evaluation.notes)
 
 
 def test_weights_are_found_in_torch_home_or_at_an_explicit_path(empty_torch_home, tmp_path):

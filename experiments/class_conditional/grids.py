@@ -20,7 +20,7 @@ from experiments.panels import panel, save_sheet  # noqa: E402
 
 def main() -> None:
     from ldm_lab.diffusion.sampling import SamplingOptions, generate
-    from ldm_lab.io.sources import load_latent_diffusion
+    from ldm_lab.io.model_sources import load_latent_diffusion
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="a class-conditional LDM: training checkpoint or exported folder")

@@ -36,7 +36,7 @@ def run(args: list[str], log: Path) -> float:
 def sampling_seconds(checkpoint: Path, num_images: int, steps: int) -> dict[str, float]:
     """Seconds to draw ``num_images`` with DDIM-``steps`` unguided (scale 1: one pass a step) and guided (two)."""
     from ldm_lab.diffusion.sampling import SamplingOptions, generate
-    from ldm_lab.io.sources import load_latent_diffusion
+    from ldm_lab.io.model_sources import load_latent_diffusion
 
     pipeline = load_latent_diffusion(checkpoint, "checkpoint")
     labels = [i % len(pipeline.config.class_names) for i in range(num_images)]

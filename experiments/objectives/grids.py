@@ -21,7 +21,7 @@ from experiments.panels import panel, save_sheet  # noqa: E402
 
 def main() -> None:
     from ldm_lab.diffusion.sampling import SamplingOptions, generate
-    from ldm_lab.io.sources import load_latent_diffusion
+    from ldm_lab.io.model_sources import load_latent_diffusion
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="+", help="latent diffusion models: training checkpoints or exported folders")

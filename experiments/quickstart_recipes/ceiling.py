@@ -18,7 +18,7 @@ from ldm_lab.config.schema import register_configs
 from ldm_lab.evaluation.metrics import SampleQuality
 from ldm_lab.evaluation.offline import split_real_images
 from ldm_lab.evaluation.synthetic_features import load_feature_net
-from ldm_lab.io.sources import load_first_stage
+from ldm_lab.io.model_sources import load_first_stage
 from ldm_lab.tasks.trainer import build_datamodule
 
 ROOT = Path(__file__).resolve().parents[2]

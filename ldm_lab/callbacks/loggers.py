@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.errors import ConfigError
 
 
 def wandb_logger(save_dir: str, project: str, name: str | None = None, **kwargs) -> WandbLogger:

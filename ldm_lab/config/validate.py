@@ -11,7 +11,7 @@ import yaml
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.errors import ConfigError
 
 
 def check_group_choices(overrides: list[str], conf_dir: Path) -> None:

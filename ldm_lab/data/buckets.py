@@ -17,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 from torch.utils.data import Sampler
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.errors import ConfigError
 
 
 def bucket_resolutions(

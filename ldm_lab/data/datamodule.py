@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.data.buckets import BucketBatchSampler, Item, assign_buckets, bucket_resolutions
 from ldm_lab.data.images import to_rgb
 from ldm_lab.data.index import ImageIndex

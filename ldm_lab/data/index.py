@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from ldm_lab.io.atomic import atomic_write
+from ldm_lab.core.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -28,9 +28,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 from torch.utils.data import Dataset
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.atomic import atomic_write, atomic_write_text
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.data.buckets import Item
-from ldm_lab.io.atomic import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ldm_lab.config.errors import ConfigError, MissingPathError
+from ldm_lab.core.errors import ConfigError, MissingPathError
 from ldm_lab.data.index import ImageIndex, index_folder, index_records
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")

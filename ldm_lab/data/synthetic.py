@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.atomic import publish_folder, side_folder
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.data.sources import FolderSource
-from ldm_lab.io.atomic import publish_folder, side_folder
 
 FORMATS = ("png", "jpg", "webp")
 SHAPES = ("ellipses", "rectangles", "polygons", "lines")
@@ -107,7 +107,7 @@ class SyntheticSource(FolderSource):
 
     def prepare(self) -> None:
         """Draw the set once into a side folder and publish it whole: jobs started together on one
-        ``paths.data_dir`` each finish with the one set (ldm_lab/io/atomic.py)."""
+        ``paths.data_dir`` each finish with the one set (ldm_lab/core/atomic.py)."""
         if self._complete(self.root):
             return
         self.root.parent.mkdir(parents=True, exist_ok=True)

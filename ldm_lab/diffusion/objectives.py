@@ -21,7 +21,7 @@ from diffusers import (
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_snr
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.diffusion.pipeline import Predict
 
 WEIGHTING_SCHEMES = ("uniform", "logit_normal")

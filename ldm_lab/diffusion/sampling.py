@@ -1,7 +1,7 @@
 """Drawing images as ``sample.*`` says (conf/sampling/), through the pipeline exports carry
 (ldm_lab/diffusion/pipeline.py): training previews, task=sample and task=evaluate all call it, batch after batch,
 with the scheduler ``sample.sampler`` names. Pure: a pipeline in, images out (loading one from a checkpoint or a
-folder is ldm_lab/io/sources.py)."""
+folder is ldm_lab/io/model_sources.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 import torch
 from tqdm import tqdm
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.diffusion.objectives import Objective
 from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline, class_ids
 from ldm_lab.nn.denoisers import backbone, side_multiple

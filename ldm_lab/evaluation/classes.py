@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ldm_lab.config.errors import ConfigError, MissingPathError
+from ldm_lab.core.errors import ConfigError, MissingPathError
 
 Classify = Callable[[torch.Tensor], torch.Tensor]  # images in [-1, 1] -> (N, K) class scores
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

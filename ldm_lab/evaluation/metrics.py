@@ -16,7 +16,7 @@ from torchmetrics.image import (
     StructuralSimilarityIndexMeasure,
 )
 
-from ldm_lab.io.weights import MissingWeightsError, find_weights, missing_message
+from ldm_lab.core.weights import MissingWeightsError, find_weights, missing_message
 from ldm_lab.losses.perceptual import LPIPS
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,8 @@ class ReconstructionMetrics:
 
     PSNR is the mean of per-image values with data_range 2 (seed 001); SSIM uses data_range 2.
     rFID follows torch-fidelity's Inception and resizing (no antialiasing), the published protocol.
-    ``lpips_model`` and ``fid`` may be given ready-made; ``notes`` says what is off and why. With
+    ``lpips_model`` and ``fid`` may be given ready-made; ``notes`` says what is off, why, and which of the
+    ``switches`` keys (``model.metrics`` in training, ``evaluate`` in task=evaluate) does without it. With
     ``real_statistics_known`` (a cached reference loaded into ``fid``) inputs are not fed to the FID.
     Not an nn.Module on purpose: its frozen networks stay out of the training checkpoints.
     """
@@ -52,6 +53,7 @@ class ReconstructionMetrics:
         lpips_backbone: str = "pretrained",
         lpips_model: LPIPS | None = None,
         fid: FrechetInceptionDistance | None = None,
+        switches: str = "model.metrics",
     ):
         self.psnr = PeakSignalNoiseRatio(data_range=2.0, reduction="none", dim=(1, 2, 3))  # per image
         self.ssim = StructuralSimilarityIndexMeasure(data_range=2.0)
@@ -61,13 +63,13 @@ class ReconstructionMetrics:
             try:
                 self.lpips_model = LPIPS(lpips_backbone, vgg16_weights)
             except MissingWeightsError as error:
-                self._off(f"LPIPS is off: {error}")
+                self._off(f"LPIPS is off: {str(error).rstrip('.')}, or do without it: {switches}.lpips=false.")
         self.lpips_mean = MeanMetric() if lpips and self.lpips_model is not None else None
         self.fid = fid
         if rfid and fid is None:
             path = find_weights("inception", inception_weights)
             if path is None:
-                self._off(f"rFID is off: {missing_message('inception', inception_weights)}")
+                self._off(f"rFID is off: {missing_message('inception', inception_weights, f'{switches}.rfid=false')}")
             else:
                 self.fid = make_fid(2048, str(path))
         self.real_statistics_known = False

@@ -15,8 +15,8 @@ import torch
 from torchmetrics.image import FrechetInceptionDistance
 from tqdm import tqdm
 
+from ldm_lab.core.atomic import atomic_write
 from ldm_lab.evaluation.metrics import ReconstructionMetrics, SampleQuality
-from ldm_lab.io.atomic import atomic_write
 from ldm_lab.losses.perceptual import LPIPS
 
 log = logging.getLogger(__name__)
@@ -67,23 +67,6 @@ def evaluate_reconstructions(
 
 
 @torch.no_grad()
-def evaluate_samples(
-    generate: Callable[[int], torch.Tensor],
-    num_samples: int,
-    batch_size: int,
-    real_batches: Iterable[dict[str, torch.Tensor]],
-    fid: FrechetInceptionDistance,
-    reference: Path | None = None,
-) -> dict[str, float]:
-    """FID of ``num_samples`` images from ``generate(n)`` (n images in [-1, 1]) against the real images of
-    ``real_batches``, whose statistics come from ``reference`` when it exists and are written there when not."""
-    fill_reference(fid, real_batches, reference)
-    for images in _samples(generate, num_samples, batch_size):
-        fid.update((images.to(fid.device) + 1) / 2, real=False)
-    return {"samples": num_samples, "real_images": int(fid.real_features_num_samples), "fid": float(fid.compute())}
-
-
-@torch.no_grad()
 def fill_reference(fid: FrechetInceptionDistance, real_batches: Iterable[dict[str, torch.Tensor]],
                    reference: Path | None = None) -> None:
     """The real images' statistics in ``fid``: from ``reference`` when it exists, else from ``real_batches``
@@ -96,20 +79,56 @@ def fill_reference(fid: FrechetInceptionDistance, real_batches: Iterable[dict[st
         save_reference(fid, reference)
 
 
-@torch.no_grad()
-def evaluate_samples_against_floor(
-    generate: Callable[[int], torch.Tensor],
-    num_samples: int,
-    batch_size: int,
-    real_batches: Iterable[dict[str, torch.Tensor]],
-    quality: SampleQuality,
-) -> dict[str, float]:
-    """FID and precision/recall of ``num_samples`` images from ``generate(n)`` against every second real
-    image of ``real_batches``, and the same figures for as many of the other real images (the floor)."""
-    embed_real_images(real_batches, quality, num_samples)
-    for images in _samples(generate, num_samples, batch_size):
-        quality.update(images, "samples")
-    return quality.compute()
+class InceptionSamples:
+    """Samples measured in Inception's embedding: FID against the real images of ``real_batches``, whose
+    statistics come from ``reference`` when it exists and are written there when not. Sets of samples are added
+    one after the other (``add``, then ``compute``; a new set name starts over, the real statistics stay)."""
+
+    classify = None  # Inception's classes are not the data's
+
+    def __init__(self, fid: FrechetInceptionDistance, real_batches: Iterable[dict[str, torch.Tensor]],
+                 reference: Path | None = None):
+        fill_reference(fid, real_batches, reference)
+        self.fid, self._set = fid, None
+
+    @torch.no_grad()
+    def add(self, images: torch.Tensor, name: str, labels: torch.Tensor | None = None) -> None:
+        """Images in [-1, 1] of the set ``name``."""
+        if name != self._set:
+            self.fid.reset()  # the last set's samples; reset_real_features=False keeps the real statistics
+            self._set = name
+        self.fid.update((images.to(self.fid.device) + 1) / 2, real=False)
+
+    def compute(self, name: str) -> dict[str, float]:
+        return {"samples": int(self.fid.fake_features_num_samples), "real_images": int(self.fid.real_features_num_samples),
+                "fid": float(self.fid.compute())}
+
+    def compute_per_class(self, name: str) -> dict[int, dict[str, float]]:
+        return {}
+
+
+class FloorSamples:
+    """Samples measured in another feature network's embedding (:class:`SampleQuality`): FID and precision/recall
+    against every second real image of ``real_batches``, beside the data-vs-data floor (the same figures for as many
+    of the other real images as there are samples, ``num_samples``), and per class with labels; ``classify``: the
+    feature network's class logits, when it tells the data's classes."""
+
+    def __init__(self, quality: SampleQuality, real_batches: Iterable[dict[str, torch.Tensor]], num_samples: int,
+                 classify: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        embed_real_images(real_batches, quality, num_samples)
+        self.quality, self.classify = quality, classify
+
+    @torch.no_grad()
+    def add(self, images: torch.Tensor, name: str, labels: torch.Tensor | None = None) -> None:
+        self.quality.update(images, name, labels)
+
+    def compute(self, name: str) -> dict[str, float]:
+        return self.quality.compute(name)
+
+    def compute_per_class(self, name: str) -> dict[int, dict[str, float]]:
+        """Only where a class has :attr:`SampleQuality.min_class_samples` samples and held-out images (none without
+        labels)."""
+        return self.quality.compute_per_class(name) if self.quality.labels[name] else {}
 
 
 def embed_real_images(real_batches: Iterable[dict[str, torch.Tensor]], quality: SampleQuality,
@@ -138,8 +157,3 @@ def split_real_images(real_batches: Iterable[dict[str, torch.Tensor]]) -> Iterat
         parts = [{key: batch[key][mask] for key in ("pixel_values", "class_labels") if key in batch}
                  for mask in (~held_out, held_out)]
         yield parts[0], parts[1]
-
-
-def _samples(generate: Callable[[int], torch.Tensor], num_samples: int, batch_size: int):
-    for start in tqdm(range(0, num_samples, batch_size), desc="samples", unit="batch"):
-        yield generate(min(batch_size, num_samples - start)).float().clamp(-1, 1)

@@ -16,8 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save
 from tqdm import tqdm
 
+from ldm_lab.core.atomic import atomic_write
 from ldm_lab.data.synthetic import NUM_ATTRIBUTES, draw_image
-from ldm_lab.io.atomic import atomic_write
 from ldm_lab.nn.feature_net import FeatureNet
 
 log = logging.getLogger(__name__)

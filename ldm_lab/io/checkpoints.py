@@ -12,8 +12,8 @@ import torch
 from hydra.utils import get_class
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from ldm_lab.config.errors import ConfigError
-from ldm_lab.io.atomic import atomic_write
+from ldm_lab.core.atomic import atomic_write
+from ldm_lab.core.errors import ConfigError
 
 
 class CheckpointError(ConfigError):
@@ -104,7 +104,7 @@ def stage_description(checkpoint: dict) -> str:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint I/O, writing through :func:`~ldm_lab.io.atomic.atomic_write` (Lightning's own
+    """Lightning's checkpoint I/O, writing through :func:`~ldm_lab.core.atomic.atomic_write` (Lightning's own
     stages the file in the system's temporary folder, which may be another disk) and reading through
     :func:`read_checkpoint`."""
 

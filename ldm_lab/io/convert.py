@@ -23,7 +23,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, LDMPipeline, UNet2DModel, VQ
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 from omegaconf import OmegaConf
 
-from ldm_lab.io.atomic import publish_folder, side_folder
+from ldm_lab.core.atomic import publish_folder, side_folder
 
 log = logging.getLogger(__name__)
 
@@ -310,7 +310,7 @@ def cache_root() -> Path:
 def converted(source: str | os.PathLike) -> Path:
     """The diffusers folder of an original checkpoint: the file is converted once and cached (by its and its
     config.yaml's path, size and modification time) under $LDM_LAB_CACHE/converted (default
-    ~/.cache/ldm_lab/converted). What it holds is read by ldm_lab/io/sources.py."""
+    ~/.cache/ldm_lab/converted). What it holds is read by ldm_lab/io/model_sources.py."""
     source = Path(source).resolve()
     stamps = [f"{p}|{p.stat().st_size}|{p.stat().st_mtime_ns}" for p in (source, source.with_name("config.yaml"))
               if p.is_file()]

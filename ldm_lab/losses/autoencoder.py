@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_lab.io.weights import MissingWeightsError
+from ldm_lab.core.weights import MissingWeightsError
 from ldm_lab.losses.adversarial import (
     D_LOSSES,
     adaptive_weight,
@@ -67,7 +67,9 @@ class AutoencoderLoss(nn.Module):
                 object.__setattr__(self, "perceptual", LPIPS(lpips_backbone, vgg16_weights))
             except MissingWeightsError as error:
                 if require_perceptual_weights:
-                    raise
+                    raise MissingWeightsError(f"{error} Or train without LPIPS: model.loss.perceptual_weight=0 "
+                                              f"model.metrics.lpips=false (require_weights=false warns and goes on "
+                                              f"without it)") from None
                 log.warning("training WITHOUT the LPIPS term: %s", error)
                 self.perceptual_weight = 0.0
 

@@ -2,7 +2,7 @@
 
 The ``lpips`` package ships its learned linear heads but fetches the VGG16 backbone through
 torchvision at run time; here the backbone is built empty and filled from
-``vgg16-397923af.pth`` found by :mod:`ldm_lab.io.weights`, so nothing is downloaded.
+``vgg16-397923af.pth`` found by :mod:`ldm_lab.core.weights`, so nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ import torch
 from torch import nn
 from torchvision.models import vgg16
 
-from ldm_lab.io.weights import require_weights
+from ldm_lab.core.weights import require_weights
 
 
 class LPIPS(nn.Module):
     """Frozen LPIPS-VGG distance per image, shape (N,), for images in [-1, 1].
 
     ``backbone="pretrained"`` loads the VGG16 weights (``weights_path`` or the torch hub cache) and
-    raises :class:`~ldm_lab.io.weights.MissingWeightsError` with instructions when they are absent;
+    raises :class:`~ldm_lab.core.weights.MissingWeightsError` with instructions when they are absent;
     ``backbone="random"`` keeps a randomly initialised VGG16, which tests use to exercise the code path.
     """
 

@@ -19,7 +19,7 @@ from typing import ClassVar
 from diffusers import DiTTransformer2DModel, UNet2DModel
 from torch import nn
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.nn.downsampling import downsampling
 
 

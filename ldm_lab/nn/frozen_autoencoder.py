@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, VQModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.nn.downsampling import downsampling
 
 AUTOENCODERS = (AutoencoderKL, VQModel)  # the first stages the lab trains and loads

@@ -15,23 +15,22 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, open_dict
 from torch import nn
 
-from ldm_lab.config.errors import ConfigError
-from ldm_lab.config.speed import optimizer_options
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.evaluation.metrics import ReconstructionMetrics
 from ldm_lab.io.export import export_autoencoder
-from ldm_lab.io.sources import load_autoencoder
+from ldm_lab.io.model_sources import load_autoencoder
 from ldm_lab.losses.autoencoder import AutoencoderLoss
 from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.nn.ema import ema_with_warmup
 from ldm_lab.stages.base import TrainingStage
+from ldm_lab.stages.speed import optimizer_options
 
 
 class AutoencoderStage(TrainingStage):
     """Subclasses implement ``encode_decode`` (training) and ``reconstruct`` (evaluation).
-    ``pretrained``: start from these weights (any autoencoder source of ldm_lab/io/sources.py, or a hub id;
+    ``pretrained``: start from these weights (any autoencoder source of ldm_lab/io/model_sources.py, or a hub id;
     its own config wins over ``vae``'s)."""
 
     monitor, monitor_mode = "val/psnr", "max"
@@ -81,19 +80,6 @@ class AutoencoderStage(TrainingStage):
         self.lr, self.disc_lr = lr, disc_lr
 
     # ----------------------------------------------------------------------------- what the tasks ask
-    @classmethod
-    def downsample_factor_of(cls, model: DictConfig) -> int:
-        return downsampling(model.vae)
-
-    @classmethod
-    def planning_config(cls, model: DictConfig, random_first_stage: Callable[[], dict]) -> DictConfig:
-        """LPIPS with a random backbone (the same network), no validation metrics, the adversarial terms
-        on from the start (the step's worst case)."""
-        with open_dict(model):
-            model.loss.update(lpips_backbone="random", require_perceptual_weights=False, disc_start=0)
-            model.metrics.update(lpips=False, rfid=False)
-        return model
-
     def export(self, out_dir: Path, datamodule: Callable[[], object]) -> Path:
         """The evaluation weights, with the latent scale measured on validation batches."""
         self.eval()

@@ -22,9 +22,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.strategies import ParallelStrategy
-from omegaconf import DictConfig
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.diffusion.sampling import SamplingOptions
 from ldm_lab.io.checkpoints import check_resume_kind, nonfinite_tensors
 
@@ -46,9 +45,8 @@ class TrainingStage(L.LightningModule):
     ``description`` says what the stage is in the words of its model option (for error messages);
     ``adversarial`` whether it trains against the ``disc`` discriminator.
 
-    What the tasks ask of a stage, so that a new stage is one new class: its downsampling from the config
-    (:meth:`downsample_factor_of`), what its config takes from the data (:meth:`config_from_data`), the config
-    and a batch for the memory plan (:meth:`planning_config`, :meth:`planning_batch`), whether a checkpoint resumes it (:meth:`check_resume`),
+    What the tasks ask of a stage, so that a new stage is one new class: a batch for the memory plan
+    (:meth:`planning_batch`), whether a checkpoint resumes it (:meth:`check_resume`),
     the data it needs (:meth:`attach_data`, :meth:`encode_latent_cache`), its export (:meth:`export`) and
     what follows training (:meth:`after_training`)."""
 
@@ -77,7 +75,7 @@ class TrainingStage(L.LightningModule):
         self._log_sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self.last_val_metrics: dict[str, float] = {}
         self.run_config: dict | None = None  # the composed config this stage was built from, stored in checkpoints
-        self.channels_last = False  # speed options (ldm_lab/config/speed.py)
+        self.channels_last = False  # speed options (ldm_lab/stages/speed.py)
         self.fused_optimizer = False
 
     def on_fit_start(self) -> None:
@@ -93,23 +91,6 @@ class TrainingStage(L.LightningModule):
         return None
 
     # ----------------------------------------------------------------------------- what the tasks ask
-    @classmethod
-    def downsample_factor_of(cls, model: DictConfig) -> int:
-        """Pixels per side of the networks' smallest feature map, from the model config (without building it)."""
-        raise NotImplementedError
-
-    @classmethod
-    def config_from_data(cls, model: DictConfig, datamodule) -> DictConfig:
-        """The model config completed with what comes from the data it trains on (a class-conditional model's
-        classes), before the stage is built; ``datamodule`` is not set up yet."""
-        return model
-
-    @classmethod
-    def planning_config(cls, model: DictConfig, random_first_stage: Callable[[], dict]) -> DictConfig:
-        """The model config made buildable offline for the memory plan without changing its memory
-        (``random_first_stage``: the description of a randomly initialised first stage, for a stage that needs one)."""
-        return model
-
     def planning_batch(self, batch_size: int, side: int) -> dict[str, torch.Tensor]:
         """A random training batch of ``side`` x ``side`` images, for the memory plan."""
         return {"pixel_values": torch.rand(batch_size, 3, side, side) * 2 - 1}

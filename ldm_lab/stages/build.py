@@ -6,8 +6,8 @@ from __future__ import annotations
 from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from ldm_lab.config.speed import apply_speed_options
 from ldm_lab.stages.base import TrainingStage
+from ldm_lab.stages.speed import apply_speed_options
 
 
 def build_stage(model_cfg: DictConfig, disc_cfg: DictConfig | None, speed_cfg: DictConfig | None = None) -> TrainingStage:

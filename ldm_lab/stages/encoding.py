@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from ldm_lab.core.atomic import folder_lock
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.data.latent_cache import KeyedImages, LatentCache
-from ldm_lab.io.atomic import folder_lock
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder, LatentScale
 
 log = logging.getLogger(__name__)

@@ -29,23 +29,23 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import OmegaConf
 from torch import nn
 
-from ldm_lab.config.errors import ConfigError
-from ldm_lab.config.speed import optimizer_options
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.diffusion.objectives import DDPM, RectifiedFlow
 from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline, predict
 from ldm_lab.diffusion.sampling import SamplingOptions, assemble, generate, requested_classes
 from ldm_lab.io.checkpoints import CheckpointError
 from ldm_lab.io.export import export_pipeline
+from ldm_lab.io.model_sources import load_denoiser, load_first_stage
 from ldm_lab.io.samples import draw_samples, grid_classes
-from ldm_lab.io.sources import load_denoiser, load_first_stage
 from ldm_lab.nn import denoisers
 from ldm_lab.nn.ema import ema_with_warmup
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
 from ldm_lab.stages.base import TrainingStage
 from ldm_lab.stages.encoding import encode_latent_cache, ranks_of
+from ldm_lab.stages.speed import optimizer_options
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ class LatentDiffusionStage(TrainingStage):
     ``latent_scale``: None measures 1 / std of the training latents (LDM's scale_by_std); a number is
     used as given (LDM-VQ-4: 1.0). ``denoiser_pretrained``: start from these denoiser weights
     (:func:`load_pretrained_denoiser`); the EMA starts from them too. ``conditioning``: None
-    or "class", with ``class_names`` (filled from the data, :meth:`config_from_data`) and ``label_dropout``."""
+    or "class", with ``class_names`` (filled from the data, ldm_lab/tasks/model_config.py) and ``label_dropout``."""
 
     monitor_mode = "min"
     description = "a latent diffusion model (model=unet, unet_tiny, dit or dit_tiny)"
@@ -120,48 +120,6 @@ class LatentDiffusionStage(TrainingStage):
         self._latent_cache_root: str | Path | None = None  # attach_data: where setup fills the cache
 
     # ----------------------------------------------------------------------------- what the tasks ask
-    @classmethod
-    def downsample_factor_of(cls, model: DictConfig) -> int:
-        """The denoiser's side multiple times its first stage's downsampling (when ``model.first_stage`` is set;
-        without one, image sides then fit any first stage up to the denoiser's step)."""
-        first_stage = load_first_stage(model.first_stage).downsample_factor if model.first_stage else 1
-        return first_stage * denoisers.side_multiple(model.denoiser)
-
-    @classmethod
-    def config_from_data(cls, model: DictConfig, datamodule) -> DictConfig:
-        """A class-conditional model's ``class_names`` are its data's (indexed here), so the checkpoint's config
-        rebuilds it; given ones must be the data's."""
-        if model.get("conditioning") != "class":
-            return model
-        datamodule.prepare_data()
-        datamodule.setup_index()
-        names = datamodule.class_names
-        if names is None:
-            raise ConfigError(f"model.conditioning=class learns the classes of its data, and {datamodule.source.name} "
-                              f"has none: label it (data=folder data.source.labels=subfolder, a Hugging Face "
-                              f"data.source.label_column, or the synthetic data.source.num_classes=4), or set "
-                              f"model.conditioning=null")
-        if model.get("class_names") is not None and list(model.class_names) != names:
-            raise ConfigError(f"model.class_names={list(model.class_names)} are not the data's classes {names}: leave "
-                              f"model.class_names unset (it is filled from the data)")
-        with open_dict(model):
-            model.class_names = names
-        return model
-
-    @classmethod
-    def planning_config(cls, model: DictConfig, random_first_stage: Callable[[], dict]) -> DictConfig:
-        """An unscaled learning rate (its value takes no memory; scaling it needs a datamodule), a latent
-        scale of 1, without a first stage a random one, and a class-conditional model's classes, which come from
-        the data, as 1000 stand-ins (the class embedding is a few MB at most)."""
-        with open_dict(model):
-            model.scale_lr = False
-            model.latent_scale = model.latent_scale or 1.0
-            if model.first_stage is None:
-                model.first_stage = random_first_stage()
-            if model.get("conditioning") == "class" and not model.get("class_names"):
-                model.class_names = [str(i) for i in range(1000)]
-        return model
-
     def planning_batch(self, batch_size: int, side: int) -> dict[str, torch.Tensor]:
         """Pixels, or with the latent cache the first stage's moments, as training reads them."""
         if not self.latent_cache:
@@ -398,7 +356,7 @@ def _describe(class_names: list[str] | None) -> str:
 
 
 def load_pretrained_denoiser(denoiser: nn.Module, source: str) -> None:
-    """Copy into ``denoiser`` the weights of a denoiser source (ldm_lab/io/sources.py: a latent diffusion training
+    """Copy into ``denoiser`` the weights of a denoiser source (ldm_lab/io/model_sources.py: a latent diffusion training
     checkpoint, a UNet2DModel, DiTTransformer2DModel or pipeline folder, an original LDM checkpoint); the
     architectures must be the same."""
     pretrained = load_denoiser(source, "model.denoiser_pretrained")

@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.errors import ConfigError
 
 TASKS = ("train", "cache_latents", "sample", "export", "evaluate", "plan", "buckets", "report", "convert")
 

@@ -10,12 +10,13 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-from hydra.utils import get_class, instantiate
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from ldm_lab.data.buckets import assign_buckets
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.data.index import ImageIndex
+from ldm_lab.tasks import model_config
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -63,7 +64,7 @@ def plot_buckets(rows: list[dict], aspects: np.ndarray, path: Path) -> None:
 
 def run(cfg: DictConfig) -> Path:
     # what the buckets must divide by, read from the model config without building the model
-    downsample_factor = get_class(cfg.model._target_).downsample_factor_of(cfg.model)
+    downsample_factor = model_config.downsample_factor(cfg.model)
     datamodule: ImageDataModule = instantiate(cfg.data, downsample_factor=downsample_factor)
     datamodule.prepare_data()
     index = datamodule.source.index(datamodule.cache_dir)

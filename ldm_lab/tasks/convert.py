@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.io.convert import convert
 
 

@@ -21,22 +21,17 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
+from tqdm import tqdm
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.errors import ConfigError
+from ldm_lab.core.weights import MissingWeightsError, find_weights, missing_message
 from ldm_lab.data.synthetic import SyntheticSource
-from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline
 from ldm_lab.diffusion.sampling import SamplingOptions, generate
 from ldm_lab.evaluation.classes import correct, load_classifier, spread_labels
 from ldm_lab.evaluation.metrics import ReconstructionMetrics, SampleQuality, make_fid
-from ldm_lab.evaluation.offline import (
-    embed_real_images,
-    evaluate_reconstructions,
-    evaluate_samples,
-    evaluate_samples_against_floor,
-    fill_reference,
-)
+from ldm_lab.evaluation.offline import FloorSamples, InceptionSamples, evaluate_reconstructions
 from ldm_lab.evaluation.synthetic_features import class_logits, load_feature_net
-from ldm_lab.io.sources import (
+from ldm_lab.io.model_sources import (
     AUTOENCODER,
     LATENT_DIFFUSION,
     Source,
@@ -44,7 +39,6 @@ from ldm_lab.io.sources import (
     load_latent_diffusion,
     resolve,
 )
-from ldm_lab.io.weights import MissingWeightsError, find_weights, missing_message
 from ldm_lab.nn.denoisers import side_multiple
 from ldm_lab.tasks.trainer import build_datamodule
 
@@ -70,7 +64,7 @@ def evaluate_autoencoder(cfg: DictConfig, source: Source, device: torch.device) 
     autoencoder = load_first_stage(source, source.key).to(device)
     datamodule = _datamodule(cfg, autoencoder.downsample_factor)
     # The validation stack decides what it can measure offline (weights present) and says what it cannot.
-    available = ReconstructionMetrics(lpips=cfg.evaluate.lpips, rfid=cfg.evaluate.rfid,
+    available = ReconstructionMetrics(lpips=cfg.evaluate.lpips, rfid=cfg.evaluate.rfid, switches="evaluate",
                                       vgg16_weights=cfg.paths.weights.vgg16,
                                       inception_weights=cfg.paths.weights.inception)
     reference = None
@@ -92,128 +86,104 @@ def _features(cfg: DictConfig, datamodule) -> tuple[str, Path | None]:
     if features == "auto":
         features = "inception" if weights is not None or not synthetic else "synthetic"
     if features == "inception" and weights is None:  # FID is the only metric of a generative model here
-        raise MissingWeightsError(missing_message("inception", cfg.paths.weights.inception))
+        offline = "evaluate.features=synthetic (its own feature network)" if synthetic else None
+        raise MissingWeightsError(missing_message("inception", cfg.paths.weights.inception, offline))
     if features == "synthetic" and not synthetic:
         raise ConfigError(f"evaluate.features=synthetic: its feature network reads the embedded synthetic data's "
                           f"drawings, and {datamodule.source.name} is not that data; use evaluate.features=inception")
     return features, weights
 
 
+def _sample_metric(cfg: DictConfig, datamodule, device: torch.device, num_classes: int | None
+                   ) -> tuple[str, InceptionSamples | FloorSamples, list[str]]:
+    """The embedding samples are measured in (:func:`_features`), with the real images' side filled in, and what
+    the report should say of it."""
+    features, weights = _features(cfg, datamodule)
+    if features == "inception":
+        reference = _reference_path(cfg, datamodule, "train", int((~datamodule.is_val).sum()))
+        return features, InceptionSamples(make_fid(2048, str(weights)).to(device), datamodule.reference_dataloader(),
+                                          reference), []
+    feature_net, described = load_feature_net(cfg.evaluate.reference_dir, datamodule.resolution,
+                                               num_classes=num_classes or 0)
+    classify = (lambda images: class_logits(feature_net, images)) if num_classes else None
+    metric = FloorSamples(SampleQuality(feature_net), datamodule.reference_dataloader(), cfg.evaluate.num_samples,
+                          classify)
+    what = "features and classes" if num_classes else "features"
+    return features, metric, [f"{what}: {described}, not Inception: these figures compare only with each other. "
+                              f"floor_*: held-out real images in the samples' place"]
+
+
 def evaluate_diffusion(cfg: DictConfig, source: Source, device: torch.device) -> tuple[dict, list[str], str]:
-    """FID of ``evaluate.num_samples`` samples (drawn as ``sample.*`` says) against the training images."""
+    """FID of ``evaluate.num_samples`` samples (drawn as ``sample.*`` says) against the training images. A
+    class-conditional model's samples are spread evenly over the classes and drawn at guidance 1 and at
+    ``sample.guidance_scale`` (or at ``evaluate.guidance_scales``), from the same noise at each: FID (and, in the
+    synthetic features, precision/recall against the floor, and per class where a class has enough samples) and the
+    share of samples a classifier tells as their class."""
     pipeline = load_latent_diffusion(source, source.key).to(device)
     datamodule = _datamodule(cfg, pipeline.downsample_factor * side_multiple(pipeline.unet))
     options = SamplingOptions.from_config(cfg.sample)
-    if pipeline.config.class_names:
-        return evaluate_class_conditional(cfg, pipeline, options, datamodule, device)
-    features, weights = _features(cfg, datamodule)
-    height, width = options.size((datamodule.resolution, datamodule.resolution))
-    generator = torch.Generator().manual_seed(options.seed)
-
-    def draw(n: int) -> torch.Tensor:
-        return generate(pipeline, options, n, height, width, generator, batch_size=n)
-
-    notes = []
-    if features == "inception":
-        fid = make_fid(2048, str(weights)).to(device)
-        reference = _reference_path(cfg, datamodule, "train", int((~datamodule.is_val).sum()))
-        results = evaluate_samples(draw, cfg.evaluate.num_samples, options.batch_size,
-                                   datamodule.reference_dataloader(), fid, reference)
-    else:
-        feature_net, described = load_feature_net(cfg.evaluate.reference_dir, datamodule.resolution)
-        results = evaluate_samples_against_floor(draw, cfg.evaluate.num_samples, options.batch_size,
-                                                 datamodule.reference_dataloader(), SampleQuality(feature_net))
-        notes.append(f"features: {described}, not Inception: these figures compare only with each other. "
-                     f"floor_*: held-out real images in the samples' place")
-        log.info("sample FID %.2f against a data-vs-data floor of %.2f (%.1fx); precision %.2f, recall %.2f "
-                 "(floor: %.2f, %.2f)", results["fid"], results["floor_fid"], results["fid"] / results["floor_fid"],
-                 results["precision"], results["recall"], results["floor_precision"], results["floor_recall"])
-    results.update(features=features, resolution=f"{width}x{height}", sampler=options.sampler,
-                   steps=options.num_inference_steps)
-    return results, notes, datamodule.source.name
-
-
-def evaluate_class_conditional(cfg: DictConfig, pipeline: LatentDiffusionPipeline, options: SamplingOptions,
-                               datamodule, device: torch.device) -> tuple[dict, list[str], str]:
-    """``evaluate.num_samples`` samples spread evenly over the classes, at guidance 1 and at
-    ``sample.guidance_scale`` (or at ``evaluate.guidance_scales``), from the same noise at each: FID (and, in
-    the synthetic features, precision/recall against the floor, and per class where a class has enough
-    samples) and the share of samples a classifier tells as their class."""
-    class_names = list(pipeline.config.class_names)
-    if datamodule.class_names != class_names:
+    class_names = list(pipeline.config.class_names) or None
+    if class_names is not None and datamodule.class_names != class_names:
         raise ConfigError(f"evaluate.model draws the classes {class_names[:8]}..., the data has "
                           f"{(datamodule.class_names or [])[:8]}: evaluate it on the data it was trained on")
-    features, weights = _features(cfg, datamodule)
-    num_classes = len(class_names)
+    num_samples = cfg.evaluate.num_samples
+    features, metric, notes = _sample_metric(cfg, datamodule, device, class_names and len(class_names))
     height, width = options.size((datamodule.resolution, datamodule.resolution))
-    labels = spread_labels(cfg.evaluate.num_samples, num_classes)
-    scales = sorted({float(s) for s in cfg.evaluate.guidance_scales or (1.0, options.guidance_scale)})
-    notes = [f"{len(labels)} samples, classes evenly ({len(labels) // num_classes}-{-(-len(labels) // num_classes)} "
-             f"each), at guidance {' and '.join(f'{s:g}' for s in scales)}"]
-    classify = None
-    if features == "synthetic":
-        feature_net, described = load_feature_net(cfg.evaluate.reference_dir, datamodule.resolution,
-                                                   num_classes=num_classes)
-        quality = SampleQuality(feature_net)
-        embed_real_images(datamodule.reference_dataloader(), quality, len(labels))
-        classify = lambda images: class_logits(feature_net, images)  # noqa: E731
-        notes.append(f"features and classes: {described}, not Inception: these figures compare only with each other. "
-                     f"floor_*: held-out real images in the samples' place")
-    else:
-        fid = make_fid(2048, str(weights)).to(device)
-        reference = _reference_path(cfg, datamodule, "train", int((~datamodule.is_val).sum()))
-        fill_reference(fid, datamodule.reference_dataloader(), reference)
-    if cfg.evaluate.classifier is not None:
-        classify = load_classifier(cfg.evaluate.classifier)
     results: dict = {"features": features, "resolution": f"{width}x{height}", "sampler": options.sampler,
-                     "steps": options.num_inference_steps, "classes": num_classes}
+                     "steps": options.num_inference_steps}
+    labels, scales, classify = None, [1.0], None
+    if class_names is not None:
+        num_classes = len(class_names)
+        labels = spread_labels(num_samples, num_classes)
+        scales = sorted({float(s) for s in cfg.evaluate.guidance_scales or (1.0, options.guidance_scale)})
+        notes.insert(0, f"{num_samples} samples, classes evenly ({num_samples // num_classes}-"
+                        f"{-(-num_samples // num_classes)} each), at guidance {' and '.join(f'{s:g}' for s in scales)}")
+        classify = load_classifier(cfg.evaluate.classifier) if cfg.evaluate.classifier else metric.classify
+        results["classes"] = num_classes
     for scale in scales:
+        name, at = ("samples", "") if labels is None else (f"samples@{scale:g}", f" @ guidance {scale:g}")
         generator = torch.Generator().manual_seed(options.seed)  # the same noise at every scale
         told = []
-        if features == "inception":
-            fid.reset()  # the samples of the last scale; the real statistics stay
-        for start in range(0, len(labels), options.batch_size):
-            batch = labels[start : start + options.batch_size]
-            images = generate(pipeline, options, len(batch), height, width, generator, class_labels=batch.tolist(),
-                              guidance_scale=scale, batch_size=len(batch)).clamp(-1, 1)
-            if features == "synthetic":
-                quality.update(images, f"samples@{scale:g}", batch)
-            else:
-                fid.update((images.to(device) + 1) / 2, real=False)
+        for start in tqdm(range(0, num_samples, options.batch_size), desc="samples", unit="batch"):
+            count = min(options.batch_size, num_samples - start)
+            batch = None if labels is None else labels[start : start + count]
+            images = generate(pipeline, options, count, height, width, generator, batch_size=count,
+                              class_labels=None if batch is None else batch.tolist(), guidance_scale=scale).clamp(-1, 1)
+            metric.add(images, name, batch)
             if classify is not None:
-                told.append(correct(classify, images, batch, num_classes))
-        at = f" @ guidance {scale:g}"
-        if features == "synthetic":
-            figures = quality.compute(f"samples@{scale:g}")
-            results.update({f"{name}{at}": value for name, value in figures.items() if "images" not in name})
-            results.update(reference_images=figures["reference_images"], held_out_images=figures["held_out_images"])
-            for label, per_class in quality.compute_per_class(f"samples@{scale:g}").items():
-                results[f"fid of {class_names[label]}{at}"] = per_class["fid"]
-                results[f"floor_fid of {class_names[label]}{at}"] = per_class["floor_fid"]
-        else:
-            results[f"fid{at}"] = float(fid.compute())
+                told.append(correct(classify, images, batch, len(class_names)))
+        figures = metric.compute(name)
+        results.update({f"{key}{at}": value for key, value in figures.items() if "images" not in key})
+        results.update({key: value for key, value in figures.items() if "images" in key})
+        for label, per_class in metric.compute_per_class(name).items():
+            results[f"fid of {class_names[label]}{at}"] = per_class["fid"]
+            results[f"floor_fid of {class_names[label]}{at}"] = per_class["floor_fid"]
         if told:
             results[f"class_accuracy{at}"] = float(torch.cat(told).float().mean())
-        log.info("guidance %g: %s", scale, _describe_scale(results, at))
-    if features == "synthetic":
+        log.info("%s%s", f"guidance {scale:g}: " if at else "", _describe_scale(results, at))
+    if class_names is not None and isinstance(metric, FloorSamples):
         per_class = sum(k.startswith("fid of ") for k in results) // len(scales)
-        notes.append(f"per-class FID only where a class has at least {quality.min_class_samples} samples and "
-                     f"held-out images (twice the embedding's dimension): {per_class} of {num_classes} classes")
-    if classify is None:
+        notes.append(f"per-class FID only where a class has at least {metric.quality.min_class_samples} samples and "
+                     f"held-out images (twice the embedding's dimension): {per_class} of {len(class_names)} classes")
+    if class_names is not None and classify is None:
         notes.append("no class accuracy: on other data than the synthetic set, give evaluate.classifier=<a classifier "
                      "of the same classes saved whole with torch.save>")
     return results, notes, datamodule.source.name
 
 
 def _describe_scale(results: dict, at: str) -> str:
-    """One scale's figures as a sentence: class accuracy, FID (against its floor), precision and recall."""
+    """One set's figures as a sentence: class accuracy, FID (against its floor), precision and recall (and the
+    floor's)."""
     parts = []
     if f"class_accuracy{at}" in results:
         parts.append(f"class accuracy {results[f'class_accuracy{at}']:.1%}")
     fid, floor = results[f"fid{at}"], results.get(f"floor_fid{at}")
-    parts.append(f"sample FID {fid:.2f}" + (f" against a floor of {floor:.2f} ({fid / floor:.1f}x)" if floor else ""))
+    against = "a data-vs-data floor" if not at else "a floor"
+    parts.append(f"sample FID {fid:.2f}" + (f" against {against} of {floor:.2f} ({fid / floor:.1f}x)" if floor else ""))
     if f"precision{at}" in results:
-        parts.append(f"precision {results[f'precision{at}']:.2f}, recall {results[f'recall{at}']:.2f}")
+        floors = (f" (floor: {results[f'floor_precision{at}']:.2f}, {results[f'floor_recall{at}']:.2f})"
+                  if not at else "")
+        parts.append(f"precision {results[f'precision{at}']:.2f}, recall {results[f'recall{at}']:.2f}{floors}")
     return "; ".join(parts)
 
 

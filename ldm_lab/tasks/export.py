@@ -10,9 +10,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.io.export import export_autoencoder, export_pipeline
-from ldm_lab.io.sources import AUTOENCODER, LATENT_DIFFUSION, load_autoencoder, load_latent_diffusion, resolve
+from ldm_lab.io.model_sources import (
+    AUTOENCODER,
+    LATENT_DIFFUSION,
+    load_autoencoder,
+    load_latent_diffusion,
+    resolve,
+)
 from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.tasks.trainer import build_datamodule
 

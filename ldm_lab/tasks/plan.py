@@ -21,21 +21,21 @@ import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
-from ldm_lab.config.memory import GIB, trace_step
 from ldm_lab.stages.build import build_stage
+from ldm_lab.tasks import model_config
+from ldm_lab.tasks.memory import GIB, trace_step
 
 log = logging.getLogger(__name__)
 CONF = Path(__file__).resolve().parents[2] / "conf"
 
 
 def planning_config(cfg: DictConfig) -> DictConfig:
-    """The model config made buildable offline without changing its memory (the stage's ``planning_config``);
+    """The model config made buildable offline without changing its memory (:func:`model_config.for_planning`);
     a first stage it lacks is a random one of the ``plan.first_stage`` architecture."""
     model = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
-    return get_class(model._target_).planning_config(model, lambda: random_first_stage(cfg.plan.first_stage))
+    return model_config.for_planning(model, lambda: random_first_stage(cfg.plan.first_stage))
 
 
 def random_first_stage(name: str) -> dict:

@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from ldm_lab.config.errors import ConfigError, MissingPathError
+from ldm_lab.core.errors import ConfigError, MissingPathError
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.diffusion.sampling import SamplingOptions
+from ldm_lab.io.model_sources import load_latent_diffusion
 from ldm_lab.io.samples import draw_samples
-from ldm_lab.io.sources import load_latent_diffusion
 
 log = logging.getLogger(__name__)
 

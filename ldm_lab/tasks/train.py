@@ -11,7 +11,6 @@ from pathlib import Path
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from ldm_lab.callbacks.stop_signals import RunStopped
@@ -19,6 +18,7 @@ from ldm_lab.config.slurm import slurm_job_id
 from ldm_lab.diffusion.sampling import SamplingOptions
 from ldm_lab.io.checkpoints import claim_run_folder, read_checkpoint
 from ldm_lab.stages.build import build_stage
+from ldm_lab.tasks import model_config
 from ldm_lab.tasks.trainer import build_datamodule, build_trainer
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule = build_datamodule(cfg)
-    stage = build_stage(get_class(cfg.model._target_).config_from_data(cfg.model, datamodule), cfg.disc, cfg.speed)
+    stage = build_stage(model_config.with_data(cfg.model, datamodule), cfg.disc, cfg.speed)
     datamodule.check_downsample_factor(stage.downsample_factor)
     trainer = build_trainer(cfg, stage)
     ckpt_path = cfg.ckpt_path or requeued_checkpoint(trainer)

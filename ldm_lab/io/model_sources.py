@@ -15,7 +15,7 @@ import diffusers
 from diffusers import AutoencoderKL
 from torch import nn
 
-from ldm_lab.config.errors import ConfigError
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.diffusion.objectives import Objective
 from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline
 from ldm_lab.diffusion.sampling import assemble

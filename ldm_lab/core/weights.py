@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ldm_lab.config.errors import MissingPathError
+from ldm_lab.core.errors import MissingPathError
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,6 @@ class WeightFile:
     url: str
     used_for: str
     config_key: str
-    switch_off: str
 
 
 WEIGHT_FILES = {
@@ -31,8 +30,6 @@ WEIGHT_FILES = {
         url="https://download.pytorch.org/models/vgg16-397923af.pth",
         used_for="the LPIPS loss and metric (torchvision's VGG16 backbone)",
         config_key="paths.weights.vgg16",
-        switch_off="model.loss.perceptual_weight=0 model.metrics.lpips=false "
-        "(or require_weights=false to warn and go on without LPIPS)",
     ),
     "inception": WeightFile(
         filename="weights-inception-2015-12-05-6726825d.pth",
@@ -40,7 +37,6 @@ WEIGHT_FILES = {
         "weights-inception-2015-12-05-6726825d.pth",
         used_for="rFID / FID (torch-fidelity's Inception-v3, the network behind published FIDs)",
         config_key="paths.weights.inception",
-        switch_off="model.metrics.rfid=false",
     ),
 }
 
@@ -64,21 +60,24 @@ def find_weights(name: str, explicit: str | os.PathLike | None = None) -> Path |
 
 
 def require_weights(name: str, explicit: str | os.PathLike | None = None) -> Path:
-    """The path of weight file ``name``; raises MissingWeightsError saying how to get it."""
+    """The path of weight file ``name``; raises MissingWeightsError saying how to get it (the caller, who knows
+    the task, adds how to do without)."""
     path = find_weights(name, explicit)
     if path is None:
         raise MissingWeightsError(missing_message(name, explicit))
     return path
 
 
-def missing_message(name: str, explicit: str | os.PathLike | None = None) -> str:
+def missing_message(name: str, explicit: str | os.PathLike | None = None, switch_off: str | None = None) -> str:
+    """What is missing, where it was looked for, and how to get it; ``switch_off``: the keys that do without it
+    in the task at hand, when there are any."""
     spec = WEIGHT_FILES[name]
     where = f"at {spec.config_key}={explicit}" if explicit else f"in {hub_checkpoint_dir()}"
+    without = f", or do without it: {switch_off}" if switch_off else ""
     return (
         f"{spec.filename} was not found {where}; it is needed for {spec.used_for}. "
         f"Get it with `make weights` (downloads {spec.url} into $TORCH_HOME/hub/checkpoints), "
-        f"or point {spec.config_key}=/path/to/{spec.filename} at a copy, "
-        f"or switch the term off: {spec.switch_off}."
+        f"or point {spec.config_key}=/path/to/{spec.filename} at a copy{without}."
     )
 
 
