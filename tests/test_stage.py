@@ -9,6 +9,7 @@ from diffusers import AutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from hydra.errors import InstantiationException
 
+from ldm_lab.io.export import export_model
 from ldm_lab.nn.ema import ema_with_warmup
 from ldm_lab.stages.base import NonFiniteLossError, TrainingStage
 from ldm_lab.stages.build import build_stage
@@ -82,7 +83,7 @@ def test_export_loads_in_diffusers_and_reproduces_reconstructions(compose_cfg, t
     stage, cfg = _stage(compose_cfg, "model.max_steps=2")
     datamodule = build_datamodule(cfg, stage.downsample_factor)
     fit(stage, datamodule)
-    out = stage.export(tmp_path / "export", lambda: datamodule)
+    out = export_model(stage.trained_model(), tmp_path / "export", lambda: datamodule)
     loaded = AutoencoderKL.from_pretrained(out).eval()
     inputs = next(iter(datamodule.val_dataloader()))["pixel_values"]
     expected = stage.eval().reconstruct(inputs)

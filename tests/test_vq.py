@@ -9,6 +9,7 @@ import pytest
 import torch
 from diffusers import VQModel
 
+from ldm_lab.io.export import export_model
 from ldm_lab.nn.codebook import codebook_usage, restart_dead_codes, vq_losses
 from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.vq_autoencoder import VQAutoencoderStage
@@ -112,7 +113,7 @@ def test_exported_vq_folder_reproduces_the_reconstructions(compose_cfg, tmp_path
     stage, cfg = _stage(compose_cfg, "model.max_steps=2")
     datamodule = build_datamodule(cfg, stage.downsample_factor)
     fit(stage, datamodule)
-    out = stage.export(tmp_path / "export", lambda: datamodule)
+    out = export_model(stage.trained_model(), tmp_path / "export", lambda: datamodule)
     loaded = VQModel.from_pretrained(out).eval()
     inputs = next(iter(datamodule.val_dataloader()))["pixel_values"]
     with torch.no_grad():

@@ -10,6 +10,7 @@ import itertools
 import json
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 from diffusers import LDMPipeline, UNet2DModel
@@ -33,6 +34,15 @@ def export_autoencoder(vae: nn.Module, datamodule, out_dir: Path, scale_batches:
     vae.save_pretrained(out_dir)
     log.info("exported %s (%s.from_pretrained) with scaling_factor %.5f", out_dir, type(vae).__name__, scale)
     return out_dir
+
+
+def export_model(model: nn.Module | LatentDiffusionPipeline, out_dir: Path, datamodule: Callable[[], object]) -> Path:
+    """A trained model as a diffusers folder: a latent diffusion pipeline carries its latent scale
+    (:func:`export_pipeline`); an autoencoder's is measured on the data ``datamodule()`` builds
+    (:func:`export_autoencoder`)."""
+    if isinstance(model, LatentDiffusionPipeline):
+        return export_pipeline(model, out_dir)
+    return export_autoencoder(model, datamodule(), out_dir)
 
 
 def export_pipeline(pipeline: LatentDiffusionPipeline, out_dir: Path) -> Path:

@@ -11,15 +11,13 @@ generator steps, which disc_start, the schedules and the EMA follow.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping
-from pathlib import Path
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from ldm_lab.core.errors import ConfigError
 from ldm_lab.evaluation.metrics import ReconstructionMetrics
-from ldm_lab.io.export import export_autoencoder
 from ldm_lab.io.model_sources import load_autoencoder
 from ldm_lab.losses.autoencoder import AutoencoderLoss
 from ldm_lab.nn.downsampling import downsampling
@@ -80,10 +78,8 @@ class AutoencoderStage(TrainingStage):
         self.lr, self.disc_lr = lr, disc_lr
 
     # ----------------------------------------------------------------------------- what the tasks ask
-    def export(self, out_dir: Path, datamodule: Callable[[], object]) -> Path:
-        """The evaluation weights, with the latent scale measured on validation batches."""
-        self.eval()
-        return export_autoencoder(self.eval_vae, datamodule(), out_dir)
+    def trained_model(self) -> nn.Module:
+        return self.eval_vae
 
     # ----------------------------------------------------------------------------- properties
     @property

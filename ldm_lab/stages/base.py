@@ -14,13 +14,13 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from diffusers import DiffusionPipeline
 from lightning.pytorch.strategies import ParallelStrategy
 
 from ldm_lab.core.errors import ConfigError
@@ -47,7 +47,7 @@ class TrainingStage(L.LightningModule):
 
     What the tasks ask of a stage, so that a new stage is one new class: a batch for the memory plan
     (:meth:`planning_batch`), whether a checkpoint resumes it (:meth:`check_resume`),
-    the data it needs (:meth:`attach_data`, :meth:`encode_latent_cache`), its export (:meth:`export`) and
+    the data it needs (:meth:`attach_data`, :meth:`encode_latent_cache`), its trained model (:meth:`trained_model`) and
     what follows training (:meth:`after_training`)."""
 
     monitor: str
@@ -116,8 +116,9 @@ class TrainingStage(L.LightningModule):
                           f"this model is {self.description}: use model=unet (or unet_tiny) "
                           f"model.first_stage=<first-stage checkpoint or export folder>")
 
-    def export(self, out_dir: Path, datamodule: Callable[[], object]) -> Path:
-        """Write the trained model as a diffusers folder; ``datamodule`` builds the data (if the export measures it)."""
+    def trained_model(self) -> torch.nn.Module | DiffusionPipeline:
+        """The trained model as diffusers holds it, with its evaluation weights: what the export writes
+        (ldm_lab/io/export.py ``export_model``), as task=export reads it from a checkpoint."""
         raise NotImplementedError
 
     def after_training(self, output_dir: Path, datamodule, sampling: SamplingOptions) -> None:

@@ -24,7 +24,7 @@ import functools
 import itertools
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +37,6 @@ from ldm_lab.diffusion.objectives import DDPM, RectifiedFlow
 from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline, predict
 from ldm_lab.diffusion.sampling import SamplingOptions, assemble, generate, requested_classes
 from ldm_lab.io.checkpoints import CheckpointError
-from ldm_lab.io.export import export_pipeline
 from ldm_lab.io.model_sources import load_denoiser, load_first_stage
 from ldm_lab.io.samples import draw_samples, grid_classes
 from ldm_lab.nn import denoisers
@@ -177,9 +176,8 @@ class LatentDiffusionStage(TrainingStage):
         encode_latent_cache(self.first_stage, datamodule, latent_cache_root)
         return datamodule.latent_cache.dir
 
-    def export(self, out_dir: Path, datamodule: Callable[[], object]) -> Path:
-        """A pipeline folder of the evaluation denoiser and the sampling scheduler (no data needed)."""
-        return export_pipeline(self.pipeline(), out_dir)
+    def trained_model(self) -> LatentDiffusionPipeline:
+        return self.pipeline()
 
     def after_training(self, output_dir: Path, datamodule, sampling: SamplingOptions) -> None:
         """A grid of ``sample.*`` samples at the leftover bucket's resolution, on the GPU when there is one."""

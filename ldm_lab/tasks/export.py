@@ -1,5 +1,5 @@
 """task=export: a training checkpoint as a diffusers folder (ldm_lab/io/export.py), its networks loaded as the
-diffusers models they are (ldm_lab/io/networks.py).
+diffusers models they are (ldm_lab/io/networks.py), as task=train exports the model it trained.
 
     python run.py task=export ckpt_path=outputs/.../checkpoints/last.ckpt
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ldm_lab.core.errors import ConfigError
-from ldm_lab.io.export import export_autoencoder, export_pipeline
+from ldm_lab.io.export import export_model
 from ldm_lab.io.model_sources import (
     AUTOENCODER,
     LATENT_DIFFUSION,
@@ -27,8 +27,7 @@ def run(cfg: DictConfig) -> Path:
     if cfg.ckpt_path is None:
         raise ConfigError("task=export needs ckpt_path=/path/to/checkpoint.ckpt")
     source = resolve(cfg.ckpt_path, "ckpt_path", (AUTOENCODER, LATENT_DIFFUSION))
-    out_dir = Path(cfg.paths.output_dir) / "export"
-    if source.holds == LATENT_DIFFUSION:  # the latent scale is in the checkpoint: no data needed
-        return export_pipeline(load_latent_diffusion(source, "ckpt_path"), out_dir)
-    vae = load_autoencoder(source, "ckpt_path")
-    return export_autoencoder(vae, build_datamodule(cfg, downsampling(vae.config)), out_dir)
+    load = load_latent_diffusion if source.holds == LATENT_DIFFUSION else load_autoencoder
+    model = load(source, "ckpt_path")
+    return export_model(model, Path(cfg.paths.output_dir) / "export",
+                        lambda: build_datamodule(cfg, downsampling(model.config)))

@@ -17,6 +17,7 @@ from ldm_lab.callbacks.stop_signals import RunStopped
 from ldm_lab.config.slurm import slurm_job_id
 from ldm_lab.diffusion.sampling import SamplingOptions
 from ldm_lab.io.checkpoints import claim_run_folder, read_checkpoint
+from ldm_lab.io.export import export_model
 from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks import model_config
 from ldm_lab.tasks.trainer import build_datamodule, build_trainer
@@ -92,6 +93,6 @@ def run(cfg: DictConfig) -> dict[str, float]:
     log.info("checkpoints: %s (resume: python run.py ckpt_path=%s)", checkpoint_dir,
              checkpoint_dir / "last.ckpt" if checkpoint_dir else "<checkpoint>")
     log.info("image grids: %s", output_dir / "images")
-    log.info("diffusers folder: %s", stage.export(output_dir / "export", lambda: datamodule))
+    log.info("diffusers folder: %s", export_model(stage.trained_model(), output_dir / "export", lambda: datamodule))
     stage.after_training(output_dir, datamodule, SamplingOptions.from_config(cfg.sample))
     return stage.last_val_metrics
