@@ -45,7 +45,7 @@ quickstart-class: install ## tiny autoencoder -> 4-class LDM -> guided samples p
 test: install ## run the test suite (CPU, tiny models)
 	$(BIN)/python -m pytest -q
 
-test-fast: install ## the test suite without the tests marked slow (about 3 of its 5 minutes)
+test-fast: install ## the test suite without the 12 tests marked slow (subprocess jobs, DDP, overfitting, traced memory)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # oneDNN and ATen's vector kernels pick their code by CPU: the parity tests again with both capped at AVX2,
