@@ -62,11 +62,12 @@ def test_networks_losses_and_diffusion_are_pure():
 
 
 def test_tasks_know_no_stage_class():
-    """A task builds or loads a stage (stages/build.py) and calls the methods of its interface (stages/base.py):
-    it imports no stage class to test a type against, so a new stage is one new class."""
+    """A task builds or loads a stage (stages/build.py) and calls the methods of its interface (stages/base.py), or
+    fills the latent cache as a stage does (stages/encoding.py): it imports no stage class to test a type against,
+    so a new stage is one new class."""
     graph = _import_graph()
     tasks = [m for m in graph if m.startswith("ldm_lab.tasks")]
-    interface = ("ldm_lab.stages.build", "ldm_lab.stages.base")
+    interface = ("ldm_lab.stages.build", "ldm_lab.stages.base", "ldm_lab.stages.encoding")
     assert [(m, d) for m in tasks for d in graph[m]
             if d.startswith("ldm_lab.stages") and not d.startswith(interface)] == []
 

@@ -13,6 +13,8 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from PIL import Image
 
+from ldm_lab.callbacks.image_logger import preview
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.core.weights import MissingWeightsError
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.diffusion.sampling import SamplingOptions, generate
@@ -176,7 +178,8 @@ def test_ema_follows_its_formula_and_is_what_validation_and_sampling_use(compose
     class Data:
         leftover_resolution = (32, 32)
 
-    _, previews, _ = stage.preview_images(Data(), 2, SamplingOptions.from_config(cfg.sample))
+    name, previews, _ = preview(stage.trained_model(), Data(), 2, SamplingOptions.from_config(cfg.sample), stage.seed)
+    assert name == "samples"
     stage.latent_scale.fill_(1.0)
     options = SamplingOptions(num_inference_steps=2)
     with_ema = generate(stage.pipeline(), options, 2, 32, 32, torch.Generator().manual_seed(0))
@@ -250,6 +253,9 @@ def test_train_sample_and_export_agree_with_ldm_pipeline(compose_cfg, first_stag
 def test_cache_latents_task_and_missing_first_stage_message(compose_cfg, first_stage):
     cache_dir = cache_latents.run(_cfg(compose_cfg, first_stage, "task=cache_latents"))
     assert any(cache_dir.glob("manifest-*.json"))
+    for refused in (["model=vae_tiny"], [*LDM_TINY]):  # an autoencoder; a latent diffusion model without first stage
+        with pytest.raises(ConfigError, match="model.first_stage=<first-stage checkpoint"):
+            cache_latents.run(compose_cfg(["task=cache_latents", *refused], tiny=False))
     with pytest.raises(InstantiationException, match="model.first_stage"):
         build_stage(compose_cfg([*LDM_TINY], tiny=False).model, None)
 

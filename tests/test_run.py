@@ -12,15 +12,14 @@ import sys
 import pytest
 import torch
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ldm_lab.tasks import model_config, train
+from ldm_lab.tasks.report import read_scalars
 from tests.conftest import ROOT, TINY
 
 
 def _scalars(run_dir, tag):
-    events = EventAccumulator(str(run_dir / "tensorboard")).Reload()
-    return [(e.step, e.value) for e in events.Scalars(tag)]
+    return read_scalars(run_dir / "tensorboard")[tag]
 
 
 SHORT = ["max_steps=3", "val_every_n_steps=3", "trainer.log_every_n_steps=1", "model.loss.disc_start=2"]
@@ -41,7 +40,7 @@ def test_train_task_end_to_end_and_same_seed_same_losses(compose_cfg, tmp_path):
     assert sorted(p.name for p in (run_dir / "images").iterdir()) == ["recon_step0000000.png", "recon_step0000003.png"]
     assert (run_dir / "export" / "config.json").is_file()
     assert [step for step, _ in _scalars(run_dir, "val/psnr")][0] == 0
-    assert "train/g_adv" in EventAccumulator(str(run_dir / "tensorboard")).Reload().Tags()["scalars"]
+    assert "train/g_adv" in read_scalars(run_dir / "tensorboard")
 
 
 def _hydra_config(overrides, tmp_path):
@@ -236,3 +235,22 @@ def test_two_process_ddp_on_buckets_disjoint_images_per_rank_one_sync_per_step(t
     assert syncs[0]["steps"] == 2 and syncs[0]["skipped"] == syncs[1]["skipped"] == 1
     assert syncs[0]["syncs"] == syncs[1]["syncs"] == 1  # step 1's last backward only: not one per micro-batch
     assert syncs[0]["checksum"] == syncs[1]["checksum"]  # the ranks applied the same updates
+
+
+def test_scalars_are_read_in_the_order_their_files_were_written(tmp_path):
+    """Each trainer call (validate, fit, validate; a resumed fit) writes its own event file, and a step logged again
+    takes its latest value: writer 10 comes after writer 9 although its name sorts before it as text."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    calls = {9: {"val/psnr": {0: 20.0}, "train/total": {1: 3.0, 2: 2.0, 3: 9.0}},  # stopped after step 3
+             10: {"train/total": {3: 1.0}},  # resumed from step 2's checkpoint
+             11: {"val/psnr": {3: 25.0}}}
+    run = tmp_path / "tensorboard"
+    for number, scalars in calls.items():
+        with SummaryWriter(tmp_path / str(number)) as writer:
+            for tag, curve in scalars.items():
+                for step, value in curve.items():
+                    writer.add_scalar(tag, value, step)
+        run.mkdir(exist_ok=True)
+        next((tmp_path / str(number)).glob("events.*")).rename(run / f"events.out.tfevents.1796529149.vm.3420.{number}")
+    assert read_scalars(run) == {"val/psnr": [(0, 20.0), (3, 25.0)], "train/total": [(1, 3.0), (2, 2.0), (3, 1.0)]}

@@ -229,3 +229,21 @@ def test_inference_loading_needs_no_lpips_weights_and_builds_no_stage(compose_cf
     loaded = load_autoencoder(tmp_path / "trained.ckpt", "evaluate.model")
     assert torch.equal(loaded.decoder.conv_out.weight, stage.eval_vae.decoder.conv_out.weight)  # the EMA's
     assert not torch.equal(loaded.decoder.conv_out.weight, stage.vae.decoder.conv_out.weight)
+
+
+@pytest.mark.parametrize("model", ["vae_tiny", "vqvae_tiny"])
+def test_preview_is_the_validation_images_over_their_ema_reconstructions(compose_cfg, model):
+    from ldm_lab.callbacks.image_logger import preview
+
+    stage, cfg = _stage(compose_cfg, f"model={model}", "model.max_steps=2")
+    datamodule = build_datamodule(cfg, stage.downsample_factor)
+    fit(stage, datamodule)
+    name, images, per_row = preview(stage.trained_model(), datamodule, 2, None, stage.seed)
+    inputs = datamodule.preview_images(2)
+    with torch.no_grad():
+        expected = stage.eval().reconstruct(inputs)  # validation's: the VQ stage's own quantization
+    assert (name, per_row) == ("recon", 2)
+    torch.testing.assert_close(images, torch.cat([inputs, expected]))
+    stage.ema = None  # the live weights reconstruct otherwise
+    with torch.no_grad():
+        assert not torch.allclose(images[2:], stage.reconstruct(inputs))

@@ -1,5 +1,5 @@
-"""Pictures of progress: every N steps the stage's own image grid (an autoencoder: the same validation
-images over their reconstructions; a diffusion model: samples from the same noise)."""
+"""Pictures of progress: every N steps a grid of the stage's trained model (an autoencoder: the same
+validation images over their reconstructions; a latent diffusion pipeline: samples from the same noise)."""
 
 from __future__ import annotations
 
@@ -7,17 +7,21 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
+import torch
 from torchvision.utils import make_grid, save_image
 
 from ldm_lab.callbacks.loggers import log_image
+from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline
 from ldm_lab.diffusion.sampling import SamplingOptions
+from ldm_lab.io.samples import preview_samples
+from ldm_lab.nn.frozen_autoencoder import reconstruct
 
 
 class ImageLogger(L.Callback):
-    """Every ``every_n_steps`` optimizer steps (and before the first) the grid of
-    ``pl_module.preview_images(datamodule, num_images, sampling)`` (``(name, images in [-1, 1], images per row)``):
-    to every logger that takes images (``val/<name>``) and as ``<dirpath>/<name>_step<step>.png``. ``sampling``: the run's
-    ``sample.*``, so a diffusion model's grid is drawn as task=sample would draw it."""
+    """Every ``every_n_steps`` optimizer steps (and before the first) the grid of :func:`preview` of
+    ``pl_module.trained_model()``: to every logger that takes images (``val/<name>``) and as
+    ``<dirpath>/<name>_step<step>.png``. ``sampling``: the run's ``sample.*``, so a diffusion model's grid is drawn
+    as task=sample would draw it."""
 
     def __init__(self, every_n_steps: int, num_images: int = 8, dirpath: str | Path = "images",
                  sampling: Mapping | None = None):
@@ -42,7 +46,8 @@ class ImageLogger(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         with trainer.precision_plugin.forward_context():
-            name, images, nrow = pl_module.preview_images(trainer.datamodule, self.num_images, self.sampling)
+            name, images, nrow = preview(pl_module.trained_model(), trainer.datamodule, self.num_images,
+                                         self.sampling, pl_module.seed)
         pl_module.train(was_training)
         # TensorBoard takes no bf16 images: float, clamp, then [0, 1].
         grid = make_grid(images.float().cpu().clamp(-1, 1).add(1).div(2), nrow=nrow, padding=2, pad_value=1.0)
@@ -50,3 +55,16 @@ class ImageLogger(L.Callback):
         save_image(grid, self.dirpath / f"{name}_step{step:07d}.png")
         for logger in trainer.loggers:
             log_image(logger, f"val/{name}", grid, step)
+
+
+@torch.no_grad()
+def preview(model: torch.nn.Module | LatentDiffusionPipeline, datamodule, num_images: int, sampling: SamplingOptions,
+            seed: int) -> tuple[str, torch.Tensor, int]:
+    """(name, images in [-1, 1], images per row). A pipeline: ``num_images`` samples at the data's leftover
+    resolution from noise of ``seed`` (:func:`~ldm_lab.io.samples.preview_samples`); an autoencoder: the
+    datamodule's ``num_images`` preview images over their deterministic reconstructions."""
+    if isinstance(model, LatentDiffusionPipeline):
+        images, per_row = preview_samples(model, sampling, num_images, datamodule.leftover_resolution, seed)
+        return "samples", images, per_row
+    inputs = datamodule.preview_images(num_images).to(model.device)
+    return "recon", torch.cat([inputs, reconstruct(model, inputs)]), len(inputs)

@@ -1,5 +1,6 @@
 """Samples of a latent diffusion model to files: PNGs and one grid (what task=sample, and task=train after
-training, write); a class-conditional model's in one folder per class, its grid a row per class."""
+training, write); a class-conditional model's in one folder per class, its grid a row per class. Also the
+grid training previews draw (:func:`preview_samples`)."""
 
 from __future__ import annotations
 
@@ -85,3 +86,21 @@ def draw_samples(options: SamplingOptions, pipeline: LatentDiffusionPipeline, ou
         described += f", {len(set(labels))} classes x {options.num_images}, guidance {options.guidance_scale:g}"
     log.info("%d samples (%dx%d, %s): %s", len(images), width, height, described, out_dir)
     return grid
+
+
+def preview_samples(pipeline: LatentDiffusionPipeline, options: SamplingOptions, num_images: int,
+                    size: tuple[int, int], seed: int) -> tuple[torch.Tensor, int]:
+    """A training preview: ``num_images`` samples of ``size`` (height, width) from the same noise every time
+    (``seed``), in one batch, drawn as ``options`` say; returns (images in [-1, 1], images per row). A
+    class-conditional model's grid has a row per class (:func:`grid_classes`) of ``num_images`` // rows images."""
+    height, width = size
+    generator = torch.Generator().manual_seed(seed)
+    if not pipeline.config.class_names:
+        images = generate(pipeline, options, num_images, height, width, generator, batch_size=num_images)
+        return images, math.ceil(math.sqrt(num_images))
+    rows = grid_classes(requested_classes(options, pipeline.config.class_names))
+    per_row = max(1, num_images // len(rows))
+    labels = [label for label in rows for _ in range(per_row)]
+    images = generate(pipeline, options, len(labels), height, width, generator, class_labels=labels,
+                      guidance_scale=options.guidance_scale, batch_size=len(labels))
+    return images, per_row

@@ -11,7 +11,6 @@ generator steps, which disc_start, the schedules and the EMA follow.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -117,13 +116,6 @@ class AutoencoderStage(TrainingStage):
     def reconstruct(self, inputs: torch.Tensor) -> torch.Tensor:
         """Deterministic reconstruction with the evaluation weights."""
         raise NotImplementedError
-
-    @torch.no_grad()
-    def preview_images(self, datamodule, num_images: int, sampling: Mapping) -> tuple[str, torch.Tensor, int]:
-        """For :class:`~ldm_lab.callbacks.image_logger.ImageLogger`: validation images over their reconstructions
-        (``sampling`` is a diffusion model's)."""
-        inputs = datamodule.preview_images(num_images).to(self.device)
-        return "recon", torch.cat([inputs, self.reconstruct(inputs)]), len(inputs)
 
     # ----------------------------------------------------------------------------- training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -24,7 +24,6 @@ from diffusers import DiffusionPipeline
 from lightning.pytorch.strategies import ParallelStrategy
 
 from ldm_lab.core.errors import ConfigError
-from ldm_lab.diffusion.sampling import SamplingOptions
 from ldm_lab.io.checkpoints import check_resume_kind, nonfinite_tensors
 
 log = logging.getLogger(__name__)
@@ -47,8 +46,8 @@ class TrainingStage(L.LightningModule):
 
     What the tasks ask of a stage, so that a new stage is one new class: a batch for the memory plan
     (:meth:`planning_batch`), whether a checkpoint resumes it (:meth:`check_resume`),
-    the data it needs (:meth:`attach_data`, :meth:`encode_latent_cache`), its trained model (:meth:`trained_model`) and
-    what follows training (:meth:`after_training`)."""
+    the data it needs (:meth:`attach_data`) and its trained model (:meth:`trained_model`: what the image logger
+    draws, the export writes and task=train samples)."""
 
     monitor: str
     monitor_mode: str
@@ -110,19 +109,10 @@ class TrainingStage(L.LightningModule):
     def attach_data(self, datamodule, latent_cache_root: str | Path) -> None:
         """Before training: prepare what the stage reads from ``datamodule`` beyond its pixels."""
 
-    def encode_latent_cache(self, datamodule, latent_cache_root: str | Path) -> Path:
-        """task=cache_latents: encode the data into the latent cache; returns its folder."""
-        raise ConfigError(f"task=cache_latents encodes images with a latent diffusion model's first stage, and "
-                          f"this model is {self.description}: use model=unet (or unet_tiny) "
-                          f"model.first_stage=<first-stage checkpoint or export folder>")
-
     def trained_model(self) -> torch.nn.Module | DiffusionPipeline:
         """The trained model as diffusers holds it, with its evaluation weights: what the export writes
         (ldm_lab/io/export.py ``export_model``), as task=export reads it from a checkpoint."""
         raise NotImplementedError
-
-    def after_training(self, output_dir: Path, datamodule, sampling: SamplingOptions) -> None:
-        """What task=train does after the export (a latent diffusion model draws a grid of samples)."""
 
     @property
     def trained_network(self) -> torch.nn.Module:

@@ -35,10 +35,9 @@ from torch import nn
 from ldm_lab.core.errors import ConfigError
 from ldm_lab.diffusion.objectives import DDPM, RectifiedFlow
 from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline, predict
-from ldm_lab.diffusion.sampling import SamplingOptions, assemble, generate, requested_classes
+from ldm_lab.diffusion.sampling import assemble
 from ldm_lab.io.checkpoints import CheckpointError
 from ldm_lab.io.model_sources import load_denoiser, load_first_stage
-from ldm_lab.io.samples import draw_samples, grid_classes
 from ldm_lab.nn import denoisers
 from ldm_lab.nn.ema import ema_with_warmup
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
@@ -172,18 +171,8 @@ class LatentDiffusionStage(TrainingStage):
         encode_latent_cache(self.first_stage, datamodule, self._latent_cache_root, strategy.root_device,
                             ranks_of(strategy))
 
-    def encode_latent_cache(self, datamodule, latent_cache_root: str | Path) -> Path:
-        encode_latent_cache(self.first_stage, datamodule, latent_cache_root)
-        return datamodule.latent_cache.dir
-
     def trained_model(self) -> LatentDiffusionPipeline:
         return self.pipeline()
-
-    def after_training(self, output_dir: Path, datamodule, sampling: SamplingOptions) -> None:
-        """A grid of ``sample.*`` samples at the leftover bucket's resolution, on the GPU when there is one."""
-        self.to("cpu")
-        grid = draw_samples(sampling, self.pipeline(), output_dir / "samples", datamodule.leftover_resolution)
-        log.info("sample grid: %s", grid)
 
     def pipeline(self) -> LatentDiffusionPipeline:
         """What sampling and the export use: the first stage, the evaluation denoiser, the latent scale, the
@@ -310,24 +299,6 @@ class LatentDiffusionStage(TrainingStage):
         loss, loss_ema, count = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum").tolist()
         name = self.objective.validation_loss
         self.log_validation({name: torch.tensor(loss / count), f"{name}_ema": torch.tensor(loss_ema / count)})
-
-    # ----------------------------------------------------------------------------- sampling
-    def preview_images(self, datamodule, num_images: int, sampling: SamplingOptions) -> tuple[str, torch.Tensor, int]:
-        """For :class:`~ldm_lab.callbacks.image_logger.ImageLogger`: samples from the same noise every time (the
-        run's seed), in one batch, with the EMA weights, drawn as ``sampling`` (the run's ``sample.*``) says; a
-        class-conditional model's grid has a row per class (:func:`~ldm_lab.io.samples.grid_classes`) of
-        ``num_images`` // rows images."""
-        height, width = datamodule.leftover_resolution
-        generator = torch.Generator().manual_seed(self.seed)
-        if self.class_names is None:
-            images = generate(self.pipeline(), sampling, num_images, height, width, generator, batch_size=num_images)
-            return "samples", images, math.ceil(math.sqrt(num_images))
-        rows = grid_classes(requested_classes(sampling, self.class_names))
-        per_row = max(1, num_images // len(rows))
-        labels = [label for label in rows for _ in range(per_row)]
-        images = generate(self.pipeline(), sampling, len(labels), height, width, generator, class_labels=labels,
-                          guidance_scale=sampling.guidance_scale, batch_size=len(labels))
-        return "samples", images, per_row
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict) -> None:

@@ -1,5 +1,5 @@
 """task=cache_latents: encode the data set once with the first stage of ``model=unet`` (what
-``task=train`` also does by itself before training on the cache).
+``task=train`` also does by itself before training on the cache); nothing else of the model is built.
 
     python run.py task=cache_latents model=unet model.first_stage=<first-stage .ckpt or export folder>
 """
@@ -10,10 +10,20 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from ldm_lab.stages.build import build_stage
+from ldm_lab.core.errors import ConfigError
+from ldm_lab.io.model_sources import load_first_stage
+from ldm_lab.nn.denoisers import side_multiple
+from ldm_lab.stages.encoding import encode_latent_cache
+from ldm_lab.tasks.model_config import is_latent_diffusion
 from ldm_lab.tasks.trainer import build_datamodule
 
 
 def run(cfg: DictConfig) -> Path:
-    stage = build_stage(cfg.model, cfg.disc, cfg.speed)
-    return stage.encode_latent_cache(build_datamodule(cfg, stage.downsample_factor), cfg.paths.latent_cache)
+    if not is_latent_diffusion(cfg.model) or not cfg.model.first_stage:
+        raise ConfigError("task=cache_latents encodes images with a latent diffusion model's first stage: use "
+                          "model=unet (or unet_tiny, dit, dit_tiny) model.first_stage=<first-stage checkpoint or "
+                          "export folder>")
+    first_stage = load_first_stage(cfg.model.first_stage)
+    datamodule = build_datamodule(cfg, first_stage.downsample_factor * side_multiple(cfg.model.denoiser))
+    encode_latent_cache(first_stage, datamodule, cfg.paths.latent_cache)
+    return datamodule.latent_cache.dir

@@ -15,7 +15,8 @@ from pathlib import Path
 import matplotlib
 import yaml
 from omegaconf import DictConfig
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+from tensorboard.util.tensor_util import make_ndarray
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -46,6 +47,28 @@ class Job:
         return max((step for curve in self.curves.values() for step, _ in curve), default=0)
 
 
+def read_scalars(tensorboard_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar of a run's TensorBoard folder as ``{tag: [(step, value), ...]}`` in step order, a step logged
+    again (a resumed run) taking its latest value. Each trainer call (validate, fit, validate) writes its own event
+    file, named ``events.out.tfevents.<time>.<host>.<pid>.<writer number>``: read in the order written (time and
+    writer number as numbers; TensorBoard's EventAccumulator sorts the names as text, where writer 10 comes before
+    writer 9, and drops the earlier file's steps)."""
+    def written(path: Path) -> tuple[int, int]:
+        parts = path.name.split(".")
+        return int(parts[3]), int(parts[-1]) if parts[-1].isdigit() else 0
+
+    curves: dict[str, dict[int, float]] = {}
+    for path in sorted(tensorboard_dir.glob("events.out.tfevents.*"), key=written):
+        for event in EventFileLoader(str(path)).Load():
+            for value in event.summary.value:
+                kind = value.WhichOneof("value")
+                if kind == "simple_value":
+                    curves.setdefault(value.tag, {})[event.step] = value.simple_value
+                elif kind == "tensor" and value.metadata.plugin_data.plugin_name == "scalars":
+                    curves.setdefault(value.tag, {})[event.step] = float(make_ndarray(value.tensor))
+    return {tag: sorted(curve.items()) for tag, curve in curves.items()}
+
+
 def read_job(folder: Path) -> Job:
     overrides_file = folder / ".hydra" / "overrides.yaml"
     overrides = yaml.safe_load(overrides_file.read_text()) if overrides_file.is_file() else []
@@ -56,10 +79,8 @@ def read_job(folder: Path) -> Job:
     if len(stamps) >= 2:
         job.seconds = (stamps[-1] - stamps[0]).total_seconds()
     if (folder / "tensorboard").is_dir():
-        events = EventAccumulator(str(folder / "tensorboard")).Reload()
-        for tag in events.Tags()["scalars"]:
-            if tag.startswith("val/"):
-                job.curves[tag[4:]] = sorted({e.step: e.value for e in events.Scalars(tag)}.items())
+        job.curves = {tag[4:]: curve for tag, curve in read_scalars(folder / "tensorboard").items()
+                      if tag.startswith("val/")}
     if not any("validation after training" in line for line in lines):
         errors = [line for line in lines if "Error" in line or "error" in line]
         job.error = (errors[-1] if errors else "no final validation in run.log (killed or still running?)")[-200:]

@@ -1,5 +1,5 @@
-"""task=train: fit the stage, validate before and after, export a diffusers folder and do what the stage
-does after training (a latent diffusion model draws a grid of samples)."""
+"""task=train: fit the stage, validate before and after, export its trained model as a diffusers folder, and
+draw a grid of samples from a latent diffusion model's."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ from omegaconf import DictConfig
 
 from ldm_lab.callbacks.stop_signals import RunStopped
 from ldm_lab.config.slurm import slurm_job_id
+from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline
 from ldm_lab.diffusion.sampling import SamplingOptions
 from ldm_lab.io.checkpoints import claim_run_folder, read_checkpoint
 from ldm_lab.io.export import export_model
+from ldm_lab.io.samples import draw_samples
 from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks import model_config
 from ldm_lab.tasks.trainer import build_datamodule, build_trainer
@@ -93,6 +95,11 @@ def run(cfg: DictConfig) -> dict[str, float]:
     log.info("checkpoints: %s (resume: python run.py ckpt_path=%s)", checkpoint_dir,
              checkpoint_dir / "last.ckpt" if checkpoint_dir else "<checkpoint>")
     log.info("image grids: %s", output_dir / "images")
-    log.info("diffusers folder: %s", export_model(stage.trained_model(), output_dir / "export", lambda: datamodule))
-    stage.after_training(output_dir, datamodule, SamplingOptions.from_config(cfg.sample))
+    model = stage.trained_model()
+    log.info("diffusers folder: %s", export_model(model, output_dir / "export", lambda: datamodule))
+    if isinstance(model, LatentDiffusionPipeline):  # a grid of sample.* at the leftover bucket's resolution
+        stage.cpu()  # draw_samples takes the pipeline's networks to the GPU, the rest stays off it
+        grid = draw_samples(SamplingOptions.from_config(cfg.sample), model, output_dir / "samples",
+                            datamodule.leftover_resolution)
+        log.info("sample grid: %s", grid)
     return stage.last_val_metrics
