@@ -1,6 +1,7 @@
 """Images -> batches of ``{"pixel_values": (N, 3, H, W) in [-1, 1], "index": (N,)}``, one resolution
 per batch; ``index`` is each image's position in the datamodule's index. Labelled data adds ``"class_labels":
-(N,)``, each image's class id (to the latent cache's batches too).
+(N,)``, each image's class id, and captioned data ``"captions"``, a list of N strings (the latent cache's batches
+too).
 
 Square training (``buckets: null``) is one bucket of ``resolution`` x ``resolution``; with ``buckets``
 every image trains at the aspect-ratio bucket nearest its own shape (seed 002).
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 
 import lightning as L
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ldm_lab.core.errors import ConfigError
 from ldm_lab.data.buckets import BucketBatchSampler, Item, assign_buckets, bucket_resolutions
+from ldm_lab.data.captions import CaptionPicker
 from ldm_lab.data.images import to_rgb
 from ldm_lab.data.index import ImageIndex
 from ldm_lab.data.latent_cache import CachedLatents, LatentCache, data_fingerprint
@@ -63,10 +65,11 @@ class BucketedImages(Dataset):
     """Items are :class:`~ldm_lab.data.buckets.Item`: image ``index`` of the index, at that size. Images
     from ``boundary`` on come from ``val_source`` when there is one (a data set's own validation split).
     Random crops and flips are drawn from (seed, epoch, image): the same whatever the workers, ranks or
-    resumes, and new each epoch."""
+    resumes, and new each epoch. ``caption(index, epoch)``: a captioned image's caption."""
 
     def __init__(self, source: FolderSource, index: ImageIndex, random_crop: bool, random_flip: bool,
-                 val_source: FolderSource | None = None, boundary: int | None = None, seed: int = 0):
+                 val_source: FolderSource | None = None, boundary: int | None = None, seed: int = 0,
+                 caption: Callable[[int, int], str] | None = None):
         self.sources = (source, val_source)
         self.boundary = len(index) if boundary is None else boundary
         self.locations = index.locations
@@ -74,6 +77,7 @@ class BucketedImages(Dataset):
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.seed = seed
+        self.caption = caption
 
     def __len__(self) -> int:
         return len(self.locations)
@@ -101,6 +105,8 @@ class BucketedImages(Dataset):
             sample = {"pixel_values": pixels, "index": index}
             if self.labels is not None:  # the label of the image served: a replacement brings its own
                 sample["class_labels"] = int(self.labels[position])
+            if self.caption is not None:
+                sample["captions"] = self.caption(position, item.epoch)
             return sample
         raise ConfigError("no image of the data set could be decoded")
 
@@ -108,7 +114,8 @@ class BucketedImages(Dataset):
 class ImageDataModule(L.LightningDataModule):
     """Indexes ``source``, assigns buckets, holds out ``num_val`` images (a seeded choice; below 1, a
     fraction of the usable images) or takes them from ``val_source``, and batches each rank's share
-    with :class:`~ldm_lab.data.buckets.BucketBatchSampler`."""
+    with :class:`~ldm_lab.data.buckets.BucketBatchSampler`. Captioned data: ``shuffle_caption`` and
+    ``keep_tokens`` as :class:`~ldm_lab.data.captions.CaptionPicker` takes them."""
 
     def __init__(
         self,
@@ -127,6 +134,8 @@ class ImageDataModule(L.LightningDataModule):
         seed: int = 0,
         cache_dir: str | os.PathLike | None = None,
         downsample_factor: int = 1,
+        shuffle_caption: bool = False,
+        keep_tokens: int = 0,
     ):
         super().__init__()
         self.source = source
@@ -154,6 +163,8 @@ class ImageDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.cache_dir = cache_dir
+        self.shuffle_caption = shuffle_caption
+        self.keep_tokens = keep_tokens
         self.index: ImageIndex | None = None
         self._resume: dict[str, int] = {}
         self.latent_cache: LatentCache | None = None  # set by use_latent_cache: batches then carry cached latents
@@ -211,8 +222,10 @@ class ImageDataModule(L.LightningDataModule):
         return batches
 
     def pixel_dataset(self) -> Dataset:
-        """Every image as pixels, center-cropped and unflipped (latent cache, FID references, previews)."""
-        return BucketedImages(self.source, self.index, False, False, self.val_source, self.boundary, self.seed)
+        """Every image as pixels, center-cropped and unflipped, with its first caption (latent cache, FID
+        references, previews)."""
+        return BucketedImages(self.source, self.index, False, False, self.val_source, self.boundary, self.seed,
+                              self._caption(train=False))
 
     def _usable(self, source: FolderSource) -> tuple[ImageIndex, np.ndarray]:
         """The source's images that fit a bucket (with the skipped ones counted by reason), and their buckets."""
@@ -265,11 +278,7 @@ class ImageDataModule(L.LightningDataModule):
             if train.labels is not None:  # its classes by name, as the training split numbers them
                 val, val_buckets = _in_classes_of(train, val, val_buckets, self.val_source.name)
             chosen = np.sort(rng.permutation(len(val))[: self.num_val])
-            val = val.select(chosen)
-            labels = None if train.labels is None else np.concatenate([train.labels, val.labels])
-            self.index = ImageIndex(train.locations + val.locations, np.concatenate([train.widths, val.widths]),
-                                    np.concatenate([train.heights, val.heights]), train.skipped, labels,
-                                    train.class_names)
+            self.index = train.concatenated(val.select(chosen))
             self.image_buckets = np.concatenate([train_buckets, val_buckets[chosen]])
             self.boundary = len(train)
             self.is_val = np.arange(len(self.index)) >= len(train)
@@ -277,6 +286,17 @@ class ImageDataModule(L.LightningDataModule):
                  self.describe_buckets())
         if self.class_names is not None:
             self._report_classes()
+
+    @property
+    def captioned(self) -> bool:
+        """Whether the images have captions (batches then carry ``"captions"``), after ``setup_index``."""
+        return self.index is not None and self.index.captions is not None
+
+    def _caption(self, train: bool) -> CaptionPicker | None:
+        """(image, epoch) -> the caption a batch carries: drawn in training, the first one in validation."""
+        if not self.captioned:
+            return None
+        return CaptionPicker(self.index.captions, self.seed, train, self.shuffle_caption, self.keep_tokens)
 
     @property
     def class_names(self) -> list[str] | None:
@@ -335,18 +355,19 @@ class ImageDataModule(L.LightningDataModule):
             np.where(self.is_val != train, self.image_buckets, -1), self.resolutions, self.batch_size,
             self.leftover_resolution, num_replicas=world, rank=rank, seed=self.seed, shuffle=train, drop_last=train)
 
-    def _dataset(self, random_crop: bool, random_flip: bool) -> Dataset:
+    def _dataset(self, train: bool) -> Dataset:
+        caption = self._caption(train)
         if self.latent_keys is not None:
             labels = self.latent_labels if self.latent_labels is not None else self.index.labels
-            return CachedLatents(self.latent_cache, self.latent_keys, labels)
-        return BucketedImages(self.source, self.index, random_crop, random_flip, self.val_source, self.boundary,
-                              self.seed)
+            return CachedLatents(self.latent_cache, self.latent_keys, labels, caption)
+        return BucketedImages(self.source, self.index, train and self.random_crop, train and self.random_flip,
+                              self.val_source, self.boundary, self.seed, caption)
 
     def _loader(self, train: bool) -> DataLoader:
         sampler = self._sampler(train)
         if train and self._resume:
             sampler.load_state_dict({"epoch": self._resume["epoch"], "start_batch": self._resume["batches_done"]})
-        dataset = self._dataset(train and self.random_crop, train and self.random_flip)
+        dataset = self._dataset(train)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
                           persistent_workers=self.num_workers > 0, pin_memory=torch.cuda.is_available(),
                           worker_init_fn=ignore_stop_signals)

@@ -11,6 +11,7 @@ degrees swap width and height.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import logging
@@ -25,6 +26,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from ldm_lab.core.atomic import atomic_write
+from ldm_lab.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,8 @@ CACHE_VERSION = 1
 @dataclass
 class ImageIndex:
     """Usable images (parallel arrays) and what was skipped, by reason; a labelled source's images also have
-    a class id each (``labels``, into ``class_names``)."""
+    a class id each (``labels``, into ``class_names``), a captioned source's their captions (``captions``: a
+    tuple per image, ldm_lab/data/captions.py) with what was wrong with them counted (``caption_notes``)."""
 
     locations: list[str]
     widths: np.ndarray
@@ -47,16 +50,35 @@ class ImageIndex:
     skipped: Counter = field(default_factory=Counter)
     labels: np.ndarray | None = None
     class_names: list[str] | None = None
+    captions: list[tuple[str, ...]] | None = None
+    caption_notes: Counter = field(default_factory=Counter)
 
     def __len__(self) -> int:
         return len(self.locations)
 
     def select(self, keep: np.ndarray) -> ImageIndex:
-        """The images where ``keep`` (a boolean mask or indices) is set; skipped counts and classes stay."""
+        """The images where ``keep`` (a boolean mask or indices) is set; skipped counts, classes and caption notes
+        stay."""
         keep = np.flatnonzero(keep) if keep.dtype == bool else keep
         labels = None if self.labels is None else self.labels[keep]
+        captions = None if self.captions is None else [self.captions[i] for i in keep]
         return ImageIndex([self.locations[i] for i in keep], self.widths[keep], self.heights[keep], self.skipped,
-                          labels, self.class_names)
+                          labels, self.class_names, captions, self.caption_notes)
+
+    def captioned(self, captions: list[tuple[str, ...]], notes: Counter) -> ImageIndex:
+        """This index with each image's captions and the count of what was wrong with them."""
+        return dataclasses.replace(self, captions=list(captions), caption_notes=Counter(notes))
+
+    def concatenated(self, other: ImageIndex) -> ImageIndex:
+        """This index's images, then ``other``'s (a validation split), with this one's classes and counts."""
+        if (self.captions is None) != (other.captions is None):
+            raise ConfigError("the training and validation sources must both have captions or neither: set the "
+                              "same caption key (data.source.* and data.val_source.*) on both")
+        labels = None if self.labels is None else np.concatenate([self.labels, other.labels])
+        captions = None if self.captions is None else self.captions + other.captions
+        return ImageIndex(self.locations + other.locations, np.concatenate([self.widths, other.widths]),
+                          np.concatenate([self.heights, other.heights]), self.skipped, labels, self.class_names,
+                          captions, self.caption_notes + other.caption_notes)
 
     def labelled(self, labels: np.ndarray, class_names: list[str], reason: str) -> ImageIndex:
         """This index with a class id per image (``labels``, -1 where an image has none, or none this data
@@ -67,8 +89,8 @@ class ImageIndex:
             names = [self.locations[i] for i in np.flatnonzero(unlabelled)[:5]]
             log.warning("%d images skipped, %s: %s%s", int(unlabelled.sum()), reason, ", ".join(names),
                         ", ..." if unlabelled.sum() > 5 else "")
-        index = ImageIndex(self.locations, self.widths, self.heights, self.skipped.copy(), labels,
-                           list(class_names)).select(~unlabelled)
+        index = dataclasses.replace(self, skipped=self.skipped.copy(), labels=labels,
+                                    class_names=list(class_names)).select(~unlabelled)
         if unlabelled.any():
             index.skipped[reason] += int(unlabelled.sum())
         return index
@@ -77,6 +99,7 @@ class ImageIndex:
         total = len(self) + sum(self.skipped.values())
         lines = [f"{name}: {len(self)} of {total} images usable"]
         lines += [f"  skipped {count:>8}  {reason}" for reason, count in self.skipped.most_common()]
+        lines += [f"  caption {count:>8}  {note}" for note, count in self.caption_notes.most_common()]
         return "\n".join(lines)
 
 

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -167,13 +168,16 @@ def data_fingerprint(locations: list[str], sizes: np.ndarray) -> str:
 
 class CachedLatents(Dataset):
     """Items (:class:`~ldm_lab.data.buckets.Item`) -> ``{"latents": moments, "index"}``: the image's moments at
-    that resolution, and its ``class_labels`` when ``labels`` (the index's, by position) are given. Shards stay
-    open (per process: a data loader worker opens its own)."""
+    that resolution, its ``class_labels`` when ``labels`` (the index's, by position) are given, its ``captions``
+    (``caption(index, epoch)``) when captioned. Shards stay open (per process: a data loader worker opens its
+    own)."""
 
-    def __init__(self, cache: LatentCache, keys: list[dict[str, str]], labels: np.ndarray | None = None):
+    def __init__(self, cache: LatentCache, keys: list[dict[str, str]], labels: np.ndarray | None = None,
+                 caption: Callable[[int, int], str] | None = None):
         self.shards = cache.shards
         self.keys = keys
         self.labels = labels
+        self.caption = caption
         self._handles: dict = {}
 
     def __getstate__(self) -> dict:
@@ -183,7 +187,7 @@ class CachedLatents(Dataset):
         return len(self.keys)
 
     def __getitem__(self, item: tuple) -> dict[str, torch.Tensor]:
-        index, height, width, _ = Item(*item)
+        index, height, width, epoch = Item(*item)
         key = self.keys[index].get(f"{width}x{height}")
         if key is None:
             raise KeyError(f"image {index} has no cached latents at {width}x{height}; the cache does not match "
@@ -191,4 +195,6 @@ class CachedLatents(Dataset):
         sample = {"latents": read_latents(self.shards[key], key, self._handles), "index": index}
         if self.labels is not None:
             sample["class_labels"] = int(self.labels[index])
+        if self.caption is not None:
+            sample["captions"] = self.caption(index, epoch)
         return sample

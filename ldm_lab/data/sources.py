@@ -1,16 +1,19 @@
 """Where images come from. A source prepares itself once, indexes its images (sizes from headers,
-unusable files skipped by reason; a labelled source's classes with them) and opens one by its location."""
+unusable files skipped by reason; a labelled source's classes and a captioned source's captions with them) and
+opens one by its location."""
 
 from __future__ import annotations
 
 import io
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from ldm_lab.core.errors import ConfigError, MissingPathError
+from ldm_lab.data.captions import as_captions, metadata_captions, sidecar_captions
 from ldm_lab.data.index import ImageIndex, index_folder, index_records
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
@@ -21,17 +24,30 @@ class FolderSource:
     """Every jpg/jpeg/png/webp file under ``root`` (recursively, any case). ``labels="subfolder"``: the class
     of an image is the folder of the first level under ``root`` that holds it, as torchvision's ImageFolder
     has it: the folder names sorted as strings are the class ids 0..K-1 ("10" before "2"; hidden folders,
-    whose name starts with a dot, are no class). An image directly in ``root`` has none and is skipped."""
+    whose name starts with a dot, are no class). An image directly in ``root`` has none and is skipped.
+
+    Captions (ldm_lab/data/captions.py): ``caption_extension`` (e.g. ``.txt``) reads the file of that extension
+    beside each image, one caption per line; ``caption_column`` reads that key of the ``metadata.jsonl`` files
+    under ``root`` (🤗 Datasets' ImageFolder convention: ``{"file_name": ..., "text": ...}`` per line)."""
 
     def __init__(self, root: str | Path, extensions: tuple[str, ...] = IMAGE_EXTENSIONS, index_workers: int = 0,
-                 labels: str | None = None):
+                 labels: str | None = None, caption_extension: str | None = None, caption_column: str | None = None):
         if labels not in LABELS:
             raise ConfigError(f"data.source.labels={labels}: use subfolder (the class is the first folder level "
                               f"under data.source.root) or null (no classes)")
+        if caption_extension is not None and caption_column is not None:
+            raise ConfigError("data.source.caption_extension and data.source.caption_column both set: captions come "
+                              "from files beside the images (caption_extension=.txt) or from metadata.jsonl "
+                              "(caption_column=text); set the other to null")
+        if caption_extension is not None and not caption_extension.startswith("."):
+            raise ConfigError(f"data.source.caption_extension={caption_extension}: an extension with its dot, "
+                              f"e.g. .txt")
         self.root = Path(root).expanduser()
         self.extensions = tuple(e.lower() for e in extensions)
         self.index_workers = index_workers
         self.labels = labels
+        self.caption_extension = caption_extension
+        self.caption_column = caption_column
 
     @property
     def name(self) -> str:
@@ -47,6 +63,11 @@ class FolderSource:
                 f"python run.py data=folder data.source.root=/path/to/images"
             )
         index = index_folder(self.root, self.extensions, cache_dir, self.index_workers)
+        if self.caption_extension is not None:
+            index = index.captioned(*sidecar_captions(self.root.resolve(), index.locations, self.caption_extension,
+                                                      cache_dir))
+        elif self.caption_column is not None:
+            index = index.captioned(*metadata_captions(self.root.resolve(), index.locations, self.caption_column))
         if self.labels == "subfolder":
             index = self._subfolder_labels(index)
         if not len(index):
@@ -74,14 +95,16 @@ class HFSource:
     a ``save_to_disk`` folder, parquet files (a file, a glob, or a folder of them), or an ``imagefolder``.
     Sizes are read from the encoded bytes' headers, cached per data-set fingerprint. ``label_column``: the
     class of each image; its ``ClassLabel`` feature names the classes (other values: their sorted distinct
-    strings do); a missing or out-of-range label skips the image."""
+    strings do); a missing or out-of-range label skips the image. ``caption_column``: each image's caption, a
+    string or a list of strings (several captions; an image with none keeps an empty one, counted)."""
 
     def __init__(self, path: str, split: str = "train", image_column: str = "image", name: str | None = None,
-                 revision: str | None = None, label_column: str | None = None):
+                 revision: str | None = None, label_column: str | None = None, caption_column: str | None = None):
         self.path = str(path)
         self.split = split
         self.image_column = image_column
         self.label_column = label_column
+        self.caption_column = caption_column
         self.config_name = name
         self.revision = revision
         self._dataset = None
@@ -113,10 +136,12 @@ class HFSource:
                 f".save_to_disk('/path/to/copy')\"`, bring it here and set data.source.path=/path/to/copy "
                 f"(a save_to_disk folder, parquet files or an image folder all work)."
             ) from error
-        for key, column in (("image_column", self.image_column), ("label_column", self.label_column)):
+        for key, column, none in (("image_column", self.image_column, ""),
+                                  ("label_column", self.label_column, " (null: no classes)"),
+                                  ("caption_column", self.caption_column, " (null: no captions)")):
             if column is not None and column not in dataset.column_names:
                 raise ConfigError(f"{self.name} has no column {column!r} (columns: {dataset.column_names}); "
-                                  f"set data.source.{key}" + (" (null: no classes)" if key == "label_column" else ""))
+                                  f"set data.source.{key}{none}")
         return dataset.cast_column(self.image_column, datasets.Image(decode=False))
 
     @property
@@ -130,6 +155,11 @@ class HFSource:
 
     def index(self, cache_dir: str | os.PathLike | None) -> ImageIndex:
         index = index_records(self._encoded, len(self.dataset), f"hf-{self.dataset._fingerprint}", cache_dir)
+        if self.caption_column is not None:
+            rows = [int(location) for location in index.locations]
+            values = self.dataset.select_columns([self.caption_column])[self.caption_column]
+            read = [as_captions(values[row]) for row in rows]
+            index = index.captioned([captions for captions, _ in read], Counter(n for _, notes in read for n in notes))
         if self.label_column is None:
             return index
         labels, names = self._labels()
