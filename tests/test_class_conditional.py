@@ -139,9 +139,10 @@ def test_guidance_in_one_doubled_batch_equals_two_separate_passes():
     with torch.no_grad():
         conditional = unet(latents, t, class_labels=labels).sample
         unconditional = unet(latents, t, class_labels=torch.tensor([3, 3])).sample
-        torch.testing.assert_close(guided(unet, labels, 4.0, null_class=3)(latents, t),
+        condition, null = {"class_labels": labels}, {"class_labels": torch.tensor([3, 3])}
+        torch.testing.assert_close(guided(unet, condition, null, 4.0)(latents, t),
                                    unconditional + 4.0 * (conditional - unconditional), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(guided(unet, labels, 1.0, null_class=3)(latents, t), conditional)
+        torch.testing.assert_close(guided(unet, condition, null, 1.0)(latents, t), conditional)
         assert not torch.allclose(conditional, unconditional, atol=1e-4)  # the class changes the prediction
 
 
@@ -174,7 +175,7 @@ def test_the_stage_learns_the_datas_classes_and_drops_labels_for_guidance(compos
     stage = build_stage(model, cfg.disc)
     assert stage.class_names == class_names(4) and stage.denoiser.config.num_class_embeds == 5
     labels = torch.arange(4).repeat(2500)
-    dropped = stage._dropped_labels({"class_labels": labels}, torch.Generator().manual_seed(0))
+    dropped = stage.condition({"class_labels": labels}, torch.Generator().manual_seed(0), None)["class_labels"]
     share = float((dropped == 4).float().mean())
     assert 0.09 < share < 0.11 and torch.equal(dropped[dropped != 4], labels[dropped != 4])
     with pytest.raises(ConfigError, match="has none: label it"):  # unlabelled data

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DModel, VQModel
+from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel, VQModel
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -12,6 +12,7 @@ from omegaconf.errors import ValidationError
 
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.nn.discriminator import NLayerDiscriminator
+from ldm_lab.nn.text_encoders import save_tokenizer, train_tokenizer
 from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks.trainer import build_datamodule, build_trainer
 from tests.conftest import CONF
@@ -31,10 +32,16 @@ def test_every_group_has_its_options():
 
 
 def _offline_overrides(cfg, tmp_path) -> list[str]:
-    """What a model config needs to build here: no LPIPS weights (autoencoders), a first stage (latent diffusion)."""
-    if "denoiser" in cfg.model:
-        return [f"model.first_stage={save_tiny_first_stage('vq', tmp_path / 'first_stage')}"]
-    return ["model.loss.perceptual_weight=0", "model.metrics.lpips=false"]
+    """What a model config needs to build here: no LPIPS weights (autoencoders), a first stage (latent diffusion),
+    for a text model the scratch encoder (as wide as CLIP-L) with a tokenizer made here instead of downloaded
+    weights."""
+    if "denoiser" not in cfg.model:
+        return ["model.loss.perceptual_weight=0", "model.metrics.lpips=false"]
+    overrides = [f"model.first_stage={save_tiny_first_stage('vq', tmp_path / 'first_stage')}"]
+    if cfg.model.conditioning == "text":
+        tokenizer = save_tokenizer(train_tokenizer(["a red square", "two blue lines"], 300, 77), tmp_path / "tok")
+        overrides += ["model/text_encoder=scratch", f"model.text_encoder.tokenizer={tokenizer}"]
+    return overrides
 
 
 @pytest.mark.parametrize("option", GROUP_OPTIONS["model"])
@@ -43,7 +50,8 @@ def test_model_configs_instantiate(compose_cfg, option, tmp_path):
     cfg = compose_cfg([f"model={option}", *overrides], tiny=False)
     stage = build_stage(cfg.model, cfg.disc)
     if "denoiser" in cfg.model:
-        network = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel}
+        network = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel,
+                   "UNet2DConditionModel": UNet2DConditionModel}
         assert isinstance(stage.denoiser, network[cfg.model.denoiser._target_.rpartition(".")[2]])
         assert stage.denoiser.config.in_channels == 3  # the VQ's channels
         assert all(stage.denoiser.config[k] == v for k, v in cfg.model.denoiser.items() if not k.startswith("_"))

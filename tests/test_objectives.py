@@ -123,7 +123,7 @@ def test_samplers_fit_their_objective():
 def _dit(num_classes):
     network = functools.partial(DiTTransformer2DModel, num_attention_heads=2, attention_head_dim=8, num_layers=2,
                                 sample_size=8, patch_size=2, norm_eps=1e-6)
-    return denoisers.build(network, 4, num_classes)
+    return denoisers.build(network, 4, "class" if num_classes else None, num_classes)
 
 
 def test_dit_starts_as_adaln_zero_and_drops_labels_only_once():
@@ -140,7 +140,8 @@ def test_dit_starts_as_adaln_zero_and_drops_labels_only_once():
     null = predict(dit, latents, t, torch.full((64,), 3))  # id K: the null class, DiT's own extra row
     assert not torch.allclose(null, first)
     dit.eval()
-    both = guided(dit, labels[:2], 2.0, null_class=3)(latents[:2], torch.tensor(500.0))
+    both = guided(dit, {"class_labels": labels[:2]}, {"class_labels": torch.full((2,), 3)}, 2.0)(latents[:2],
+                                                                                                   torch.tensor(500.0))
     conditional = predict(dit, latents[:2], t[:2], labels[:2])
     unconditional = predict(dit, latents[:2], t[:2], torch.full((2,), 3))
     torch.testing.assert_close(both, unconditional + 2 * (conditional - unconditional), rtol=1e-5, atol=1e-6)

@@ -249,7 +249,7 @@ def test_a_damaged_latent_cache_shard_is_detected_and_encoded_again(compose_cfg,
     again.setup("fit")
     new_shard = next(again.latent_cache.dir.glob("shard-*.safetensors"))
     new_shard.write_bytes(new_shard.read_bytes()[:100])
-    dataset = again._dataset(False, False)
+    dataset = again._dataset(train=False)
     with pytest.raises(LatentCacheError, match=f"{new_shard}.*task=cache_latents"):
         dataset[(0, *again.leftover_resolution, 0)]
 

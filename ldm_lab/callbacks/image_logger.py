@@ -16,6 +16,8 @@ from ldm_lab.diffusion.sampling import SamplingOptions
 from ldm_lab.io.samples import preview_samples
 from ldm_lab.nn.frozen_autoencoder import reconstruct
 
+PREVIEW_PROMPTS = 4  # a text-conditional model's preview: a row for each of this many validation captions
+
 
 class ImageLogger(L.Callback):
     """Every ``every_n_steps`` optimizer steps (and before the first) the grid of :func:`preview` of
@@ -61,10 +63,12 @@ class ImageLogger(L.Callback):
 def preview(model: torch.nn.Module | LatentDiffusionPipeline, datamodule, num_images: int, sampling: SamplingOptions,
             seed: int) -> tuple[str, torch.Tensor, int]:
     """(name, images in [-1, 1], images per row). A pipeline: ``num_images`` samples at the data's leftover
-    resolution from noise of ``seed`` (:func:`~ldm_lab.io.samples.preview_samples`); an autoencoder: the
-    datamodule's ``num_images`` preview images over their deterministic reconstructions."""
+    resolution from noise of ``seed`` (:func:`~ldm_lab.io.samples.preview_samples`; a text-conditional model's
+    prompts: the first validation images' captions); an autoencoder: the datamodule's ``num_images`` preview images
+    over their deterministic reconstructions."""
     if isinstance(model, LatentDiffusionPipeline):
-        images, per_row = preview_samples(model, sampling, num_images, datamodule.leftover_resolution, seed)
+        prompts = datamodule.preview_captions(PREVIEW_PROMPTS) if model.text_encoder is not None else None
+        images, per_row = preview_samples(model, sampling, num_images, datamodule.leftover_resolution, seed, prompts)
         return "samples", images, per_row
     inputs = datamodule.preview_images(num_images).to(model.device)
     return "recon", torch.cat([inputs, reconstruct(model, inputs)]), len(inputs)

@@ -386,6 +386,10 @@ class ImageDataModule(L.LightningDataModule):
         return DataLoader(self.pixel_dataset(), batch_sampler=sampler,
                           num_workers=self.num_workers)
 
+    def preview_captions(self, count: int) -> list[str]:
+        """The first captions of the first ``count`` validation images (fixed prompts for previews)."""
+        return [self.index.captions[i][0] for i in np.flatnonzero(self.is_val)[:count]]
+
     def preview_images(self, count: int) -> torch.Tensor:
         """The first ``count`` validation images, center-cropped to the leftover (near-square)
         resolution: the same pictures at every step, for image grids."""

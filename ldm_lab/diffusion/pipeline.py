@@ -6,21 +6,23 @@ ldm_lab; the lab imports the denoiser call (:func:`predict`), guidance (:func:`g
     from diffusers import DiffusionPipeline
     pipe = DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)
     images = pipe(class_labels=["00-ellipses-hue045", 3], guidance_scale=3.0, num_inference_steps=50).images
+    images = pipe(prompt=["two red circles"], guidance_scale=5.0, negative_prompt="").images  # a text model
     images = pipe(batch_size=4, num_inference_steps=50).images  # an unconditional model
 
-Any denoiser (``UNet2DModel``, ``DiTTransformer2DModel``), any scheduler of its objective (DDIM or DDPM for a model
-trained with DDPM, FlowMatch Euler or Heun for rectified flow: swap ``pipe.scheduler`` as diffusers does), with or
-without classes. ``LDMPipeline`` samples none of the others: it ignores labels, calls ``init_noise_sigma``, which
-FlowMatch schedulers lack, and ``DiTPipeline`` hard-codes the null class 1000.
+Any denoiser (``UNet2DModel``, ``UNet2DConditionModel``, ``DiTTransformer2DModel``), any scheduler of its objective
+(DDIM or DDPM for a model trained with DDPM, FlowMatch Euler or Heun for rectified flow: swap ``pipe.scheduler`` as
+diffusers does), unconditional, with classes or with prompts (a ``tokenizer`` and ``text_encoder`` encode them as
+Stable Diffusion's ``encode_prompt`` does). ``LDMPipeline`` samples none of the others: it ignores labels, calls
+``init_noise_sigma``, which FlowMatch schedulers lack, and ``DiTPipeline`` hard-codes the null class 1000.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
-from diffusers import DiffusionPipeline, DiTTransformer2DModel, ImagePipelineOutput
+from diffusers import DiffusionPipeline, DiTTransformer2DModel, ImagePipelineOutput, UNet2DConditionModel
 from diffusers.utils.torch_utils import randn_tensor
 
 NULL_CLASS = "null_class"  # a class-conditional model's null class (id K): its unconditional prediction
@@ -28,13 +30,16 @@ NULL_CLASS = "null_class"  # a class-conditional model's null class (id K): its 
 Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (latents, timestep) -> the network's prediction
 
 
-def predict(network: torch.nn.Module, latents: torch.Tensor, timesteps, class_labels: torch.Tensor | None = None
-            ) -> torch.Tensor:
-    """The denoiser's prediction for ``latents`` at ``timesteps`` (a number or one per image) of ``class_labels``:
-    a ``UNet2DModel`` adds the class embedding to its time embedding (diffusers' ``num_class_embeds``); a
+def predict(network: torch.nn.Module, latents: torch.Tensor, timesteps, class_labels: torch.Tensor | None = None,
+            encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+    """The denoiser's prediction for ``latents`` at ``timesteps`` (a number or one per image) of ``class_labels``
+    or of prompts' ``encoder_hidden_states``: a ``UNet2DModel`` adds the class embedding to its time embedding
+    (diffusers' ``num_class_embeds``); a ``UNet2DConditionModel`` attends to the prompt's embeddings; a
     ``DiTTransformer2DModel`` always gets a class (an unconditional one: class 0) and square latents (its
     unpatchify is square)."""
     timesteps = torch.as_tensor(timesteps, device=latents.device).expand(len(latents))
+    if isinstance(network, UNet2DConditionModel):
+        return network(latents, timesteps, encoder_hidden_states=encoder_hidden_states).sample
     if isinstance(network, DiTTransformer2DModel):
         if latents.shape[-2] != latents.shape[-1]:
             raise ValueError(f"a DiTTransformer2DModel denoises square latents only (its unpatchify is square), not "
@@ -45,23 +50,36 @@ def predict(network: torch.nn.Module, latents: torch.Tensor, timesteps, class_la
     return network(latents, timesteps, class_labels=class_labels).sample
 
 
-def guided(network: torch.nn.Module, class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0,
-           null_class: int | None = None) -> Predict:
-    """Classifier-free guidance (Ho & Salimans 2022) as a wrapper of the denoiser: its unconditional prediction;
-    with ``class_labels`` (N,) its conditional one; with a ``guidance_scale`` other than 1 both, in one doubled
-    batch (conditional first, then ``null_class``), combined as uncond + s (cond - uncond) on every latent channel
-    (DiT's code guided 3 of 4, its issue 41)."""
-    if class_labels is None or guidance_scale == 1:
-        return lambda latents, t: predict(network, latents, t, class_labels)
-    if null_class is None:
-        raise ValueError("guidance needs the model's null class: a model trained with classes")
-    both = torch.cat([class_labels, torch.full_like(class_labels, null_class)])
+def guided(network: torch.nn.Module, condition: Mapping[str, torch.Tensor] | None = None,
+           null_condition: Mapping[str, torch.Tensor] | None = None, guidance_scale: float = 1.0) -> Predict:
+    """Classifier-free guidance (Ho & Salimans 2022) as a wrapper of the denoiser: its prediction given
+    ``condition`` (keywords of :func:`predict`: ``class_labels`` or ``encoder_hidden_states``, one per image;
+    None: an unconditional model); with a ``guidance_scale`` other than 1 also given ``null_condition`` (the null
+    class, the empty or negative prompt), in one doubled batch (conditional first), combined as
+    uncond + s (cond - uncond) on every latent channel (DiT's code guided 3 of 4, its issue 41)."""
+    condition = dict(condition or {})
+    if not condition or guidance_scale == 1:
+        return lambda latents, t: predict(network, latents, t, **condition)
+    if null_condition is None:
+        raise ValueError("guidance needs the model's null condition (its null class or empty prompt)")
+    both = {key: torch.cat([value, null_condition[key]]) for key, value in condition.items()}
 
     def guided_predict(latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        conditional, unconditional = predict(network, torch.cat([latents, latents]), t, both).chunk(2)
+        conditional, unconditional = predict(network, torch.cat([latents, latents]), t, **both).chunk(2)
         return unconditional + guidance_scale * (conditional - unconditional)
 
     return guided_predict
+
+
+def encode_prompt(tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[str]) -> torch.Tensor:
+    """The prompts' embeddings (N, tokens, width) as Stable Diffusion's ``encode_prompt`` makes them: tokens padded
+    (and truncated) to the tokenizer's ``model_max_length``, the text model's last hidden state, with no attention
+    mask unless its config asks for one (``use_attention_mask``). Training encodes captions with this too."""
+    tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                       return_tensors="pt")
+    device = next(text_encoder.parameters()).device
+    mask = tokens.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
+    return text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
 
 
 @torch.no_grad()
@@ -102,16 +120,20 @@ def class_ids(class_labels: str | int | Sequence[str | int], class_names: Sequen
 
 class LatentDiffusionPipeline(DiffusionPipeline):
     """``vqvae``: the first stage (a ``VQModel`` or an ``AutoencoderKL``), whose ``scaling_factor`` is the latent
-    scale; ``unet``: the denoiser (LDMPipeline's name for it), a ``UNet2DModel`` or a ``DiTTransformer2DModel``;
-    ``scheduler``: what it samples with; ``class_names``: a class-conditional model's K class names by id (id K is
-    the null class), empty for an unconditional one; ``objective``: what the denoiser learned (``ddpm`` or
-    ``rectified_flow``), which tells the schedulers it samples with."""
+    scale; ``unet``: the denoiser (LDMPipeline's name for it), a ``UNet2DModel``, ``UNet2DConditionModel`` or
+    ``DiTTransformer2DModel``; ``scheduler``: what it samples with; ``class_names``: a class-conditional model's K
+    class names by id (id K is the null class), empty otherwise; ``objective``: what the denoiser learned (``ddpm``
+    or ``rectified_flow``), which tells the schedulers it samples with; ``tokenizer`` and ``text_encoder``: a
+    text-conditional model's (transformers')."""
 
-    model_cpu_offload_seq = "unet->vqvae"
+    model_cpu_offload_seq = "text_encoder->unet->vqvae"
+    _optional_components = ["tokenizer", "text_encoder"]
 
-    def __init__(self, vqvae, unet, scheduler, class_names: list[str] | None = None, objective: str | None = None):
+    def __init__(self, vqvae, unet, scheduler, class_names: list[str] | None = None, objective: str | None = None,
+                 tokenizer=None, text_encoder=None):
         super().__init__()
-        self.register_modules(vqvae=vqvae, unet=unet, scheduler=scheduler)
+        self.register_modules(vqvae=vqvae, unet=unet, scheduler=scheduler, tokenizer=tokenizer,
+                              text_encoder=text_encoder)
         self.register_to_config(class_names=list(class_names or []), objective=objective)
 
     @property
@@ -119,25 +141,49 @@ class LatentDiffusionPipeline(DiffusionPipeline):
         """Pixels per latent of the first stage."""
         return 2 ** (len(self.vqvae.config.block_out_channels) - 1)
 
+    def conditions(self, class_labels=None, prompt=None, negative_prompt=None, batch_size: int = 1
+                   ) -> tuple[int, dict | None, dict | None]:
+        """(images, condition, null condition) for :func:`guided`: a class-conditional model's ``class_labels``
+        (:func:`class_ids`) and its null class; a text-conditional model's ``prompt`` (a string or one per image)
+        and ``negative_prompt`` (default: the empty prompt, trained as the unconditional one); an unconditional
+        model's ``batch_size``, with no condition."""
+        class_names = list(self.config.class_names)
+        text = self.text_encoder is not None
+        given = "class_labels" if class_labels is not None else "prompt" if prompt is not None else None
+        needed = "class_labels" if class_names else "prompt" if text else None
+        if given != needed:
+            kind = "class-conditional" if class_names else "text-conditional" if text else "unconditional"
+            asks = {"class_labels": "given classes (class_labels=[...])", "prompt": "given prompts (prompt=[...])",
+                    None: "batch_size=N images"}
+            raise ValueError(f"this {kind} model draws {asks[needed]}, not {asks[given]}")
+        if class_names:
+            labels = torch.tensor(class_ids(class_labels, class_names), device=self.device)
+            return len(labels), {"class_labels": labels}, {"class_labels": torch.full_like(labels, len(class_names))}
+        if text:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            negative = "" if negative_prompt is None else negative_prompt
+            negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
+            embeddings = encode_prompt(self.tokenizer, self.text_encoder, prompts + negatives).to(self.unet.dtype)
+            return (len(prompts), {"encoder_hidden_states": embeddings[: len(prompts)]},
+                    {"encoder_hidden_states": embeddings[len(prompts) :]})
+        return batch_size, None, None
+
     @torch.no_grad()
     def __call__(self, class_labels=None, batch_size: int = 1, guidance_scale: float = 1.0,
                  num_inference_steps: int = 50, eta: float = 0.0, generator: torch.Generator | None = None,
                  height: int | None = None, width: int | None = None, output_type: str = "pil",
-                 return_dict: bool = True):
-        """One image per entry of ``class_labels`` (:func:`class_ids`; a class-conditional model), or ``batch_size``
-        images (an unconditional one); ``guidance_scale`` 1 is the conditional model alone. ``height`` / ``width``
-        in pixels (default: the denoiser's ``sample_size`` latents, square). The noise is drawn on the CPU from
-        ``generator``, as ``LDMPipeline`` draws it. ``output_type``: pil, np or pt (in [0, 1])."""
-        class_names = list(self.config.class_names)
-        if bool(class_names) != (class_labels is not None):
-            raise ValueError("a class-conditional model draws given classes (class_labels=[...]), an unconditional "
-                             "one none (batch_size=N)")
+                 return_dict: bool = True, prompt=None, negative_prompt=None):
+        """One image per entry of ``class_labels`` (:func:`class_ids`; a class-conditional model) or of ``prompt``
+        (a text-conditional one, guided away from ``negative_prompt``), or ``batch_size`` images (an unconditional
+        one); ``guidance_scale`` 1 is the conditional model alone. ``height`` / ``width`` in pixels (default: the
+        denoiser's ``sample_size`` latents, square). The noise is drawn on the CPU from ``generator``, as
+        ``LDMPipeline`` draws it. ``output_type``: pil, np or pt (in [0, 1])."""
+        count, condition, null_condition = self.conditions(class_labels, prompt, negative_prompt, batch_size)
         latent_height = height // self.downsample_factor if height else self.unet.config.sample_size
         latent_width = width // self.downsample_factor if width else self.unet.config.sample_size
-        labels = torch.tensor(class_ids(class_labels, class_names), device=self.device) if class_names else None
-        shape = (len(labels) if class_names else batch_size, self.unet.config.in_channels, latent_height, latent_width)
+        shape = (count, self.unet.config.in_channels, latent_height, latent_width)
         noise = randn_tensor(shape, generator=generator).to(self.device)
-        predict_step = guided(self.unet, labels, guidance_scale, len(class_names))
+        predict_step = guided(self.unet, condition, null_condition, guidance_scale)
         latents = denoise(predict_step, self.scheduler, noise, num_inference_steps, eta, generator, self.progress_bar)
         images = self.vqvae.decode(latents / self.vqvae.config.scaling_factor).sample
         images = (images.float() / 2 + 0.5).clamp(0, 1)

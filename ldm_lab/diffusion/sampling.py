@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -20,9 +21,10 @@ from ldm_lab.nn.denoisers import backbone, side_multiple
 @dataclass(frozen=True)
 class SamplingOptions:
     """``sample.*``, typed: the sampler (``auto``: the objective's first), its steps and DDIM's ``eta``; how many
-    images (per class, for a class-conditional model) in batches of how many; guidance and the classes drawn
-    (None: every class; ``null_class``: unconditional samples); the pixel size (None: the caller's default) and
-    the seed."""
+    images (per class or prompt, for a conditional model) in batches of how many; guidance and the classes drawn
+    (None: every class; ``null_class``: unconditional samples); a text-conditional model's prompts (``prompts``, or
+    ``prompt_file``: one per line) and ``negative_prompt`` (None: the empty prompt); the pixel size (None: the
+    caller's default) and the seed."""
 
     sampler: str = "auto"
     num_inference_steps: int = 50
@@ -31,6 +33,9 @@ class SamplingOptions:
     batch_size: int = 8
     guidance_scale: float = 3.0
     class_labels: str | int | tuple[str | int, ...] | None = None
+    prompts: tuple[str, ...] | None = None
+    prompt_file: str | None = None
+    negative_prompt: str | None = None
     height: int | None = None
     width: int | None = None
     seed: int = 0
@@ -42,6 +47,9 @@ class SamplingOptions:
         labels = options.get("class_labels")
         if labels is not None and not isinstance(labels, str | int):
             options["class_labels"] = tuple(labels)
+        prompts = options.get("prompts")
+        if prompts is not None:
+            options["prompts"] = (prompts,) if isinstance(prompts, str) else tuple(str(p) for p in prompts)
         return cls(**options)
 
     def size(self, default: tuple[int, int]) -> tuple[int, int]:
@@ -50,11 +58,14 @@ class SamplingOptions:
 
 
 def assemble(vae: torch.nn.Module, denoiser: torch.nn.Module, latent_scale: float, objective: Objective,
-             class_names: Sequence[str] | None) -> LatentDiffusionPipeline:
+             class_names: Sequence[str] | None, tokenizer=None, text_encoder: torch.nn.Module | None = None
+             ) -> LatentDiffusionPipeline:
     """The pipeline of a latent diffusion model's parts: the first stage with its ``scaling_factor`` set to the
-    latent scale, the denoiser, the scheduler of the objective's default sampler, the classes, the objective."""
+    latent scale, the denoiser, the scheduler of the objective's default sampler, the classes, the objective, and
+    a text-conditional model's tokenizer and text encoder."""
     vae.register_to_config(scaling_factor=float(latent_scale))
-    return LatentDiffusionPipeline(vae, denoiser, objective.sampling_scheduler, class_names, objective.name)
+    return LatentDiffusionPipeline(vae, denoiser, objective.sampling_scheduler, class_names, objective.name,
+                                   tokenizer, text_encoder)
 
 
 def requested_classes(options: SamplingOptions, class_names: Sequence[str]) -> list[int]:
@@ -67,11 +78,30 @@ def requested_classes(options: SamplingOptions, class_names: Sequence[str]) -> l
         raise ConfigError(f"sample.class_labels: {error}, or null (every class)") from None
 
 
+def requested_prompts(options: SamplingOptions) -> list[str]:
+    """``sample.prompts``, or the non-empty lines of ``sample.prompt_file``."""
+    if options.prompts is not None and options.prompt_file is not None:
+        raise ConfigError("sample.prompts and sample.prompt_file both set: give the prompts one way")
+    if options.prompt_file is not None:
+        path = Path(options.prompt_file).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"sample.prompt_file={path} is no file: a text file with one prompt per line")
+        prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise ConfigError(f"sample.prompt_file={path} holds no prompt: one per line")
+        return prompts
+    if not options.prompts:
+        raise ConfigError("a text-conditional model draws given prompts: sample.prompts='[\"a prompt\", ...]' or "
+                          "sample.prompt_file=<a file with one prompt per line>")
+    return list(options.prompts)
+
+
 def with_sampler(pipeline: LatentDiffusionPipeline, sampler: str) -> LatentDiffusionPipeline:
     """The pipeline's parts with the scheduler ``sampler`` names, built from the one it holds (its objective's)."""
     objective = Objective.named(pipeline.config.objective, pipeline.scheduler)
     return LatentDiffusionPipeline(pipeline.vqvae, pipeline.unet, objective.sampler_scheduler(pipeline.scheduler.config,
-                                   sampler), pipeline.config.class_names, objective.name)
+                                   sampler), pipeline.config.class_names, objective.name, pipeline.tokenizer,
+                                   pipeline.text_encoder)
 
 
 def check_size(pipeline: LatentDiffusionPipeline, height: int, width: int) -> None:
@@ -88,13 +118,12 @@ def check_size(pipeline: LatentDiffusionPipeline, height: int, width: int) -> No
 
 def generate(pipeline: LatentDiffusionPipeline, options: SamplingOptions, num_images: int, height: int, width: int,
              generator: torch.Generator, class_labels: Sequence[int] | None = None, guidance_scale: float = 1.0,
-             batch_size: int | None = None, progress: bool = False) -> torch.Tensor:
+             batch_size: int | None = None, progress: bool = False, prompts: Sequence[str] | None = None
+             ) -> torch.Tensor:
     """``num_images`` images of ``height`` x ``width`` pixels in [-1, 1] on the CPU (image i of class
-    ``class_labels[i]``, guided by ``guidance_scale``, for a class-conditional pipeline), drawn by ``pipeline`` with
-    ``options``' sampler, steps and eta, ``batch_size`` (default ``options.batch_size``) at a time, all from one
-    ``generator``."""
-    if (class_labels is None) != (not pipeline.config.class_names):
-        raise ConfigError("a class-conditional model draws given classes (class_labels), an unconditional one none")
+    ``class_labels[i]`` or of ``prompts[i]``, guided by ``guidance_scale`` away from the null class or from
+    ``options.negative_prompt``, for a conditional pipeline), drawn by ``pipeline`` with ``options``' sampler, steps
+    and eta, ``batch_size`` (default ``options.batch_size``) at a time, all from one ``generator``."""
     check_size(pipeline, height, width)
     pipeline = with_sampler(pipeline, options.sampler)
     pipeline.set_progress_bar_config(desc="denoising", unit="step", leave=False, dynamic_ncols=True,
@@ -105,9 +134,10 @@ def generate(pipeline: LatentDiffusionPipeline, options: SamplingOptions, num_im
                       dynamic_ncols=True):
         count = min(batch_size, num_images - start)
         labels = None if class_labels is None else list(class_labels[start : start + count])
-        drawn = pipeline(class_labels=labels, batch_size=count, guidance_scale=guidance_scale,
-                         num_inference_steps=options.num_inference_steps, eta=options.eta, generator=generator,
-                         height=height, width=width, output_type="pt").images
+        texts = None if prompts is None else list(prompts[start : start + count])
+        drawn = pipeline(class_labels=labels, prompt=texts, negative_prompt=options.negative_prompt, batch_size=count,
+                         guidance_scale=guidance_scale, num_inference_steps=options.num_inference_steps,
+                         eta=options.eta, generator=generator, height=height, width=width, output_type="pt").images
         images.append(drawn.cpu() * 2 - 1)
     return torch.cat(images)
 

@@ -1,7 +1,8 @@
 """Trained models as diffusers folders (what task=train writes after training and task=export from a
-checkpoint, through the stage's ``export``). An autoencoder gets its latent scale measured; an unconditional
-UNet trained with DDPM becomes an ``LDMPipeline`` folder (vqvae, unet, DDIM scheduler), every other latent
-diffusion model (class-conditional, rectified flow, DiT) a ``LatentDiffusionPipeline`` folder of the same parts
+checkpoint). An autoencoder gets its latent scale measured; an unconditional UNet trained with DDPM becomes an
+``LDMPipeline`` folder (vqvae, unet, DDIM scheduler); a KL first stage, a ``UNet2DConditionModel`` and a CLIP text
+encoder trained with DDPM a ``StableDiffusionPipeline`` folder (no safety checker); every other latent diffusion
+model (class-conditional, rectified flow, DiT, VQ with text) a ``LatentDiffusionPipeline`` folder of the same parts
 that carries its code as ``pipeline.py`` (ldm_lab/diffusion/pipeline.py)."""
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from diffusers import LDMPipeline, UNet2DModel
+from diffusers import AutoencoderKL, LDMPipeline, StableDiffusionPipeline, UNet2DConditionModel, UNet2DModel
 from torch import nn
+from transformers import CLIPTextModel
 
 from ldm_lab.diffusion import pipeline as pipeline_code
 from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline
@@ -47,17 +49,27 @@ def export_model(model: nn.Module | LatentDiffusionPipeline, out_dir: Path, data
 
 def export_pipeline(pipeline: LatentDiffusionPipeline, out_dir: Path) -> Path:
     """A pipeline folder of ``pipeline``'s parts: the first stage (``vqvae``, its ``scaling_factor`` the latent
-    scale), the denoiser (``unet``) and the scheduler. An unconditional UNet of DDPM: an ``LDMPipeline`` (it samples
-    square latents of ``unet.config.sample_size`` and divides by ``scaling_factor``). Any other: the
+    scale), the denoiser (``unet``), the scheduler and a text model's tokenizer and text encoder. An unconditional
+    UNet of DDPM: an ``LDMPipeline`` (it samples square latents of ``unet.config.sample_size`` and divides by
+    ``scaling_factor``); KL + ``UNet2DConditionModel`` + CLIP of DDPM: a ``StableDiffusionPipeline`` (the first stage
+    as ``vae``; it encodes prompts as ours does). Any other: the
     ``LatentDiffusionPipeline`` with its class names and objective, its code as ``pipeline.py``, and
     ``model_index.json`` naming that file (diffusers' ``["pipeline", "LatentDiffusionPipeline"]``), so
     ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads it."""
     out_dir = Path(out_dir)
     class_names = pipeline.config.class_names
-    plain = not class_names and isinstance(pipeline.unet, UNet2DModel) and pipeline.config.objective == "ddpm"
+    ddpm = pipeline.config.objective == "ddpm"
+    plain = not class_names and isinstance(pipeline.unet, UNet2DModel) and ddpm
+    stable_diffusion = (ddpm and isinstance(pipeline.vqvae, AutoencoderKL) and isinstance(pipeline.unet, UNet2DConditionModel)
+                        and isinstance(pipeline.text_encoder, CLIPTextModel))
     if plain:
         LDMPipeline(vqvae=pipeline.vqvae, unet=pipeline.unet, scheduler=pipeline.scheduler).save_pretrained(out_dir)
         loads = "LDMPipeline.from_pretrained"
+    elif stable_diffusion:
+        StableDiffusionPipeline(vae=pipeline.vqvae, text_encoder=pipeline.text_encoder, tokenizer=pipeline.tokenizer,
+                                unet=pipeline.unet, scheduler=pipeline.scheduler, safety_checker=None,
+                                feature_extractor=None, requires_safety_checker=False).save_pretrained(out_dir)
+        loads = "StableDiffusionPipeline.from_pretrained"
     else:
         pipeline.save_pretrained(out_dir)
         shutil.copyfile(pipeline_code.__file__, out_dir / "pipeline.py")

@@ -14,6 +14,7 @@ from pathlib import Path
 import diffusers
 from diffusers import AutoencoderKL
 from torch import nn
+from transformers import AutoTokenizer
 
 from ldm_lab.core.errors import ConfigError
 from ldm_lab.diffusion.objectives import Objective
@@ -24,14 +25,15 @@ from ldm_lab.io.convert import converted, is_original
 from ldm_lab.io.networks import autoencoder_of, holds_latent_diffusion, latent_diffusion_of
 from ldm_lab.nn.denoisers import model_classes
 from ldm_lab.nn.frozen_autoencoder import AUTOENCODERS, FrozenAutoencoder
+from ldm_lab.nn.text_encoders import load_text_model
 
 AUTOENCODER, DENOISER, LATENT_DIFFUSION = "autoencoder", "denoiser", "latent_diffusion"
 WHAT = {AUTOENCODER: "an autoencoder (model=vae, vqvae or their tiny variants; AutoencoderKL or VQModel)",
-        DENOISER: "a denoiser (UNet2DModel or DiTTransformer2DModel)",
+        DENOISER: "a denoiser (UNet2DModel, UNet2DConditionModel or DiTTransformer2DModel)",
         LATENT_DIFFUSION: "a latent diffusion model (model=unet or dit; a pipeline folder)"}
 # A pipeline folder's subfolders: LDMPipeline's names, which the lab's own pipeline (diffusion/pipeline.py) keeps
-# for every denoiser
-PARTS = {AUTOENCODER: "vqvae", DENOISER: "unet"}
+# for every denoiser, or Stable Diffusion's
+PARTS = {AUTOENCODER: ("vqvae", "vae"), DENOISER: ("unet",)}
 
 
 class SourceError(ConfigError):
@@ -51,7 +53,9 @@ class Source:
 
     def folder(self, part: str) -> Path:
         """The diffusers folder of ``part``: the folder itself, or a pipeline's subfolder."""
-        return self.path / PARTS[part] if self.holds == LATENT_DIFFUSION and part != LATENT_DIFFUSION else self.path
+        if self.holds != LATENT_DIFFUSION or part == LATENT_DIFFUSION:
+            return self.path
+        return next((self.path / name for name in PARTS[part] if (self.path / name).is_dir()), self.path / PARTS[part][0])
 
 
 def _error(key: str, value, problem: str, accepts: tuple[str, ...]) -> SourceError:
@@ -151,14 +155,19 @@ def load_latent_diffusion(value, key: str) -> LatentDiffusionPipeline:
     if source.checkpoint is not None:
         networks = latent_diffusion_of(source.checkpoint)
         return assemble(networks.vae, networks.denoiser, networks.latent_scale, networks.objective,
-                        networks.class_names)
-    vae = load_autoencoder(source.path / "vqvae", key)
+                        networks.class_names, networks.tokenizer, networks.text_encoder)
+    vae = load_autoencoder(source.folder(AUTOENCODER), key)
     index = json.loads((source.path / "model_index.json").read_text())
     denoiser = _from_folder(source.folder(DENOISER), _classes_of(DENOISER), DENOISER).eval()
     scheduler = _from_folder(source.path / "scheduler", Objective.scheduler_names(), "scheduler",
                              "scheduler_config.json")
     objective = Objective.named(index.get("objective"), scheduler)
-    return LatentDiffusionPipeline(vae.eval(), denoiser, scheduler, index.get("class_names"), objective.name)
+    tokenizer, text_encoder = None, None
+    if (source.path / "text_encoder").is_dir():  # a text-conditional model's, as transformers saved them
+        tokenizer = AutoTokenizer.from_pretrained(source.path / "tokenizer")
+        text_encoder = load_text_model(source.path / "text_encoder").eval()
+    return LatentDiffusionPipeline(vae.eval(), denoiser, scheduler, index.get("class_names"), objective.name,
+                                   tokenizer, text_encoder)
 
 
 def _is_hub_id(value) -> bool:

@@ -2,7 +2,9 @@
 parameters (accelerate's ``init_empty_weights``), then given the checkpoint's tensors, memory-mapped and read once.
 Nothing that only training uses is built (no discriminator, LPIPS, optimizer or random initialisation), and no
 stage: the checkpoint's config names each network's class and arguments, its state dict holds them under the
-training stage's attribute names (``vae``, ``denoiser``, ``first_stage.vae``, and ``ema.module`` for the EMA)."""
+training stage's attribute names (``vae``, ``denoiser``, ``first_stage.vae``, ``text_encoder``, and ``ema.module``
+and ``text_ema.module`` for the EMAs); a text-conditional model's checkpoint also describes its text encoder and
+stores its tokenizer's files."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 import diffusers
 import torch
+import transformers
 from accelerate import init_empty_weights
 from hydra.utils import instantiate
 from torch import nn
@@ -18,8 +21,10 @@ from torch import nn
 from ldm_lab.diffusion.objectives import Objective
 from ldm_lab.nn import denoisers
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
+from ldm_lab.nn.text_encoders import embedding_width, tokenizer_of_files
 
 EMA = "ema.module."  # the EMA's weights: what validation's *_ema, sampling and the export use when a run kept one
+TEXT_EMA = "text_ema.module."  # a trained text encoder's
 
 
 def holds_latent_diffusion(checkpoint: dict) -> bool:
@@ -59,23 +64,41 @@ def autoencoder_of(checkpoint: dict) -> nn.Module:
 @dataclass
 class LatentDiffusionNetworks:
     """What a latent diffusion checkpoint holds for sampling: its first stage, its evaluation denoiser, the latent
-    scale, the objective and a class-conditional model's class names."""
+    scale, the objective, a class-conditional model's class names, a text-conditional model's tokenizer and
+    (evaluation) text encoder."""
 
     vae: nn.Module
     denoiser: nn.Module
     latent_scale: float
     objective: Objective
     class_names: list[str] | None
+    tokenizer: object = None
+    text_encoder: nn.Module | None = None
+
+
+def _text_encoder_of(checkpoint: dict) -> tuple[object, nn.Module | None]:
+    """A text-conditional checkpoint's tokenizer and evaluation text encoder (the EMA of a trained one), or Nones."""
+    description = checkpoint["ldm_lab"].get("text_encoder")
+    if description is None:
+        return None, None
+    model_class = getattr(transformers, description["class_name"])
+    config = model_class.config_class.from_dict(description["config"])
+    weights = _weights(checkpoint["state_dict"], TEXT_EMA) or _weights(checkpoint["state_dict"], "text_encoder.")
+    return tokenizer_of_files(description["tokenizer"]), _with_weights(lambda: model_class(config), weights)
 
 
 def latent_diffusion_of(checkpoint: dict) -> LatentDiffusionNetworks:
     model = checkpoint["ldm_lab"]["config"]["model"]
     state_dict = checkpoint["state_dict"]
     vae = autoencoder_of(checkpoint)
-    class_names = model.get("class_names") if model.get("conditioning") == "class" else None
+    conditioning = model.get("conditioning")
+    class_names = model.get("class_names") if conditioning == "class" else None
+    tokenizer, text_encoder = _text_encoder_of(checkpoint)
     channels = FrozenAutoencoder(vae).latent_channels
     network = instantiate(model["denoiser"])
-    denoiser = _with_weights(lambda: denoisers.build(network, channels, len(class_names) if class_names else None),
-                             _evaluation_weights(state_dict, "denoiser"))
+    text_width = None if text_encoder is None else embedding_width(text_encoder)
+    denoiser = _with_weights(
+        lambda: denoisers.build(network, channels, conditioning, len(class_names) if class_names else None, text_width),
+        _evaluation_weights(state_dict, "denoiser"))
     return LatentDiffusionNetworks(vae, denoiser, float(state_dict["latent_scale"]), instantiate(model["objective"]),
-                                   class_names)
+                                   class_names, tokenizer, text_encoder)

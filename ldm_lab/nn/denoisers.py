@@ -1,10 +1,12 @@
-"""The denoisers a latent diffusion model trains: how each is built for the latents and classes it sees, and the
-side multiple it needs. Their call, (latents, timesteps, class labels) -> prediction, is the exported pipeline's
-(ldm_lab/diffusion/pipeline.py ``predict``). A new backbone is one :class:`Backbone` subclass here, its call in
-the pipeline file, and one config.
+"""The denoisers a latent diffusion model trains: how each is built for the latents, classes or text it sees, and
+the side multiple it needs. Their call, (latents, timesteps, class labels or prompt embeddings) -> prediction, is
+the exported pipeline's (ldm_lab/diffusion/pipeline.py ``predict``). A new backbone is one :class:`Backbone`
+subclass here, its call in the pipeline file, and one config.
 
 - ``UNet2DModel`` (LDM's UNet; classes through diffusers' ``num_class_embeds`` = K + 1, added to the time
   embedding as ADM does, id K the null class).
+- ``UNet2DConditionModel`` (Stable Diffusion's UNet): cross-attention to a text encoder's embeddings
+  (``cross_attention_dim`` = its width).
 - ``DiTTransformer2DModel`` (DiT, Peebles & Xie 2023), with what diffusers' class leaves out: adaLN-Zero
   initialisation (DiT's ``initialize_weights``), label dropout done once outside (each block's own is set to 0),
   an unconditional model as one dummy class, and square latents only (its unpatchify is square).
@@ -16,7 +18,7 @@ import functools
 from collections.abc import Mapping
 from typing import ClassVar
 
-from diffusers import DiTTransformer2DModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from ldm_lab.core.errors import ConfigError
@@ -25,13 +27,16 @@ from ldm_lab.nn.downsampling import downsampling
 
 class Backbone:
     """A diffusers denoiser class: ``model_class``; ``architecture``, the config keys two networks must share for
-    weights to move between them; ``square_only``: whether it denoises square latents only."""
+    weights to move between them; ``conditionings``: the ``model.conditioning`` values it takes (None:
+    unconditional); ``square_only``: whether it denoises square latents only."""
 
     model_class: ClassVar[type[nn.Module]]
     architecture: ClassVar[tuple[str, ...]]
+    conditionings: ClassVar[tuple[str | None, ...]] = (None, "class")
     square_only: ClassVar[bool] = False
 
-    def build(self, network: functools.partial, channels: int, num_classes: int | None) -> nn.Module:
+    def build(self, network: functools.partial, channels: int, num_classes: int | None,
+              text_width: int | None) -> nn.Module:
         raise NotImplementedError
 
     def side_multiple(self, config: Mapping) -> int:
@@ -45,9 +50,27 @@ class UNet(Backbone):
     architecture = ("block_out_channels", "layers_per_block", "down_block_types", "attention_head_dim",
                     "in_channels", "num_class_embeds")
 
-    def build(self, network: functools.partial, channels: int, num_classes: int | None) -> nn.Module:
+    def build(self, network: functools.partial, channels: int, num_classes: int | None,
+              text_width: int | None) -> nn.Module:
         classes = {} if num_classes is None else {"num_class_embeds": num_classes + 1}
         return network(in_channels=channels, out_channels=channels, **classes)
+
+    def side_multiple(self, config: Mapping) -> int:
+        return downsampling(config)
+
+
+class UNetText(Backbone):
+    """diffusers' ``UNet2DConditionModel`` (Stable Diffusion's): its cross-attention layers read the prompt's
+    embeddings, of the text encoder's width (``cross_attention_dim``)."""
+
+    model_class = UNet2DConditionModel
+    architecture = ("block_out_channels", "layers_per_block", "down_block_types", "attention_head_dim",
+                    "in_channels", "cross_attention_dim")
+    conditionings = ("text",)
+
+    def build(self, network: functools.partial, channels: int, num_classes: int | None,
+              text_width: int | None) -> nn.Module:
+        return network(in_channels=channels, out_channels=channels, cross_attention_dim=text_width)
 
     def side_multiple(self, config: Mapping) -> int:
         return downsampling(config)
@@ -62,7 +85,8 @@ class DiT(Backbone):
                     "num_embeds_ada_norm")
     square_only = True
 
-    def build(self, network: functools.partial, channels: int, num_classes: int | None) -> nn.Module:
+    def build(self, network: functools.partial, channels: int, num_classes: int | None,
+              text_width: int | None) -> nn.Module:
         model = network(in_channels=channels, out_channels=channels, num_embeds_ada_norm=num_classes or 1)
         initialize_adaln_zero(model)
         for block in model.transformer_blocks:  # labels are dropped once, by the stage, not again per block
@@ -92,10 +116,16 @@ def backbone(network_or_config: nn.Module | Mapping) -> Backbone:
                       f"one of {', '.join(model_classes())} (model=unet, unet_tiny, dit or dit_tiny)")
 
 
-def build(network: functools.partial, channels: int, num_classes: int | None) -> nn.Module:
-    """The denoiser ``network`` (a partial of the model class) for latents of ``channels`` and ``num_classes``
-    classes (None: unconditional)."""
-    return backbone({"_class_name": network.func.__name__}).build(network, channels, num_classes)
+def build(network: functools.partial, channels: int, conditioning: str | None = None, num_classes: int | None = None,
+          text_width: int | None = None) -> nn.Module:
+    """The denoiser ``network`` (a partial of the model class) for latents of ``channels``, conditioned as
+    ``conditioning`` says: on ``num_classes`` classes, or on prompts embedded ``text_width`` wide."""
+    kind = backbone({"_class_name": network.func.__name__})
+    if conditioning not in kind.conditionings:
+        text = {True: "model=unet_text (or unet_text_tiny)", False: "model=unet or dit"}[conditioning == "text"]
+        raise ConfigError(f"model.conditioning={conditioning}: {network.func.__name__} takes "
+                          f"{' or '.join(str(c) for c in kind.conditionings)}; for this conditioning use {text}")
+    return kind.build(network, channels, num_classes, text_width)
 
 
 def side_multiple(network_or_config: nn.Module | Mapping) -> int:

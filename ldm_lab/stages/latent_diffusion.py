@@ -34,20 +34,21 @@ from torch import nn
 
 from ldm_lab.core.errors import ConfigError
 from ldm_lab.diffusion.objectives import DDPM, RectifiedFlow
-from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline, predict
+from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline, encode_prompt, predict
 from ldm_lab.diffusion.sampling import assemble
 from ldm_lab.io.checkpoints import CheckpointError
 from ldm_lab.io.model_sources import load_denoiser, load_first_stage
 from ldm_lab.nn import denoisers
 from ldm_lab.nn.ema import ema_with_warmup
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
+from ldm_lab.nn.text_encoders import TextEncoder, same_tokenizer, tokenizer_files, tokenizer_of_files
 from ldm_lab.stages.base import TrainingStage
 from ldm_lab.stages.encoding import encode_latent_cache, ranks_of
 from ldm_lab.stages.speed import optimizer_options
 
 log = logging.getLogger(__name__)
 
-CONDITIONINGS = (None, "class")  # model.conditioning
+CONDITIONINGS = (None, "class", "text")  # model.conditioning
 
 
 class LatentDiffusionStage(TrainingStage):
@@ -56,8 +57,10 @@ class LatentDiffusionStage(TrainingStage):
     ``objective``: :class:`~ldm_lab.diffusion.objectives.DDPM` or ``RectifiedFlow`` (``model/objective``).
     ``latent_scale``: None measures 1 / std of the training latents (LDM's scale_by_std); a number is
     used as given (LDM-VQ-4: 1.0). ``denoiser_pretrained``: start from these denoiser weights
-    (:func:`load_pretrained_denoiser`); the EMA starts from them too. ``conditioning``: None
-    or "class", with ``class_names`` (filled from the data, ldm_lab/tasks/model_config.py) and ``label_dropout``."""
+    (:func:`load_pretrained_denoiser`); the EMA starts from them too. ``conditioning``: None, "class", with
+    ``class_names`` (filled from the data, ldm_lab/tasks/model_config.py) and ``label_dropout``, or "text", with
+    ``text_encoder`` (``model/text_encoder``: frozen, or trained with the denoiser and under its own EMA) and
+    ``caption_dropout`` (the share of captions replaced by the empty prompt, per step)."""
 
     monitor_mode = "min"
     description = "a latent diffusion model (model=unet, unet_tiny, dit or dit_tiny)"
@@ -82,6 +85,8 @@ class LatentDiffusionStage(TrainingStage):
         conditioning: str | None = None,
         class_names: list[str] | None = None,
         label_dropout: float = 0.1,
+        text_encoder: functools.partial | None = None,
+        caption_dropout: float = 0.1,
         max_consecutive_nonfinite: int = 5,
         seed: int = 0,
     ):
@@ -101,8 +106,20 @@ class LatentDiffusionStage(TrainingStage):
             raise ConfigError(f"model.label_dropout={label_dropout}: the share of labels dropped in training, "
                               f"in [0, 1)")
         self.label_dropout = label_dropout
+        if not 0 <= caption_dropout < 1:
+            raise ConfigError(f"model.caption_dropout={caption_dropout}: the share of captions dropped in training, "
+                              f"in [0, 1)")
+        self.caption_dropout = caption_dropout
+        self.conditioning = conditioning
+        text = _text_encoder(conditioning, text_encoder)
+        self.tokenizer = None if text is None else text.tokenizer
+        self.text_encoder = None if text is None else text.model
+        self.text_encoder_trainable = text is not None and text.trainable
+        if text is not None and not text.trainable:
+            self.text_encoder.requires_grad_(False).eval()
         num_classes = None if self.class_names is None else len(self.class_names)
-        self.denoiser = denoisers.build(denoiser, self.first_stage.latent_channels, num_classes)
+        self.denoiser = denoisers.build(denoiser, self.first_stage.latent_channels, conditioning, num_classes,
+                                        None if text is None else text.width)
         if denoiser_pretrained is not None:
             load_pretrained_denoiser(self.denoiser, denoiser_pretrained)
         if gradient_checkpointing:
@@ -111,6 +128,8 @@ class LatentDiffusionStage(TrainingStage):
         # Set once (given, or measured at the start of training), then restored from checkpoints.
         self.register_buffer("latent_scale", torch.tensor(float("nan") if latent_scale is None else latent_scale))
         self.ema = ema_with_warmup(self.denoiser, ema_decay) if ema_decay else None
+        self.text_ema = ema_with_warmup(self.text_encoder, ema_decay) if ema_decay and self.text_encoder_trainable \
+            else None
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.lr, self.scale_lr = lr, scale_lr
         self.latent_cache = latent_cache
@@ -139,6 +158,13 @@ class LatentDiffusionStage(TrainingStage):
             raise ConfigError(f"ckpt_path={path} was trained on the classes {_describe(trained_classes)}, and this "
                               f"run's data has {_describe(self.class_names)}: resume with the data it was trained "
                               f"on, or start a new run (without ckpt_path) for these classes")
+        if self.tokenizer is not None:
+            trained = checkpoint["ldm_lab"].get("text_encoder", {}).get("tokenizer")
+            if trained is None or not same_tokenizer(tokenizer_of_files(trained), self.tokenizer):
+                raise ConfigError(f"ckpt_path={path} was trained with another tokenizer than this run's "
+                                  f"(model.text_encoder.tokenizer): resume in the run's own folder "
+                                  f"(hydra.run.dir=<run>, whose tokenizer/ it keeps) or leave "
+                                  f"model.text_encoder.tokenizer unset (the checkpoint's is used)")
         prefix = "first_stage."
         saved = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
         current = self.first_stage.state_dict()
@@ -178,7 +204,7 @@ class LatentDiffusionStage(TrainingStage):
         """What sampling and the export use: the first stage, the evaluation denoiser, the latent scale, the
         objective and the classes (:func:`~ldm_lab.diffusion.sampling.assemble`)."""
         return assemble(self.first_stage.vae, self.eval_denoiser, float(self.latent_scale), self.objective,
-                        self.class_names)
+                        self.class_names, self.tokenizer, self.eval_text_encoder)
 
     # ----------------------------------------------------------------------------- properties
     @property
@@ -200,6 +226,17 @@ class LatentDiffusionStage(TrainingStage):
         """The weights validation's <loss>_ema, image logging, sampling and export use: the EMA when on."""
         return self.ema.module if self.ema is not None else self.denoiser
 
+    @property
+    def eval_text_encoder(self) -> nn.Module | None:
+        """The text encoder beside :attr:`eval_denoiser`: a trained one's EMA when on."""
+        return self.text_ema.module if self.text_ema is not None else self.text_encoder
+
+    def train(self, mode: bool = True) -> LatentDiffusionStage:
+        super().train(mode)
+        if self.text_encoder is not None and not self.text_encoder_trainable:
+            self.text_encoder.eval()  # frozen: never dropout (T5 has some)
+        return self
+
     # ----------------------------------------------------------------------------- optimizers
     def configure_optimizers(self):
         lr = self.lr
@@ -208,8 +245,10 @@ class LatentDiffusionStage(TrainingStage):
             lr = self.lr * batch_size * self.accumulate_grad_batches * devices
             log.info("learning rate %.3g = %.3g (model.lr) x batch %d x accumulation %d x devices %d", lr, self.lr,
                      batch_size, self.accumulate_grad_batches, devices)
-        optimizer = self.make_optimizer(self.denoiser.parameters(), lr=lr,
-                                        **optimizer_options(self.make_optimizer, self.fused_optimizer))
+        parameters = list(self.denoiser.parameters())
+        if self.text_encoder_trainable:
+            parameters += list(self.text_encoder.parameters())
+        optimizer = self.make_optimizer(parameters, lr=lr, **optimizer_options(self.make_optimizer, self.fused_optimizer))
         return [optimizer], [self.make_scheduler(optimizer)]
 
     # ----------------------------------------------------------------------------- latents
@@ -243,11 +282,12 @@ class LatentDiffusionStage(TrainingStage):
 
     # ----------------------------------------------------------------------------- the objective
     def loss(self, network: nn.Module, latents: torch.Tensor, generator: torch.Generator, training: bool = False,
-             class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        """The objective's loss of ``network`` on ``latents`` (of ``class_labels``, for a class-conditional model);
-        ``training``: at the objective's training timesteps and weighting, else its validation loss."""
+             **condition: torch.Tensor | None) -> torch.Tensor:
+        """The objective's loss of ``network`` on ``latents`` given ``condition`` (``class_labels`` or
+        ``encoder_hidden_states``, :func:`~ldm_lab.diffusion.pipeline.predict`'s); ``training``: at the objective's
+        training timesteps and weighting, else its validation loss."""
         def predict_noise(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-            return predict(network, noisy, timesteps, class_labels)
+            return predict(network, noisy, timesteps, **condition)
 
         return self.objective.loss(predict_noise, latents, generator, training)
 
@@ -255,8 +295,31 @@ class LatentDiffusionStage(TrainingStage):
         generator = self.step_generator(self.device)
         latents = self.latents(batch, generator)
         loss = self.loss(self.denoiser, latents, generator, training=True,
-                         class_labels=self._dropped_labels(batch, generator))
+                         **self.condition(batch, generator, self.text_encoder))
         self.backward_and_step([loss], {self.objective.training_loss: loss.detach()})
+
+    def condition(self, batch: dict, generator: torch.Generator | None, text_encoder: nn.Module | None) -> dict:
+        """What the denoiser is given for a batch: a class-conditional model's labels, a text-conditional model's
+        captions encoded by ``text_encoder`` as the exported pipeline encodes prompts (with gradients when it
+        trains); with a ``generator`` (training) labels and captions are dropped to the null class and the empty
+        prompt, each with its probability."""
+        if self.conditioning == "class":
+            labels = self.class_labels(batch)
+            return {"class_labels": labels if generator is None else self._dropped_labels(labels, generator)}
+        if self.conditioning != "text":
+            return {}
+        if "captions" not in batch:
+            raise ConfigError("a text-conditional model got a batch without captions: train it on captioned data "
+                              "(data.source.caption_extension=.txt, data.source.caption_column=..., or "
+                              "data.source.captions=true for the synthetic set)")
+        captions = list(batch["captions"])
+        if generator is not None and self.caption_dropout:
+            dropped = torch.rand(len(captions), generator=generator, device=generator.device) < self.caption_dropout
+            captions = ["" if drop else caption for caption, drop in zip(captions, dropped.tolist(), strict=True)]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and text_encoder is self.text_encoder
+                                    and self.text_encoder_trainable):
+            embeddings = encode_prompt(self.tokenizer, text_encoder, captions)
+        return {"encoder_hidden_states": embeddings}
 
     def class_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """A class-conditional model's labels of a batch (None for an unconditional model)."""
@@ -267,10 +330,9 @@ class LatentDiffusionStage(TrainingStage):
                               "data it was built for")
         return batch["class_labels"]
 
-    def _dropped_labels(self, batch: dict[str, torch.Tensor], generator: torch.Generator) -> torch.Tensor | None:
-        """The batch's labels, each replaced by the null class with probability ``label_dropout``."""
-        labels = self.class_labels(batch)
-        if labels is None or not self.label_dropout:
+    def _dropped_labels(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """``labels``, each replaced by the null class with probability ``label_dropout``."""
+        if not self.label_dropout:
             return labels
         dropped = torch.rand(labels.shape, generator=generator, device=labels.device) < self.label_dropout
         return torch.where(dropped, len(self.class_names), labels)
@@ -278,6 +340,8 @@ class LatentDiffusionStage(TrainingStage):
     def on_optimizer_step(self) -> None:
         if self.ema is not None:
             self.ema.update_parameters(self.denoiser)
+        if self.text_ema is not None:
+            self.text_ema.update_parameters(self.text_encoder)
 
     # ----------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
@@ -290,9 +354,11 @@ class LatentDiffusionStage(TrainingStage):
         return torch.Generator(self.device).manual_seed(int(seed))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        latents, labels = self.latents(batch, self._val_generator(batch_idx, 0)), self.class_labels(batch)
-        loss = self.loss(self.denoiser, latents, self._val_generator(batch_idx, 1), class_labels=labels)
-        loss_ema = self.loss(self.eval_denoiser, latents, self._val_generator(batch_idx, 1), class_labels=labels)
+        latents = self.latents(batch, self._val_generator(batch_idx, 0))
+        loss = self.loss(self.denoiser, latents, self._val_generator(batch_idx, 1),
+                         **self.condition(batch, None, self.text_encoder))
+        loss_ema = self.loss(self.eval_denoiser, latents, self._val_generator(batch_idx, 1),
+                             **self.condition(batch, None, self.eval_text_encoder))
         self._val_sums += torch.stack([loss.double(), loss_ema.double(), torch.ones((), device=self.device)]) * len(latents)
 
     def on_validation_epoch_end(self) -> None:
@@ -305,17 +371,30 @@ class LatentDiffusionStage(TrainingStage):
         super().on_save_checkpoint(checkpoint)
         checkpoint["ldm_lab"]["first_stage"] = self.first_stage.describe()  # rebuilds it without its source
         checkpoint["ldm_lab"]["first_stage_source"] = self.first_stage_source  # named when a resume does not match
+        if self.text_encoder is not None:  # what rebuilds it without its source (ldm_lab/io/networks.py)
+            checkpoint["ldm_lab"]["text_encoder"] = {"class_name": type(self.text_encoder).__name__,
+                                                     "config": self.text_encoder.config.to_dict(),
+                                                     "tokenizer": tokenizer_files(self.tokenizer)}
 
 
 def _class_names(conditioning: str | None, class_names: list[str] | None) -> list[str] | None:
     if conditioning not in CONDITIONINGS:
-        raise ConfigError(f"model.conditioning={conditioning}: null (unconditional) or class")
-    if conditioning is None:
+        raise ConfigError(f"model.conditioning={conditioning}: null (unconditional), class or text")
+    if conditioning != "class":
         return None
     if not class_names:
         raise ConfigError("model.conditioning=class needs the classes, which training fills in from the data "
                           "(model.class_names): train on labelled data, or build the stage with class_names")
     return [str(name) for name in class_names]
+
+
+def _text_encoder(conditioning: str | None, text_encoder: functools.partial | None) -> TextEncoder | None:
+    if conditioning != "text":
+        return None
+    if text_encoder is None:
+        raise ConfigError("model.conditioning=text reads captions with a text encoder: model/text_encoder=scratch "
+                          "(trained with the denoiser), clip_l or t5_base (pretrained, frozen)")
+    return text_encoder()
 
 
 def _describe(class_names: list[str] | None) -> str:

@@ -1,18 +1,26 @@
 """What the tasks work out from a model's config before anything is built: the image side multiple it needs (the
-data, task=buckets), what it takes from its data (a class-conditional model's classes, task=train), and the config
-the memory plan builds (task=plan). A latent diffusion model's config names a ``denoiser``, an autoencoder's a
+data, task=buckets), what it takes from its data (a class-conditional model's classes, a scratch text encoder's
+tokenizer, task=train), and the config the memory plan builds (task=plan). A latent diffusion model's config names a ``denoiser``, an autoencoder's a
 ``vae``."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from pathlib import Path
 
+import numpy as np
+from hydra.utils import get_method
 from omegaconf import DictConfig, open_dict
 
 from ldm_lab.core.errors import ConfigError
+from ldm_lab.io.checkpoints import read_checkpoint
 from ldm_lab.io.model_sources import load_first_stage
 from ldm_lab.nn.denoisers import side_multiple
 from ldm_lab.nn.downsampling import downsampling
+from ldm_lab.nn.text_encoders import save_tokenizer, scratch, tokenizer_of_files, train_tokenizer
+
+log = logging.getLogger(__name__)
 
 
 def is_latent_diffusion(model: DictConfig) -> bool:
@@ -29,10 +37,13 @@ def downsample_factor(model: DictConfig) -> int:
     return first_stage * side_multiple(model.denoiser)
 
 
-def with_data(model: DictConfig, datamodule) -> DictConfig:
+def with_data(model: DictConfig, datamodule, tokenizer_dir: Path | None = None, ckpt_path: str | None = None
+              ) -> DictConfig:
     """The config completed with what comes from its data, before the stage is built: a class-conditional model's
     ``class_names`` are its data's (indexed here), so the checkpoint's config rebuilds it; given ones must be the
-    data's."""
+    data's. A text-conditional model with the scratch text encoder gets its tokenizer (:func:`with_tokenizer`)."""
+    if model.get("conditioning") == "text":
+        return with_tokenizer(model, datamodule, tokenizer_dir, ckpt_path)
     if model.get("conditioning") != "class":
         return model
     datamodule.prepare_data()
@@ -68,4 +79,42 @@ def for_planning(model: DictConfig, random_first_stage: Callable[[], dict]) -> D
             model.first_stage = random_first_stage()
         if model.get("conditioning") == "class" and not model.get("class_names"):
             model.class_names = [str(i) for i in range(1000)]
+    return model
+
+
+def with_tokenizer(model: DictConfig, datamodule, tokenizer_dir: Path | None, ckpt_path: str | None) -> DictConfig:
+    """``model.text_encoder.tokenizer`` of the scratch text encoder, made once and kept: the one
+    ``tokenizer_dir`` already holds (a requeued or resumed run's folder), else the resumed checkpoint's
+    (``ckpt_path``), else one trained on the captions of the training images
+    (:func:`~ldm_lab.nn.text_encoders.train_tokenizer`), saved in ``tokenizer_dir``. Data without captions is
+    refused."""
+    datamodule.prepare_data()
+    datamodule.setup_index()
+    if not datamodule.captioned:
+        raise ConfigError(f"model.conditioning=text learns from captions, and {datamodule.source.name} has none: "
+                          f"data.source.caption_extension=.txt (a caption file beside each image), "
+                          f"data.source.caption_column=<column> (metadata.jsonl or a Hugging Face column), or the "
+                          f"synthetic data.source.captions=true")
+    encoder = model.text_encoder
+    if encoder is None or get_method(encoder._target_) is not scratch or encoder.get("tokenizer"):
+        return model
+    if tokenizer_dir is None:
+        raise ConfigError("model.text_encoder=scratch trains its tokenizer on the captions where task=train runs: "
+                          "give model.text_encoder.tokenizer=<a tokenizer folder> here")
+    if not (tokenizer_dir / "tokenizer_config.json").is_file():
+        if ckpt_path is not None:
+            checkpoint = read_checkpoint(ckpt_path, mmap=True)
+            files = checkpoint["ldm_lab"].get("text_encoder", {}).get("tokenizer")
+            if files is None:
+                raise ConfigError(f"ckpt_path={ckpt_path} holds no text encoder's tokenizer: it is no text-conditional "
+                                  f"model; start a new run without ckpt_path")
+            tokenizer = tokenizer_of_files(files)
+            log.info("tokenizer: the resumed checkpoint's (%d tokens)", len(tokenizer))
+        else:
+            captions = [caption for i in np.flatnonzero(~datamodule.is_val) for caption in datamodule.index.captions[i]]
+            tokenizer = train_tokenizer(captions, encoder.vocab_size, encoder.max_length)
+            log.info("tokenizer: %d tokens learned from %d captions", len(tokenizer), len(captions))
+        save_tokenizer(tokenizer, tokenizer_dir)
+    with open_dict(model):
+        model.text_encoder.tokenizer = str(tokenizer_dir)
     return model

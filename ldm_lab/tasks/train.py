@@ -13,6 +13,7 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from ldm_lab.callbacks.image_logger import PREVIEW_PROMPTS
 from ldm_lab.callbacks.stop_signals import RunStopped
 from ldm_lab.config.slurm import slurm_job_id
 from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline
@@ -60,7 +61,8 @@ def run(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     output_dir = Path(cfg.paths.output_dir)
     datamodule = build_datamodule(cfg)
-    stage = build_stage(model_config.with_data(cfg.model, datamodule), cfg.disc, cfg.speed)
+    model = model_config.with_data(cfg.model, datamodule, output_dir / "tokenizer", cfg.ckpt_path)
+    stage = build_stage(model, cfg.disc, cfg.speed)
     datamodule.check_downsample_factor(stage.downsample_factor)
     trainer = build_trainer(cfg, stage)
     ckpt_path = cfg.ckpt_path or requeued_checkpoint(trainer)
@@ -100,6 +102,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     if isinstance(model, LatentDiffusionPipeline):  # a grid of sample.* at the leftover bucket's resolution
         stage.cpu()  # draw_samples takes the pipeline's networks to the GPU, the rest stays off it
         grid = draw_samples(SamplingOptions.from_config(cfg.sample), model, output_dir / "samples",
-                            datamodule.leftover_resolution)
+                            datamodule.leftover_resolution,
+                            datamodule.preview_captions(PREVIEW_PROMPTS) if datamodule.captioned else None)
         log.info("sample grid: %s", grid)
     return stage.last_val_metrics

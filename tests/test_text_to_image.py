@@ -1,0 +1,178 @@
+"""Text-conditional models: captions through the text encoder into the denoiser's cross-attention, trained,
+sampled from prompts, exported as a Stable Diffusion pipeline that diffusers alone loads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from PIL import Image
+
+from ldm_lab.core.errors import ConfigError
+from ldm_lab.diffusion.sampling import SamplingOptions, generate, requested_prompts
+from ldm_lab.io.model_sources import load_latent_diffusion
+from ldm_lab.nn import denoisers
+from ldm_lab.nn.text_encoders import (
+    pretrained,
+    same_tokenizer,
+    save_tokenizer,
+    tokenizer_files,
+    tokenizer_of_files,
+    train_tokenizer,
+)
+from ldm_lab.stages import latent_diffusion as stage_module
+from ldm_lab.stages.build import build_stage
+from ldm_lab.tasks import model_config, sample, train
+from ldm_lab.tasks.trainer import build_datamodule
+from tests.conftest import LDM_TINY
+from tests.helpers import save_tiny_first_stage
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+TEXT_TINY = ["model=unet_text_tiny", *[o for o in LDM_TINY if not o.startswith(("model=", "data.source."))],
+             "data=folder", "data.source.caption_extension=.txt", "data.source.index_workers=0", "data.num_val=4"]
+
+
+def captioned_folder(root, per_colour: int = 4):
+    """Squares of four colours on grey, each with a caption file naming its colour."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, rgb in COLOURS.items():
+        for i in range(per_colour):
+            image = Image.new("RGB", (32, 32), (128, 128, 128))
+            image.paste(rgb, (4 + i, 4 + i, 24 + i, 24 + i))
+            image.save(root / f"{name}{i}.png")
+            (root / f"{name}{i}.txt").write_text(f"a {name} square\n")
+    return root
+
+
+@pytest.fixture
+def text_cfg(compose_cfg, tmp_path):
+    first_stage = save_tiny_first_stage("kl", tmp_path / "kl")
+    data = captioned_folder(tmp_path / "images")
+
+    def make(*overrides):
+        return compose_cfg([*TEXT_TINY, f"data.source.root={data}", f"model.first_stage={first_stage}",
+                            *overrides], tiny=False)
+    return make
+
+
+def test_trained_text_model_exports_as_stable_diffusion_and_samples_prompts_without_the_lab(text_cfg, tmp_path):
+    train.run(text_cfg("max_steps=2", "val_every_n_steps=2", "sample.num_images=1",
+                       "sample.prompts=[a red square,a blue square]"))
+    run = tmp_path / "run"
+    assert (run / "tokenizer" / "vocab.json").is_file() and (run / "tokenizer" / "merges.txt").is_file()
+    index = json.loads((run / "export" / "model_index.json").read_text())
+    assert index["_class_name"] == "StableDiffusionPipeline" and index["text_encoder"] == ["transformers",
+                                                                                           "CLIPTextModel"]
+    assert len(list((run / "samples").rglob("*.png"))) >= 2
+    code = f"""
+import sys, torch
+from diffusers import StableDiffusionPipeline
+pipe = StableDiffusionPipeline.from_pretrained({str(run / 'export')!r})
+images = pipe(["a red square", "a blue square"], num_inference_steps=2, guidance_scale=3.0, height=32, width=32,
+              generator=torch.Generator().manual_seed(0), output_type="np").images
+assert images.shape == (2, 32, 32, 3) and not any(m.startswith("ldm_lab") for m in sys.modules), images.shape
+torch.save(torch.from_numpy(images), {str(tmp_path / 'sd.pt')!r})
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # the lab's sampler of the checkpoint draws what Stable Diffusion's draws from the export
+    pipeline = load_latent_diffusion(run / "checkpoints" / "last.ckpt", "sample.model")
+    ours = generate(pipeline, SamplingOptions(num_inference_steps=2), 2, 32, 32, torch.Generator().manual_seed(0),
+                    guidance_scale=3.0, prompts=["a red square", "a blue square"])
+    theirs = torch.load(tmp_path / "sd.pt").permute(0, 3, 1, 2) * 2 - 1
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-3)
+    # task=sample takes the Stable Diffusion folder: a folder per prompt, a grid with the prompt under each row
+    grid = sample.run(text_cfg("task=sample", f"sample.model={run / 'export'}", "sample.prompts=[a red square]",
+                               "sample.num_images=2", f"paths.output_dir={tmp_path / 'sampled'}"))
+    assert len(list((tmp_path / "sampled" / "samples" / "00-a_red_square").glob("*.png"))) == 2
+    with Image.open(grid) as image:
+        assert image.size == (2 * 66 + 2, 66 + 2 + 12)  # one row of two 64 px samples, and its caption strip
+
+
+def _stage(cfg, tmp_path):
+    return build_stage(model_config.with_data(cfg.model, build_datamodule(cfg), tmp_path / "tokenizer"), cfg.disc)
+
+
+def test_prompts_change_the_samples_and_the_text_encoder_trains_under_its_ema(text_cfg, tmp_path):
+    stage = _stage(text_cfg(), tmp_path)
+    assert stage.text_encoder_trainable and stage.text_ema is not None
+    trained = {id(p) for group in stage.configure_optimizers()[0][0].param_groups for p in group["params"]}
+    assert all(id(p) in trained for p in stage.text_encoder.parameters())
+    stage.latent_scale.fill_(1.0)
+    options = SamplingOptions(num_inference_steps=2)
+    red, blue = (generate(stage.pipeline(), options, 1, 32, 32, torch.Generator().manual_seed(0), guidance_scale=3.0,
+                          prompts=[prompt]) for prompt in ("a red square", "a blue square"))
+    assert not torch.allclose(red, blue)
+    with pytest.raises(ConfigError, match="sample.prompts"):
+        requested_prompts(SamplingOptions())
+
+
+def test_caption_dropout_is_drawn_per_step(text_cfg, tmp_path, monkeypatch):
+    stage = _stage(text_cfg("model.caption_dropout=0.5"), tmp_path)
+    encoded = []
+    monkeypatch.setattr(stage_module, "encode_prompt",
+                        lambda tokenizer, encoder, prompts: encoded.append(list(prompts)) or torch.zeros(len(prompts), 4, 8))
+    batch = {"captions": ["a red square"] * 16}
+    for seed in (1, 2):
+        stage.condition(batch, torch.Generator().manual_seed(seed), stage.text_encoder)
+    stage.condition(batch, None, stage.text_encoder)
+    first, second, validation = encoded
+    assert 0 < first.count("") < 16 and 0 < second.count("") < 16 and first != second
+    assert validation == batch["captions"]  # validation drops nothing
+
+
+def test_offline_pretrained_text_encoder_names_the_id_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ConfigError, match="openai/clip-vit-large-patch14.*pretrained_model_name_or_path=/path/to/copy"):
+        pretrained("openai/clip-vit-large-patch14")
+
+
+def test_text_model_configs_compose_and_refuse_a_mismatch(compose_cfg):
+    cfg = compose_cfg(["model=unet_text"], tiny=False)
+    assert cfg.model.conditioning == "text" and cfg.model.text_encoder.pretrained_model_name_or_path.endswith("-patch14")
+    with pytest.raises(ConfigError, match="model=unet_text"):
+        denoisers.build(instantiate(compose_cfg(["model=unet_tiny"], tiny=False).model.denoiser), 4, "text", None, 64)
+
+
+def test_text_model_with_buckets_resumes_mid_epoch_as_if_never_stopped(text_cfg, tmp_path):
+    """12 training captions in buckets of three shapes, 6 batches an epoch: stopped after 2 steps, resumed into
+    another folder (the tokenizer comes from the checkpoint), it ends where the straight run ends."""
+    root = tmp_path / "images"
+    for i, path in enumerate(sorted(root.glob("*.png"))):  # three aspect ratios
+        Image.open(path).resize([(32, 32), (48, 32), (32, 48)][i % 3]).save(path)
+    buckets = ["+data/buckets=novelai", "data.buckets.max_area=1536", "data.buckets.min_side=16",
+               "data.buckets.max_side=64", "data.buckets.step=16", "data.buckets.base_side=32",
+               "data.buckets.max_ar_error=0.5"]
+
+    def run(name, *overrides):
+        train.run(text_cfg(*buckets, "val_every_n_steps=2", "sample.num_images=1", f"paths.output_dir={tmp_path / name}",
+                           *overrides))
+        return torch.load(tmp_path / name / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+
+    straight = run("straight", "max_steps=4")
+    assert straight["DataModule" if "DataModule" in straight else "ImageDataModule"]["batches_done"] == 4
+    run("stopped", "max_steps=2")
+    resumed = run("resumed", "max_steps=4", f"ckpt_path={tmp_path / 'stopped' / 'checkpoints' / 'last.ckpt'}")
+    assert same_tokenizer(*(tokenizer_of_files(c["ldm_lab"]["text_encoder"]["tokenizer"]) for c in (straight, resumed)))
+    keys = [k for k in straight["state_dict"] if k.startswith(("ema.module.", "text_ema.module.", "text_encoder."))]
+    assert any(k.startswith("text_ema.") for k in keys)
+    for key in keys:
+        torch.testing.assert_close(resumed["state_dict"][key], straight["state_dict"][key], rtol=0, atol=1e-6)
+
+
+def test_tokenizer_learned_from_captions_is_repeatable_and_knows_every_byte(tmp_path):
+    captions = [f"a {colour} square" for colour in COLOURS for _ in range(3)]
+    first, second = (train_tokenizer(captions, vocab_size=1024, max_length=16) for _ in range(2))
+    assert same_tokenizer(first, second) and first.model_max_length == 16
+    text = "two red squares, café & zebra!"
+    decoded = first.decode(first(text).input_ids, skip_special_tokens=True)  # CLIP's: punctuation is a word
+    assert decoded.replace(" ", "") == text.lower().replace(" ", "")
+    assert first.unk_token_id not in first(text).input_ids[1:-1]
+    saved = save_tokenizer(first, tmp_path / "tokenizer")
+    assert {"vocab.json", "merges.txt", "tokenizer.json"} <= {p.name for p in saved.iterdir()}
+    assert same_tokenizer(tokenizer_of_files(tokenizer_files(first)), first)
