@@ -10,12 +10,15 @@ import datasets
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from ldm_lab.core.errors import ConfigError
 from ldm_lab.data import captions as captions_module
 from ldm_lab.data.captions import EMPTY_CAPTION, NO_CAPTION, ORPHAN, UNDECODABLE, CaptionPicker
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.data.sources import FolderSource, HFSource
+from ldm_lab.data.synthetic_captions import COLOURS, draw_captioned
+from ldm_lab.tasks.trainer import build_datamodule
 
 CAPTIONS = {  # image stem -> its caption file's bytes (None: no file)
     "a": b"a red square\nred, square, small\n",
@@ -36,6 +39,10 @@ def _write(root, captions=CAPTIONS, orphans=("lonely",)):
     for stem in orphans:
         (root / f"{stem}.txt").write_text("no image beside me")
     return root
+
+
+def _by_name(index):
+    return {os.path.basename(p): c for p, c in sorted(zip(index.locations, index.captions, strict=True))}
 
 
 def _by_stem(index):
@@ -123,3 +130,34 @@ def test_batches_carry_their_images_captions(tmp_path):
             for caption, index in zip(batch["captions"], batch["index"].tolist(), strict=True):
                 assert caption in captions[index] and (train or caption == captions[index][0])
     assert np.array_equal(datamodule.preview_images(2).shape, (2, 3, 32, 32))
+
+
+def test_synthetic_captions_say_what_was_drawn_and_train_as_seen(compose_cfg, tmp_path):
+    cfg = compose_cfg(["data.source.captions=true", "data.source.num_images=24", "data.resolution=32"])
+    datamodule = build_datamodule(cfg)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    root = datamodule.source.root
+    drawn = [json.loads(line) for line in (root / "drawn.jsonl").read_text().splitlines()]
+    assert len(drawn) == 24 and datamodule.index.caption_notes == Counter()
+    for row, captions in zip(drawn, _by_name(datamodule.index).values(), strict=True):
+        plural = "s" if row["count"] > 1 else ""
+        words = f"{['one', 'two', 'three'][row['count'] - 1]} {row['colour']} {row['kind']}{plural}"
+        assert captions[0] == f"{words} on a {row['background']} background" and len(captions) == 3
+        assert row["colour"] != row["background"]
+    assert {row["count"] for row in drawn} == {1, 2, 3} and len({row["kind"] for row in drawn}) == 3
+    with Image.open(root / drawn[0]["file_name"]) as image:
+        assert image.size == (32, 32)  # the training size: a random crop of it is the whole picture
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["pixel_values"].shape[-2:] == (32, 32) and len(batch["captions"]) == len(batch["index"])
+    with pytest.raises(Exception, match="num_classes=null"):  # wrapped by Hydra's instantiate
+        build_datamodule(compose_cfg(["data.source.captions=true", "data.source.num_classes=4"]))
+
+
+def test_synthetic_shapes_are_whole_and_apart():
+    for index in range(200):
+        image, captions, drawn = draw_captioned(np.random.default_rng([0, index]), 32)
+        pixels = np.asarray(image).reshape(-1, 3)
+        shape = np.all(pixels == COLOURS[drawn["colour"]], axis=1).reshape(32, 32)
+        assert not shape[0].any() and not shape[-1].any() and not shape[:, 0].any() and not shape[:, -1].any()
+        assert ndimage.label(shape)[1] == drawn["count"]  # each shape one blob, none touching another

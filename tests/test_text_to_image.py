@@ -176,3 +176,22 @@ def test_tokenizer_learned_from_captions_is_repeatable_and_knows_every_byte(tmp_
     saved = save_tokenizer(first, tmp_path / "tokenizer")
     assert {"vocab.json", "merges.txt", "tokenizer.json"} <= {p.name for p in saved.iterdir()}
     assert same_tokenizer(tokenizer_of_files(tokenizer_files(first)), first)
+
+
+def test_rectified_flow_text_model_exports_its_pipeline_file_that_samples_prompts(text_cfg, tmp_path):
+    train.run(text_cfg("max_steps=1", "val_every_n_steps=1", "sample.num_images=1", "model/objective=rectified_flow",
+                       "sample.num_inference_steps=2"))
+    export = tmp_path / "run" / "export"
+    index = json.loads((export / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline", "LatentDiffusionPipeline"] and index["objective"] == "rectified_flow"
+    assert index["tokenizer"][1] == "CLIPTokenizer" and (export / "pipeline.py").is_file()
+    code = f"""
+import sys, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained({str(export)!r}, trust_remote_code=True)
+images = pipe(prompt=["a green square"], num_inference_steps=2, guidance_scale=2.0, negative_prompt="a red square",
+              generator=torch.Generator().manual_seed(0), output_type="np").images
+assert images.shape == (1, 64, 64, 3) and not any(m.startswith("ldm_lab") for m in sys.modules), images.shape
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]

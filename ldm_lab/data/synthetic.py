@@ -3,7 +3,8 @@
 Gradient backgrounds with ellipses, rectangles, polygons and lines in random colours, at a spread of
 sizes and aspect ratios, saved as PNG, JPEG and WebP so the same decoding path as real data runs. With
 ``num_classes`` the set has classes, one subfolder each: class k draws only shapes of kind k mod 4 on a
-gradient whose hues lie in the k-th of ``num_classes`` bands around the colour wheel.
+gradient whose hues lie in the k-th of ``num_classes`` bands around the colour wheel. With ``captions`` it is
+the captioned variant (ldm_lab/data/synthetic_captions.py), a caption file beside each picture.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from PIL import Image, ImageDraw
 from ldm_lab.core.atomic import publish_folder, side_folder
 from ldm_lab.core.errors import ConfigError
 from ldm_lab.data.sources import FolderSource
+from ldm_lab.data.synthetic_captions import draw_captioned
 
 FORMATS = ("png", "jpg", "webp")
 SHAPES = ("ellipses", "rectangles", "polygons", "lines")
@@ -88,18 +90,28 @@ class SyntheticSource(FolderSource):
     """``num_images`` synthetic images written once under ``root/<seed>-<num_images>-...`` and then read
     like any folder. A finished set carries a manifest; an unfinished one is rewritten. ``num_classes``:
     image i is of class i mod ``num_classes`` (as many of each), in that class's subfolder (:func:`class_names`),
-    and the images are labelled by subfolder."""
+    and the images are labelled by subfolder. ``captions``: squares of ``resolution`` pixels (the training size,
+    so no crop cuts a shape away) with their captions beside them, and what each shows in ``drawn.jsonl``
+    (:func:`~ldm_lab.data.synthetic_captions.draw_captioned`)."""
 
     def __init__(self, root: str | Path, num_images: int = 512, seed: int = 0, min_side: int = 64,
-                 max_side: int = 192, num_classes: int | None = None):
+                 max_side: int = 192, num_classes: int | None = None, captions: bool = False,
+                 resolution: int | None = None):
         if num_classes is not None and num_classes < 2:
             raise ConfigError(f"data.source.num_classes={num_classes}: at least 2 classes, or null for none")
+        if captions and (num_classes or not resolution):
+            raise ConfigError("data.source.captions=true draws captioned squares of data.resolution, without "
+                              "classes: set data.source.num_classes=null")
         self.spec = {"num_images": num_images, "seed": seed, "min_side": min_side, "max_side": max_side}
         folder = f"seed{seed}-n{num_images}-side{min_side}-{max_side}"
         if num_classes:  # the unlabelled set keeps its folder and manifest
             self.spec["num_classes"] = num_classes
             folder += f"-k{num_classes}"
-        super().__init__(Path(root).expanduser() / folder, labels="subfolder" if num_classes else None)
+        if captions:
+            self.spec.update(captions=True, resolution=resolution)
+            folder = f"seed{seed}-n{num_images}-captions-r{resolution}"
+        super().__init__(Path(root).expanduser() / folder, labels="subfolder" if num_classes else None,
+                         caption_extension=".txt" if captions else None)
 
     def _complete(self, folder: Path) -> bool:
         manifest = folder / "manifest.json"
@@ -116,7 +128,9 @@ class SyntheticSource(FolderSource):
         folders = [built / name for name in class_names(num_classes)] if num_classes else [built]
         for folder in folders:
             folder.mkdir(exist_ok=True)
-        for index in range(self.spec["num_images"]):
+        if self.spec.get("captions"):
+            self._draw_captioned(built)
+        for index in range(0 if self.spec.get("captions") else self.spec["num_images"]):
             rng = np.random.default_rng([self.spec["seed"], index])
             width, height = image_size(rng, self.spec["min_side"], self.spec["max_side"])
             fmt = FORMATS[index % len(FORMATS)]
@@ -125,3 +139,13 @@ class SyntheticSource(FolderSource):
             image.save(folders[label or 0] / f"{index:06d}.{fmt}", quality=95)
         (built / "manifest.json").write_text(json.dumps(self.spec))  # marks the set complete
         publish_folder(built, self.root, self._complete)
+
+    def _draw_captioned(self, built: Path) -> None:
+        with open(built / "drawn.jsonl", "w") as drawn_file:
+            for index in range(self.spec["num_images"]):
+                rng = np.random.default_rng([self.spec["seed"], index])
+                image, captions, drawn = draw_captioned(rng, self.spec["resolution"])
+                name = f"{index:06d}.{FORMATS[index % len(FORMATS)]}"
+                image.save(built / name, quality=95)
+                (built / f"{index:06d}.txt").write_text("\n".join(captions) + "\n")
+                drawn_file.write(json.dumps({"file_name": name, **drawn}) + "\n")
