@@ -178,7 +178,7 @@ def test_ema_follows_its_formula_and_is_what_validation_and_sampling_use(compose
     class Data:
         leftover_resolution = (32, 32)
 
-    name, previews, _ = preview(stage.trained_model(), Data(), 2, SamplingOptions.from_config(cfg.sample), stage.seed)
+    name, previews, _, _ = preview(stage.trained_model(), Data(), 2, SamplingOptions.from_config(cfg.sample), stage.seed)
     assert name == "samples"
     stage.latent_scale.fill_(1.0)
     options = SamplingOptions(num_inference_steps=2)

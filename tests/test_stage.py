@@ -238,11 +238,11 @@ def test_preview_is_the_validation_images_over_their_ema_reconstructions(compose
     stage, cfg = _stage(compose_cfg, f"model={model}", "model.max_steps=2")
     datamodule = build_datamodule(cfg, stage.downsample_factor)
     fit(stage, datamodule)
-    name, images, per_row = preview(stage.trained_model(), datamodule, 2, None, stage.seed)
+    name, images, per_row, captions = preview(stage.trained_model(), datamodule, 2, None, stage.seed)
     inputs = datamodule.preview_images(2)
     with torch.no_grad():
         expected = stage.eval().reconstruct(inputs)  # validation's: the VQ stage's own quantization
-    assert (name, per_row) == ("recon", 2)
+    assert (name, per_row, captions) == ("recon", 2, None)
     torch.testing.assert_close(images, torch.cat([inputs, expected]))
     stage.ema = None  # the live weights reconstruct otherwise
     with torch.no_grad():

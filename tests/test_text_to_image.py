@@ -17,6 +17,7 @@ from ldm_lab.diffusion.sampling import SamplingOptions, generate, requested_prom
 from ldm_lab.io.model_sources import load_latent_diffusion
 from ldm_lab.nn import denoisers
 from ldm_lab.nn.text_encoders import (
+    count_truncated,
     pretrained,
     same_tokenizer,
     save_tokenizer,
@@ -68,6 +69,8 @@ def test_trained_text_model_exports_as_stable_diffusion_and_samples_prompts_with
     assert index["_class_name"] == "StableDiffusionPipeline" and index["text_encoder"] == ["transformers",
                                                                                            "CLIPTextModel"]
     assert len(list((run / "samples").rglob("*.png"))) >= 2
+    with Image.open(run / "images" / "samples_step0000002.png") as preview:  # 4 validation captions, 2 samples each
+        assert preview.size == (2 * 34 + 2, 4 * 34 + 2 + 4 * 12)  # with a caption strip under each row
     code = f"""
 import sys, torch
 from diffusers import StableDiffusionPipeline
@@ -195,3 +198,15 @@ assert images.shape == (1, 64, 64, 3) and not any(m.startswith("ldm_lab") for m 
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_captions_longer_than_the_context_are_counted(text_cfg, tmp_path, caplog):
+    long = " ".join(["a very red square"] * 20)  # about 80 tokens, the tiny encoder reads 32
+    (tmp_path / "images" / "red0.txt").write_text(long + "\n")
+    cfg = text_cfg()
+    datamodule = build_datamodule(cfg)
+    stage = build_stage(model_config.with_data(cfg.model, datamodule, tmp_path / "tokenizer"), cfg.disc)
+    assert count_truncated(stage.tokenizer, ["a red square", long]) == 1
+    with caplog.at_level("WARNING"):
+        stage.attach_data(datamodule, tmp_path / "latents")
+    assert "1 of 16 captions are longer than the text encoder's 32 tokens" in caplog.text

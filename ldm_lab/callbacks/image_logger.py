@@ -13,7 +13,7 @@ from torchvision.utils import make_grid, save_image
 from ldm_lab.callbacks.loggers import log_image
 from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline
 from ldm_lab.diffusion.sampling import SamplingOptions
-from ldm_lab.io.samples import preview_samples
+from ldm_lab.io.samples import captioned_grid, preview_samples
 from ldm_lab.nn.frozen_autoencoder import reconstruct
 
 PREVIEW_PROMPTS = 4  # a text-conditional model's preview: a row for each of this many validation captions
@@ -48,11 +48,13 @@ class ImageLogger(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         with trainer.precision_plugin.forward_context():
-            name, images, nrow = preview(pl_module.trained_model(), trainer.datamodule, self.num_images,
-                                         self.sampling, pl_module.seed)
+            name, images, nrow, captions = preview(pl_module.trained_model(), trainer.datamodule, self.num_images,
+                                                   self.sampling, pl_module.seed)
         pl_module.train(was_training)
         # TensorBoard takes no bf16 images: float, clamp, then [0, 1].
-        grid = make_grid(images.float().cpu().clamp(-1, 1).add(1).div(2), nrow=nrow, padding=2, pad_value=1.0)
+        images = images.float().cpu().clamp(-1, 1).add(1).div(2)
+        grid = (captioned_grid(images, nrow, captions) if captions else
+                make_grid(images, nrow=nrow, padding=2, pad_value=1.0))
         self.dirpath.mkdir(parents=True, exist_ok=True)
         save_image(grid, self.dirpath / f"{name}_step{step:07d}.png")
         for logger in trainer.loggers:
@@ -61,14 +63,14 @@ class ImageLogger(L.Callback):
 
 @torch.no_grad()
 def preview(model: torch.nn.Module | LatentDiffusionPipeline, datamodule, num_images: int, sampling: SamplingOptions,
-            seed: int) -> tuple[str, torch.Tensor, int]:
-    """(name, images in [-1, 1], images per row). A pipeline: ``num_images`` samples at the data's leftover
-    resolution from noise of ``seed`` (:func:`~ldm_lab.io.samples.preview_samples`; a text-conditional model's
-    prompts: the first validation images' captions); an autoencoder: the datamodule's ``num_images`` preview images
-    over their deterministic reconstructions."""
+            seed: int) -> tuple[str, torch.Tensor, int, list[str] | None]:
+    """(name, images in [-1, 1], images per row, each row's caption or None). A pipeline: ``num_images`` samples at
+    the data's leftover resolution from noise of ``seed`` (:func:`~ldm_lab.io.samples.preview_samples`; a
+    text-conditional model's a row for each of the first validation images' captions, written under it); an
+    autoencoder: the datamodule's ``num_images`` preview images over their deterministic reconstructions."""
     if isinstance(model, LatentDiffusionPipeline):
         prompts = datamodule.preview_captions(PREVIEW_PROMPTS) if model.text_encoder is not None else None
         images, per_row = preview_samples(model, sampling, num_images, datamodule.leftover_resolution, seed, prompts)
-        return "samples", images, per_row
+        return "samples", images, per_row, prompts
     inputs = datamodule.preview_images(num_images).to(model.device)
-    return "recon", torch.cat([inputs, reconstruct(model, inputs)]), len(inputs)
+    return "recon", torch.cat([inputs, reconstruct(model, inputs)]), len(inputs), None

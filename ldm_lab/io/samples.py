@@ -79,7 +79,7 @@ def captioned_grid(images: torch.Tensor, per_row: int, captions: list[str]) -> t
         top = r * row_height
         canvas.paste(pixels.crop((0, top, grid.shape[2], top + row_height + 2)), (0, top + r * strip))
         draw.text((2, top + r * strip + row_height + 1), caption, fill="black", font=ImageFont.load_default())
-    return torch.from_numpy(np.asarray(canvas)).permute(2, 0, 1).float() / 255
+    return torch.from_numpy(np.array(canvas)).permute(2, 0, 1).float() / 255
 
 
 def save_prompt_samples(images: torch.Tensor, prompts: list[str], per_prompt: int, out_dir: Path) -> Path:

@@ -89,6 +89,15 @@ def tokenizer_files(tokenizer) -> dict[str, str]:
         return {path.name: path.read_text(encoding="utf-8") for path in sorted(Path(folder).iterdir())}
 
 
+def count_truncated(tokenizer, texts: list[str], batch_size: int = 4096) -> int:
+    """How many of ``texts`` have more tokens (with the start and end tokens) than ``model_max_length``."""
+    longer = 0
+    for start in range(0, len(texts), batch_size):
+        ids = tokenizer(texts[start : start + batch_size], truncation=False)["input_ids"]
+        longer += sum(len(tokens) > tokenizer.model_max_length for tokens in ids)
+    return longer
+
+
 def same_tokenizer(a, b) -> bool:
     """Whether two tokenizers cut text alike: the same model (vocabulary, merges or pieces) and context length,
     whatever their saved call settings."""

@@ -41,7 +41,13 @@ from ldm_lab.io.model_sources import load_denoiser, load_first_stage
 from ldm_lab.nn import denoisers
 from ldm_lab.nn.ema import ema_with_warmup
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
-from ldm_lab.nn.text_encoders import TextEncoder, same_tokenizer, tokenizer_files, tokenizer_of_files
+from ldm_lab.nn.text_encoders import (
+    TextEncoder,
+    count_truncated,
+    same_tokenizer,
+    tokenizer_files,
+    tokenizer_of_files,
+)
 from ldm_lab.stages.base import TrainingStage
 from ldm_lab.stages.encoding import encode_latent_cache, ranks_of
 from ldm_lab.stages.speed import optimizer_options
@@ -180,7 +186,15 @@ class LatentDiffusionStage(TrainingStage):
 
     def attach_data(self, datamodule, latent_cache_root: str | Path) -> None:
         """With the latent cache, where it lives: the trainer's processes fill it together in :meth:`setup`.
-        Aspect-ratio buckets are refused here, before any encoding, for a denoiser of square latents only."""
+        Aspect-ratio buckets are refused here, before any encoding, for a denoiser of square latents only; captions
+        longer than the text encoder's context are counted (it reads their start)."""
+        if self.tokenizer is not None and datamodule.captioned:
+            captions = [caption for options in datamodule.index.captions for caption in options]
+            truncated = count_truncated(self.tokenizer, captions)
+            if truncated:
+                log.warning("%d of %d captions are longer than the text encoder's %d tokens: it reads their start "
+                            "(shorten them, or put what matters first)", truncated, len(captions),
+                            self.tokenizer.model_max_length)
         if datamodule.buckets is not None and denoisers.backbone(self.denoiser).square_only:
             raise ConfigError(f"{type(self.denoiser).__name__} denoises square latents only (diffusers' unpatchify is "
                               f"square), and data.buckets makes batches of other shapes: train it with data.buckets=null "

@@ -1,7 +1,8 @@
 """task=evaluate: an autoencoder (PSNR, SSIM, LPIPS, rFID on a data split) or a latent diffusion model
 (FID of N samples against the training images; a class-conditional model's samples spread evenly over its
-classes, at guidance 1 and at ``sample.guidance_scale``, with their class accuracy), from a checkpoint or an
-exported folder.
+classes, a text-conditional model's drawn from the training captions, at guidance 1 and at
+``sample.guidance_scale``, with their class accuracy or, on the captioned synthetic data, their prompt
+adherence), from a checkpoint or an exported folder.
 
     python run.py task=evaluate evaluate.model=outputs/.../export data=imagenet100 data.resolution=256
     python run.py task=evaluate evaluate.model=outputs/.../checkpoints/best.ckpt data=celebahq evaluate.num_samples=50000
@@ -19,6 +20,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
@@ -30,6 +32,7 @@ from ldm_lab.diffusion.sampling import SamplingOptions, generate
 from ldm_lab.evaluation.classes import correct, load_classifier, spread_labels
 from ldm_lab.evaluation.metrics import ReconstructionMetrics, SampleQuality, make_fid
 from ldm_lab.evaluation.offline import FloorSamples, InceptionSamples, evaluate_reconstructions
+from ldm_lab.evaluation.prompt_adherence import adheres, load_reader
 from ldm_lab.evaluation.synthetic_features import class_logits, load_feature_net
 from ldm_lab.io.model_sources import (
     AUTOENCODER,
@@ -97,12 +100,18 @@ def _features(cfg: DictConfig, datamodule) -> tuple[str, Path | None]:
 def _sample_metric(cfg: DictConfig, datamodule, device: torch.device, num_classes: int | None
                    ) -> tuple[str, InceptionSamples | FloorSamples, list[str]]:
     """The embedding samples are measured in (:func:`_features`), with the real images' side filled in, and what
-    the report should say of it."""
+    the report should say of it; on the captioned synthetic data the prompt reader's
+    (:mod:`~ldm_lab.evaluation.prompt_adherence`)."""
     features, weights = _features(cfg, datamodule)
     if features == "inception":
         reference = _reference_path(cfg, datamodule, "train", int((~datamodule.is_val).sum()))
         return features, InceptionSamples(make_fid(2048, str(weights)).to(device), datamodule.reference_dataloader(),
                                           reference), []
+    if datamodule.captioned:
+        reader, described = load_reader(cfg.evaluate.reference_dir, datamodule.resolution)
+        metric = FloorSamples(SampleQuality(reader), datamodule.reference_dataloader(), cfg.evaluate.num_samples)
+        return features, metric, [f"features and prompt adherence: {described}, not Inception: these figures "
+                                  f"compare only with each other. floor_*: held-out real images in the samples' place"]
     feature_net, described = load_feature_net(cfg.evaluate.reference_dir, datamodule.resolution,
                                                num_classes=num_classes or 0)
     classify = (lambda images: class_logits(feature_net, images)) if num_classes else None
@@ -131,7 +140,16 @@ def evaluate_diffusion(cfg: DictConfig, source: Source, device: torch.device) ->
     height, width = options.size((datamodule.resolution, datamodule.resolution))
     results: dict = {"features": features, "resolution": f"{width}x{height}", "sampler": options.sampler,
                      "steps": options.num_inference_steps}
-    labels, scales, classify = None, [1.0], None
+    labels, prompts, scales, classify, reader = None, None, [1.0], None, None
+    if pipeline.text_encoder is not None:
+        prompts = _prompts(datamodule, num_samples, options.seed)
+        others = prompts[1:] + prompts[:1]  # the prompts are in a seeded random order: a random pairing
+        scales = sorted({float(s) for s in cfg.evaluate.guidance_scales or (1.0, options.guidance_scale)})
+        notes.insert(0, f"{num_samples} samples of the training images' captions, at guidance "
+                        f"{' and '.join(f'{s:g}' for s in scales)}")
+        if features == "synthetic":
+            reader = metric.quality.feature_net
+            results["prompt_adherence_real"] = _real_adherence(reader, datamodule)
     if class_names is not None:
         num_classes = len(class_names)
         labels = spread_labels(num_samples, num_classes)
@@ -141,17 +159,23 @@ def evaluate_diffusion(cfg: DictConfig, source: Source, device: torch.device) ->
         classify = load_classifier(cfg.evaluate.classifier) if cfg.evaluate.classifier else metric.classify
         results["classes"] = num_classes
     for scale in scales:
-        name, at = ("samples", "") if labels is None else (f"samples@{scale:g}", f" @ guidance {scale:g}")
+        conditional = labels is not None or prompts is not None
+        name, at = (f"samples@{scale:g}", f" @ guidance {scale:g}") if conditional else ("samples", "")
         generator = torch.Generator().manual_seed(options.seed)  # the same noise at every scale
-        told = []
+        told, adhered, shuffled = [], [], []
         for start in tqdm(range(0, num_samples, options.batch_size), desc="samples", unit="batch"):
             count = min(options.batch_size, num_samples - start)
             batch = None if labels is None else labels[start : start + count]
+            texts = None if prompts is None else prompts[start : start + count]
             images = generate(pipeline, options, count, height, width, generator, batch_size=count,
-                              class_labels=None if batch is None else batch.tolist(), guidance_scale=scale).clamp(-1, 1)
+                              class_labels=None if batch is None else batch.tolist(), guidance_scale=scale,
+                              prompts=texts).clamp(-1, 1)
             metric.add(images, name, batch)
             if classify is not None:
                 told.append(correct(classify, images, batch, len(class_names)))
+            if reader is not None:  # against its own prompt, and against the next sample's (the chance level)
+                adhered.append(adheres(reader, images, texts))
+                shuffled.append(adheres(reader, images, others[start : start + count]))
         figures = metric.compute(name)
         results.update({f"{key}{at}": value for key, value in figures.items() if "images" not in key})
         results.update({key: value for key, value in figures.items() if "images" in key})
@@ -160,6 +184,9 @@ def evaluate_diffusion(cfg: DictConfig, source: Source, device: torch.device) ->
             results[f"floor_fid of {class_names[label]}{at}"] = per_class["floor_fid"]
         if told:
             results[f"class_accuracy{at}"] = float(torch.cat(told).float().mean())
+        if adhered:
+            results[f"prompt_adherence{at}"] = float(torch.cat(adhered).float().mean())
+            results[f"prompt_adherence_shuffled{at}"] = float(torch.cat(shuffled).float().mean())
         log.info("%s%s", f"guidance {scale:g}: " if at else "", _describe_scale(results, at))
     if class_names is not None and isinstance(metric, FloorSamples):
         per_class = sum(k.startswith("fid of ") for k in results) // len(scales)
@@ -175,6 +202,10 @@ def _describe_scale(results: dict, at: str) -> str:
     """One set's figures as a sentence: class accuracy, FID (against its floor), precision and recall (and the
     floor's)."""
     parts = []
+    if f"prompt_adherence{at}" in results:
+        parts.append(f"prompt adherence {results[f'prompt_adherence{at}']:.1%} (shuffled prompts "
+                     f"{results[f'prompt_adherence_shuffled{at}']:.1%}, real images "
+                     f"{results['prompt_adherence_real']:.1%})")
     if f"class_accuracy{at}" in results:
         parts.append(f"class accuracy {results[f'class_accuracy{at}']:.1%}")
     fid, floor = results[f"fid{at}"], results.get(f"floor_fid{at}")
@@ -185,6 +216,23 @@ def _describe_scale(results: dict, at: str) -> str:
                   if not at else "")
         parts.append(f"precision {results[f'precision{at}']:.2f}, recall {results[f'recall{at}']:.2f}{floors}")
     return "; ".join(parts)
+
+
+def _prompts(datamodule, count: int, seed: int) -> list[str]:
+    """``count`` prompts: the training images' first captions in a seeded order, over again if there are fewer."""
+    if not datamodule.captioned:
+        raise ConfigError(f"evaluate.model draws from prompts, and {datamodule.source.name} has no captions: "
+                          f"evaluate it on the captioned data it was trained on")
+    training = np.flatnonzero(~datamodule.is_val)
+    order = training[np.random.default_rng(seed).permutation(len(training))]
+    return [datamodule.index.captions[order[i % len(order)]][0] for i in range(count)]
+
+
+def _real_adherence(reader, datamodule) -> float:
+    """The share of real training images whose facts the reader reads as their own caption states: the ceiling."""
+    agree = [adheres(reader, batch["pixel_values"], list(batch["captions"]))
+             for batch in datamodule.reference_dataloader()]
+    return float(torch.cat(agree).float().mean())
 
 
 EVALUATIONS = {AUTOENCODER: evaluate_autoencoder, LATENT_DIFFUSION: evaluate_diffusion}
