@@ -12,9 +12,8 @@ from omegaconf import DictConfig
 
 from ldm_lab.core.errors import ConfigError
 from ldm_lab.io.model_sources import load_first_stage
-from ldm_lab.nn.denoisers import side_multiple
 from ldm_lab.stages.encoding import encode_latent_cache
-from ldm_lab.tasks.model_config import is_latent_diffusion
+from ldm_lab.tasks.model_config import downsample_factor, is_latent_diffusion
 from ldm_lab.tasks.trainer import build_datamodule
 
 
@@ -24,6 +23,6 @@ def run(cfg: DictConfig) -> Path:
                           "model=unet (or unet_tiny, dit, dit_tiny) model.first_stage=<first-stage checkpoint or "
                           "export folder>")
     first_stage = load_first_stage(cfg.model.first_stage)
-    datamodule = build_datamodule(cfg, first_stage.downsample_factor * side_multiple(cfg.model.denoiser))
+    datamodule = build_datamodule(cfg, downsample_factor(cfg.model, first_stage))
     encode_latent_cache(first_stage, datamodule, cfg.paths.latent_cache)
     return datamodule.latent_cache.dir

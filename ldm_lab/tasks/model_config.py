@@ -1,7 +1,7 @@
 """What the tasks work out from a model's config before anything is built: the image side multiple it needs (the
 data, task=buckets), what it takes from its data (a class-conditional model's classes, a scratch text encoder's
-tokenizer, task=train), and the config the memory plan builds (task=plan). A latent diffusion model's config names a ``denoiser``, an autoencoder's a
-``vae``."""
+tokenizer, task=train), and the config the memory plan builds (task=plan). A latent diffusion model's config
+names a ``denoiser``, an autoencoder's a ``vae``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from ldm_lab.io.checkpoints import read_checkpoint
 from ldm_lab.io.model_sources import load_first_stage
 from ldm_lab.nn.denoisers import side_multiple
 from ldm_lab.nn.downsampling import downsampling
+from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
 from ldm_lab.nn.text_encoders import save_tokenizer, scratch, tokenizer_of_files, train_tokenizer
 
 log = logging.getLogger(__name__)
@@ -27,14 +28,15 @@ def is_latent_diffusion(model: DictConfig) -> bool:
     return "denoiser" in model
 
 
-def downsample_factor(model: DictConfig) -> int:
+def downsample_factor(model: DictConfig, first_stage: FrozenAutoencoder | None = None) -> int:
     """Pixels per side of the smallest feature map: an autoencoder's downsampling; a latent diffusion model's
-    denoiser side multiple times its first stage's downsampling (without ``model.first_stage``, 1: image sides then
-    fit any first stage up to the denoiser's step)."""
+    denoiser side multiple times its first stage's downsampling (``first_stage`` when loaded already; without
+    ``model.first_stage``, 1: image sides then fit any first stage up to the denoiser's step)."""
     if not is_latent_diffusion(model):
         return downsampling(model.vae)
-    first_stage = load_first_stage(model.first_stage).downsample_factor if model.first_stage else 1
-    return first_stage * side_multiple(model.denoiser)
+    if first_stage is None and model.first_stage:
+        first_stage = load_first_stage(model.first_stage)
+    return (first_stage.downsample_factor if first_stage else 1) * side_multiple(model.denoiser)
 
 
 def with_data(model: DictConfig, datamodule, tokenizer_dir: Path | None = None, ckpt_path: str | None = None
