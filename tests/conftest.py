@@ -9,8 +9,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
+from PIL import Image
 
 from ldm_lab.config.schema import register_configs
+from tests.helpers import save_tiny_first_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -75,3 +77,33 @@ def compose_cfg(tmp_path):
 def _seed():
     L.seed_everything(0, verbose=False)
     torch.set_num_threads(2)
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
+TEXT_TINY = ["model=unet_text_tiny", *[o for o in LDM_TINY if not o.startswith(("model=", "data.source."))],
+             "data=folder", "data.source.caption_extension=.txt", "data.source.index_workers=0", "data.num_val=4"]
+
+
+def captioned_folder(root, per_colour: int = 4):
+    """Squares of four colours on grey, each with a caption file naming its colour."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, rgb in COLOURS.items():
+        for i in range(per_colour):
+            image = Image.new("RGB", (32, 32), (128, 128, 128))
+            image.paste(rgb, (4 + i, 4 + i, 24 + i, 24 + i))
+            image.save(root / f"{name}{i}.png")
+            (root / f"{name}{i}.txt").write_text(f"a {name} square\n")
+    return root
+
+
+@pytest.fixture
+def text_cfg(compose_cfg, tmp_path):
+    """compose(overrides) -> a text-conditional run config: the tiny text UNet and scratch encoder on
+    :func:`captioned_folder`, a tiny KL first stage."""
+    first_stage = save_tiny_first_stage("kl", tmp_path / "kl")
+    data = captioned_folder(tmp_path / "images")
+
+    def make(*overrides):
+        return compose_cfg([*TEXT_TINY, f"data.source.root={data}", f"model.first_stage={first_stage}",
+                            *overrides], tiny=False)
+    return make

@@ -11,6 +11,9 @@ import lightning as L
 import torch
 
 from ldm_lab.stages.autoencoder import AutoencoderStage
+from ldm_lab.stages.build import build_stage
+from ldm_lab.tasks import model_config
+from ldm_lab.tasks.trainer import build_datamodule
 
 
 def fit(stage: AutoencoderStage, data: list[dict[str, torch.Tensor]] | L.LightningDataModule, callbacks=(),
@@ -120,3 +123,40 @@ def save_tiny_first_stage(kind: str, path, seed: int = 0):
            else VQModel(latent_channels=3, vq_embed_dim=3, num_vq_embeddings=64, **common))
     vae.save_pretrained(path)
     return path
+
+
+def save_tiny_text_encoder(kind: str, path, captions: list[str], seed: int = 0):
+    """A randomly initialised text encoder and a tokenizer learned from ``captions``, saved as a pretrained folder
+    (model and tokenizer files together) that ``model/text_encoder=clip_l`` or ``t5_base`` loads from
+    ``pretrained_model_name_or_path``: ``kind`` clip (CLIP's BPE, 16 tokens) or t5 (a Unigram tokenizer ending each
+    text with ``</s>``)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel, T5TokenizerFast
+
+    from ldm_lab.nn.text_encoders import save_tokenizer, train_tokenizer
+
+    torch.manual_seed(seed)
+    if kind == "clip":
+        tokenizer = train_tokenizer(captions, vocab_size=300, max_length=16)
+        model = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, intermediate_size=64, max_position_embeddings=16,
+                                             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                             pad_token_id=tokenizer.pad_token_id))
+    else:
+        backend = Tokenizer(models.Unigram())
+        backend.pre_tokenizer, backend.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+        backend.train_from_iterator(captions, trainers.UnigramTrainer(
+            vocab_size=100, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+        backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+        tokenizer = T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>", unk_token="<unk>",
+                                    extra_ids=0, model_max_length=24)
+        model = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_kv=16, d_ff=64, num_layers=1,
+                                        num_heads=2, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    model.save_pretrained(path)
+    save_tokenizer(tokenizer, path)
+    return path
+
+
+def text_stage(cfg, tmp_path):
+    """The stage a text config builds, its tokenizer (a scratch encoder's) learned into ``tmp_path / "tokenizer"``."""
+    return build_stage(model_config.with_data(cfg.model, build_datamodule(cfg), tmp_path / "tokenizer"), cfg.disc)

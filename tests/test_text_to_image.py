@@ -29,35 +29,8 @@ from ldm_lab.stages import latent_diffusion as stage_module
 from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks import model_config, sample, train
 from ldm_lab.tasks.trainer import build_datamodule
-from tests.conftest import LDM_TINY
-from tests.helpers import save_tiny_first_stage
-
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 220), "yellow": (230, 220, 40)}
-TEXT_TINY = ["model=unet_text_tiny", *[o for o in LDM_TINY if not o.startswith(("model=", "data.source."))],
-             "data=folder", "data.source.caption_extension=.txt", "data.source.index_workers=0", "data.num_val=4"]
-
-
-def captioned_folder(root, per_colour: int = 4):
-    """Squares of four colours on grey, each with a caption file naming its colour."""
-    root.mkdir(parents=True, exist_ok=True)
-    for name, rgb in COLOURS.items():
-        for i in range(per_colour):
-            image = Image.new("RGB", (32, 32), (128, 128, 128))
-            image.paste(rgb, (4 + i, 4 + i, 24 + i, 24 + i))
-            image.save(root / f"{name}{i}.png")
-            (root / f"{name}{i}.txt").write_text(f"a {name} square\n")
-    return root
-
-
-@pytest.fixture
-def text_cfg(compose_cfg, tmp_path):
-    first_stage = save_tiny_first_stage("kl", tmp_path / "kl")
-    data = captioned_folder(tmp_path / "images")
-
-    def make(*overrides):
-        return compose_cfg([*TEXT_TINY, f"data.source.root={data}", f"model.first_stage={first_stage}",
-                            *overrides], tiny=False)
-    return make
+from tests.conftest import COLOURS
+from tests.helpers import text_stage
 
 
 def test_trained_text_model_exports_as_stable_diffusion_and_samples_prompts_without_the_lab(text_cfg, tmp_path):
@@ -96,12 +69,8 @@ torch.save(torch.from_numpy(images), {str(tmp_path / 'sd.pt')!r})
         assert image.size == (2 * 66 + 2, 66 + 2 + 12)  # one row of two 64 px samples, and its caption strip
 
 
-def _stage(cfg, tmp_path):
-    return build_stage(model_config.with_data(cfg.model, build_datamodule(cfg), tmp_path / "tokenizer"), cfg.disc)
-
-
 def test_prompts_change_the_samples_and_the_text_encoder_trains_under_its_ema(text_cfg, tmp_path):
-    stage = _stage(text_cfg(), tmp_path)
+    stage = text_stage(text_cfg(), tmp_path)
     assert stage.text_encoder_trainable and stage.text_ema is not None
     trained = {id(p) for group in stage.configure_optimizers()[0][0].param_groups for p in group["params"]}
     assert all(id(p) in trained for p in stage.text_encoder.parameters())
@@ -115,10 +84,11 @@ def test_prompts_change_the_samples_and_the_text_encoder_trains_under_its_ema(te
 
 
 def test_caption_dropout_is_drawn_per_step(text_cfg, tmp_path, monkeypatch):
-    stage = _stage(text_cfg("model.caption_dropout=0.5"), tmp_path)
+    stage = text_stage(text_cfg("model.caption_dropout=0.5"), tmp_path)
     encoded = []
     monkeypatch.setattr(stage_module, "encode_prompt",
-                        lambda tokenizer, encoder, prompts: encoded.append(list(prompts)) or torch.zeros(len(prompts), 4, 8))
+                        lambda tokenizer, encoder, prompts: encoded.append(list(prompts))
+                        or {"encoder_hidden_states": torch.zeros(len(prompts), 4, 8)})
     batch = {"captions": ["a red square"] * 16}
     for seed in (1, 2):
         stage.condition(batch, torch.Generator().manual_seed(seed), stage.text_encoder)

@@ -1,7 +1,7 @@
 """Images -> batches of ``{"pixel_values": (N, 3, H, W) in [-1, 1], "index": (N,)}``, one resolution
 per batch; ``index`` is each image's position in the datamodule's index. Labelled data adds ``"class_labels":
 (N,)``, each image's class id, and captioned data ``"captions"``, a list of N strings (the latent cache's batches
-too).
+too, with the text cache also their ``"encoder_hidden_states"`` and, for a T5 encoder, ``"encoder_attention_mask"``).
 
 Square training (``buckets: null``) is one bucket of ``resolution`` x ``resolution``; with ``buckets``
 every image trains at the aspect-ratio bucket nearest its own shape (seed 002).
@@ -169,6 +169,7 @@ class ImageDataModule(L.LightningDataModule):
         self._resume: dict[str, int] = {}
         self.latent_cache: LatentCache | None = None  # set by use_latent_cache: batches then carry cached latents
         self.latent_keys: list[dict[str, str]] | None = None
+        self.text_cache: LatentCache | None = None  # set by use_text_cache: cached batches then carry caption embeddings
         self.latent_labels: np.ndarray | None = None
         self.latent_scale: float | None = None
 
@@ -196,6 +197,11 @@ class ImageDataModule(L.LightningDataModule):
         self.latent_cache = cache
         self.latent_keys, self.latent_scale = manifest["keys"], manifest["scaling_factor"]
         self.latent_labels = np.asarray(manifest["labels"], dtype=np.int64) if "labels" in manifest else None
+
+    def use_text_cache(self, cache: LatentCache) -> None:
+        """Cached batches also carry their captions' embeddings from ``cache``, which ldm_lab/stages/encoding.py
+        filled (ldm_lab/data/latent_cache.py ``text_condition``)."""
+        self.text_cache = cache
 
     def data_key(self) -> str:
         """Names this data configuration's manifest: its images and the resolution each is encoded at, as
@@ -359,7 +365,7 @@ class ImageDataModule(L.LightningDataModule):
         caption = self._caption(train)
         if self.latent_keys is not None:
             labels = self.latent_labels if self.latent_labels is not None else self.index.labels
-            return CachedLatents(self.latent_cache, self.latent_keys, labels, caption)
+            return CachedLatents(self.latent_cache, self.latent_keys, labels, caption, self.text_cache)
         return BucketedImages(self.source, self.index, train and self.random_crop, train and self.random_flip,
                               self.val_source, self.boundary, self.seed, caption)
 

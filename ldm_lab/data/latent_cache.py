@@ -1,8 +1,10 @@
-"""The latent cache: a data set encoded once by a frozen first stage, so the diffusion model trains on
-latents instead of running the encoder every step. This module stores and reads it; the encoding runs
-in ldm_lab/stages/encoding.py, so the data layer never holds a model.
+"""The caches of frozen networks' outputs, so the diffusion model trains without running them every step: the latent
+cache (a data set encoded once by the first stage) and the text cache (each caption's embedding by a frozen text
+encoder). This module stores and reads them; the encoding runs in ldm_lab/stages/encoding.py, so the data layer
+never holds a model. Both are :class:`LatentCache` folders named by the network's fingerprint
+(ldm_lab/core/fingerprint.py), their entries keyed by the input.
 
-Layout: ``<root>/<first-stage fingerprint>/shard-<sha256>.safetensors`` holds one tensor per image (the
+Latents: ``<root>/<first-stage fingerprint>/shard-<sha256>.safetensors`` holds one tensor per image (the
 first stage's moments at the image's bucket resolution, center crop, no flip), named by the SHA-1 of the
 image's pixels at that resolution: a changed image or first stage gets a new key and is encoded again,
 an unchanged one is skipped. A shard is named by the SHA-256 of its bytes, checked when the cache is
@@ -11,6 +13,10 @@ With aspect-ratio buckets an image is also stored at the leftover resolution, wh
 gives the remainders of each epoch. ``manifest-<data key>.json`` lists, for one data configuration, each
 image's key in index order and the latent scale, 1 / std of the training images' latents (LDM, sec.
 4.3.2 and D.1; for KL moments the std of a posterior sample, computed exactly from means and variances).
+
+Text embeddings: ``<root>/<text-encoder fingerprint>/shard-<sha256>.safetensors`` holds per caption (the empty
+prompt among them) its embedding, named by the SHA-1 of its text, and, for an encoder that masks its padding, its
+attention mask as ``<key>.mask``: a changed caption is encoded again on the next run.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from torch.utils.data import Dataset
 
 from ldm_lab.core.atomic import atomic_write, atomic_write_text
 from ldm_lab.core.errors import ConfigError
+from ldm_lab.core.fingerprint import text_key
 from ldm_lab.data.buckets import Item
 
 log = logging.getLogger(__name__)
@@ -137,8 +144,8 @@ class LatentCache:
             return self._pending[key]
         return read_latents(self.shards[key], key)
 
-    def add(self, key: str, moments: torch.Tensor) -> None:
-        self._pending[key] = moments.detach().float().cpu().contiguous()
+    def add(self, key: str, tensor: torch.Tensor) -> None:
+        self._pending[key] = tensor.detach().cpu().contiguous()
         if len(self._pending) >= self.shard_size:
             self.flush()
 
@@ -166,18 +173,32 @@ def data_fingerprint(locations: list[str], sizes: np.ndarray) -> str:
     return digest.hexdigest()[:16]
 
 
+def text_condition(shards: dict[str, Path], caption: str, handles: dict | None = None) -> dict[str, torch.Tensor]:
+    """A caption's cached condition: ``encoder_hidden_states`` and, where its encoder masks padding,
+    ``encoder_attention_mask`` (ldm_lab/diffusion/pipeline.py ``encode_prompt``'s, one caption)."""
+    key = text_key(caption)
+    if key not in shards:
+        raise KeyError(f"the caption {caption[:60]!r} has no cached embedding; the text cache does not match the "
+                       f"data: run training again to encode it")
+    condition = {"encoder_hidden_states": read_latents(shards[key], key, handles)}
+    if f"{key}.mask" in shards:
+        condition["encoder_attention_mask"] = read_latents(shards[f"{key}.mask"], f"{key}.mask", handles)
+    return condition
+
+
 class CachedLatents(Dataset):
     """Items (:class:`~ldm_lab.data.buckets.Item`) -> ``{"latents": moments, "index"}``: the image's moments at
     that resolution, its ``class_labels`` when ``labels`` (the index's, by position) are given, its ``captions``
-    (``caption(index, epoch)``) when captioned. Shards stay open (per process: a data loader worker opens its
-    own)."""
+    (``caption(index, epoch)``) when captioned, and that caption's cached condition (:func:`text_condition`)
+    when a ``text_cache`` is given. Shards stay open (per process: a data loader worker opens its own)."""
 
     def __init__(self, cache: LatentCache, keys: list[dict[str, str]], labels: np.ndarray | None = None,
-                 caption: Callable[[int, int], str] | None = None):
+                 caption: Callable[[int, int], str] | None = None, text_cache: LatentCache | None = None):
         self.shards = cache.shards
         self.keys = keys
         self.labels = labels
         self.caption = caption
+        self.text_shards = None if text_cache is None else text_cache.shards
         self._handles: dict = {}
 
     def __getstate__(self) -> dict:
@@ -197,4 +218,6 @@ class CachedLatents(Dataset):
             sample["class_labels"] = int(self.labels[index])
         if self.caption is not None:
             sample["captions"] = self.caption(index, epoch)
+            if self.text_shards is not None:
+                sample.update(text_condition(self.text_shards, sample["captions"], self._handles))
         return sample

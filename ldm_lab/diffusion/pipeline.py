@@ -22,7 +22,13 @@ import inspect
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
-from diffusers import DiffusionPipeline, DiTTransformer2DModel, ImagePipelineOutput, UNet2DConditionModel
+from diffusers import (
+    DiffusionPipeline,
+    DiTTransformer2DModel,
+    ImagePipelineOutput,
+    PixArtTransformer2DModel,
+    UNet2DConditionModel,
+)
 from diffusers.utils.torch_utils import randn_tensor
 
 NULL_CLASS = "null_class"  # a class-conditional model's null class (id K): its unconditional prediction
@@ -31,15 +37,22 @@ Predict = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (latents, time
 
 
 def predict(network: torch.nn.Module, latents: torch.Tensor, timesteps, class_labels: torch.Tensor | None = None,
-            encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
+            encoder_hidden_states: torch.Tensor | None = None, encoder_attention_mask: torch.Tensor | None = None
+            ) -> torch.Tensor:
     """The denoiser's prediction for ``latents`` at ``timesteps`` (a number or one per image) of ``class_labels``
-    or of prompts' ``encoder_hidden_states``: a ``UNet2DModel`` adds the class embedding to its time embedding
-    (diffusers' ``num_class_embeds``); a ``UNet2DConditionModel`` attends to the prompt's embeddings; a
-    ``DiTTransformer2DModel`` always gets a class (an unconditional one: class 0) and square latents (its
-    unpatchify is square)."""
+    or of prompts' ``encoder_hidden_states`` (with ``encoder_attention_mask`` where the text encoder masks its
+    padding): a ``UNet2DModel`` adds the class embedding to its time embedding (diffusers' ``num_class_embeds``); a
+    ``UNet2DConditionModel`` and a ``PixArtTransformer2DModel`` attend to the prompt's embeddings (PixArt as
+    ``PixArtAlphaPipeline`` calls it); a ``DiTTransformer2DModel`` always gets a class (an unconditional one:
+    class 0) and square latents (its unpatchify is square)."""
     timesteps = torch.as_tensor(timesteps, device=latents.device).expand(len(latents))
     if isinstance(network, UNet2DConditionModel):
-        return network(latents, timesteps, encoder_hidden_states=encoder_hidden_states).sample
+        return network(latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                       encoder_attention_mask=encoder_attention_mask).sample
+    if isinstance(network, PixArtTransformer2DModel):
+        return network(latents, encoder_hidden_states=encoder_hidden_states,
+                       encoder_attention_mask=encoder_attention_mask, timestep=timesteps,
+                       added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
     if isinstance(network, DiTTransformer2DModel):
         if latents.shape[-2] != latents.shape[-1]:
             raise ValueError(f"a DiTTransformer2DModel denoises square latents only (its unpatchify is square), not "
@@ -71,15 +84,29 @@ def guided(network: torch.nn.Module, condition: Mapping[str, torch.Tensor] | Non
     return guided_predict
 
 
-def encode_prompt(tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[str]) -> torch.Tensor:
-    """The prompts' embeddings (N, tokens, width) as Stable Diffusion's ``encode_prompt`` makes them: tokens padded
-    (and truncated) to the tokenizer's ``model_max_length``, the text model's last hidden state, with no attention
-    mask unless its config asks for one (``use_attention_mask``). Training encodes captions with this too."""
+def masks_padding(text_encoder: torch.nn.Module) -> bool:
+    """Whether prompts are read with their padding masked, in the text encoder and the denoiser's cross-attention:
+    a T5 encoder's, as ``PixArtAlphaPipeline`` reads them (CLIP's, as Stable Diffusion reads them, are not)."""
+    return text_encoder.config.model_type == "t5"
+
+
+def encode_prompt(tokenizer, text_encoder: torch.nn.Module, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The prompts' condition for :func:`predict`: ``encoder_hidden_states`` (N, tokens, width), the text model's
+    last hidden state over tokens padded (and truncated) to the tokenizer's ``model_max_length``. A CLIP encoder's
+    as Stable Diffusion's ``encode_prompt`` makes them (no attention mask unless its config asks for one,
+    ``use_attention_mask``); a T5 encoder's as ``PixArtAlphaPipeline``'s with ``clean_caption=False`` (the text
+    lower-cased and stripped; the padding masked: ``encoder_attention_mask`` (N, tokens) too). Training encodes
+    captions with this."""
+    masked = masks_padding(text_encoder)
+    if masked:
+        prompts = [prompt.lower().strip() for prompt in prompts]
     tokens = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                        return_tensors="pt")
     device = next(text_encoder.parameters()).device
-    mask = tokens.attention_mask.to(device) if getattr(text_encoder.config, "use_attention_mask", False) else None
-    return text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
+    mask = tokens.attention_mask.to(device)
+    use_mask = masked or getattr(text_encoder.config, "use_attention_mask", False)
+    hidden_states = text_encoder(tokens.input_ids.to(device), attention_mask=mask if use_mask else None)[0]
+    return {"encoder_hidden_states": hidden_states, **({"encoder_attention_mask": mask} if masked else {})}
 
 
 @torch.no_grad()
@@ -163,9 +190,10 @@ class LatentDiffusionPipeline(DiffusionPipeline):
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
             negative = "" if negative_prompt is None else negative_prompt
             negatives = [negative] * len(prompts) if isinstance(negative, str) else list(negative)
-            embeddings = encode_prompt(self.tokenizer, self.text_encoder, prompts + negatives).to(self.unet.dtype)
-            return (len(prompts), {"encoder_hidden_states": embeddings[: len(prompts)]},
-                    {"encoder_hidden_states": embeddings[len(prompts) :]})
+            both = encode_prompt(self.tokenizer, self.text_encoder, prompts + negatives)
+            both["encoder_hidden_states"] = both["encoder_hidden_states"].to(self.unet.dtype)
+            return (len(prompts), {key: value[: len(prompts)] for key, value in both.items()},
+                    {key: value[len(prompts) :] for key, value in both.items()})
         return batch_size, None, None
 
     @torch.no_grad()

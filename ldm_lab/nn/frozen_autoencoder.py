@@ -9,9 +9,6 @@ or VQ autoencoder seen as an encoder to latent *moments*, which the latent cache
 
 from __future__ import annotations
 
-import hashlib
-import json
-
 import diffusers
 import numpy as np
 import torch
@@ -20,6 +17,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from torch import nn
 
 from ldm_lab.core.errors import ConfigError
+from ldm_lab.core.fingerprint import fingerprint
 from ldm_lab.nn.downsampling import downsampling
 
 AUTOENCODERS = (AutoencoderKL, VQModel)  # the first stages the lab trains and loads
@@ -145,9 +143,5 @@ class FrozenAutoencoder(nn.Module):
 
     def fingerprint(self) -> str:
         """A hash of the architecture and the weights: the latent cache's key for this first stage."""
-        digest = hashlib.sha256(json.dumps(self.describe(), sort_keys=True, default=str).encode())
-        for name, tensor in sorted(self.vae.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return digest.hexdigest()
+        return fingerprint(self.describe(), self.vae)
 

@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import transformers
 from tokenizers import pre_tokenizers
 from torch import nn
@@ -139,11 +140,12 @@ def scratch(tokenizer: str | None, hidden_size: int = 256, num_hidden_layers: in
 
 
 def pretrained(pretrained_model_name_or_path: str, tokenizer: str | None = None, revision: str | None = None,
-               subfolder: str | None = None, tokenizer_subfolder: str | None = None,
-               trainable: bool = False) -> TextEncoder:
+               subfolder: str | None = None, tokenizer_subfolder: str | None = None, max_length: int | None = None,
+               dtype: str | None = None, trainable: bool = False) -> TextEncoder:
     """A pretrained text model (CLIP's text tower or a T5 encoder) and its tokenizer, from a hub id or a local
     folder (``subfolder``: a pipeline folder's ``text_encoder``; ``tokenizer``: another tokenizer folder), frozen
-    unless ``trainable``."""
+    unless ``trainable``; ``max_length``: tokens per prompt (default: the tokenizer's ``model_max_length``;
+    PixArt-alpha reads 120 T5 tokens); ``dtype``: its weights' (float32, bfloat16; T5 overflows in float16)."""
     name = pretrained_model_name_or_path
     try:
         config = AutoConfig.from_pretrained(name, revision=revision, subfolder=subfolder or "")
@@ -151,7 +153,11 @@ def pretrained(pretrained_model_name_or_path: str, tokenizer: str | None = None,
         if model_class is None:
             raise ConfigError(f"model.text_encoder.pretrained_model_name_or_path={name} is a {config.model_type} "
                               f"model; the lab reads prompts with {', '.join(sorted(set(MODEL_CLASSES)))} encoders")
-        model = model_class.from_pretrained(name, revision=revision, subfolder=subfolder or "")
+        if dtype == "float16" and config.model_type == "t5":
+            raise ConfigError("model.text_encoder.dtype=float16: T5's activations overflow in float16 (its "
+                              "feed-forward outputs exceed 65504); use bfloat16 or float32")
+        model = model_class.from_pretrained(name, revision=revision, subfolder=subfolder or "",
+                                            dtype=getattr(torch, dtype or "float32"))
         loaded = AutoTokenizer.from_pretrained(tokenizer or name, revision=None if tokenizer else revision,
                                                subfolder="" if tokenizer else tokenizer_subfolder or "")
     except OSError as error:
@@ -160,4 +166,6 @@ def pretrained(pretrained_model_name_or_path: str, tokenizer: str | None = None,
             f"Without network access, download it where you have one (huggingface-cli download {name} "
             f"--local-dir /path/to/copy), bring it here and set "
             f"model.text_encoder.pretrained_model_name_or_path=/path/to/copy") from error
+    if max_length is not None:
+        loaded.model_max_length = max_length
     return TextEncoder(loaded, model, trainable)

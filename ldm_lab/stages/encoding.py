@@ -1,25 +1,33 @@
-"""Encoding a data set into the latent cache with a frozen first stage (LDM, Rombach et al. 2022, sec. 3):
-what task=cache_latents, and task=train with ``model.latent_cache=true`` before training, run. Under DDP every
-process encodes its share of the batches, as kohya's and MosaicML's precompute scripts do, and the shares are
-gathered into one manifest and one latent scale, so N devices encode about N times faster. The datamodule then
-only reads the cache (ldm_lab/data/latent_cache.py stores it)."""
+"""Encoding a data set into the caches of frozen networks (ldm_lab/data/latent_cache.py stores them): the latent
+cache, with the frozen first stage (LDM, Rombach et al. 2022, sec. 3), and the text cache, each caption's embedding
+with a frozen text encoder; what task=cache_latents, and task=train with ``model.latent_cache=true`` before
+training, run. Under DDP every process encodes its share, as kohya's and MosaicML's precompute scripts do, and the
+shares are gathered into one manifest and one latent scale, so N devices encode about N times faster. The
+datamodule then only reads the caches."""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ldm_lab.core.atomic import folder_lock
+from ldm_lab.core.errors import ConfigError
+from ldm_lab.core.fingerprint import fingerprint, text_key
 from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.data.latent_cache import KeyedImages, LatentCache
+from ldm_lab.diffusion.pipeline import encode_prompt, masks_padding
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder, LatentScale
+from ldm_lab.nn.text_encoders import embedding_width
 
 log = logging.getLogger(__name__)
 
@@ -129,3 +137,73 @@ def _merge(shares: list[dict], num_images: int, kind: str) -> tuple[list[dict], 
             labels[index] = share["labels"][index]
         scale.add(share["scale"])
     return keys, labels, scale, sum(s["encoded"] for s in shares), sum(s["seen"] for s in shares)
+
+
+@torch.no_grad()
+def encode_text_cache(tokenizer, text_encoder: nn.Module, datamodule: ImageDataModule, root: str | os.PathLike,
+                      device: torch.device | None = None, ranks: Ranks = Ranks(), batch_size: int = 64) -> LatentCache:
+    """Encode every caption of ``datamodule``'s images (every one of an image's several) and the empty prompt, as
+    the pipeline encodes prompts (``encode_prompt``), into the cache of this encoder under ``root``, those it lacks
+    only, on ``device``; every rank takes every ``world_size``-th batch. Refused before any encoding when the
+    embeddings would not fit the disk's free space. Point the datamodule at the cache and return it."""
+    cache = LatentCache(root, fingerprint(text_cache_description(tokenizer, text_encoder), text_encoder))
+    captions = sorted({"", *(caption for options in datamodule.index.captions for caption in options)})
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with folder_lock(cache.dir) if ranks.rank == 0 else nullcontext():
+        ranks.barrier()
+        cache.refresh()
+        missing = [caption for caption in captions if text_key(caption) not in cache]
+        per_caption = _bytes_per_caption(tokenizer, text_encoder)
+        _check_free_disk(cache.dir, len(missing) * per_caption, len(missing))
+        original = next(text_encoder.parameters()).device
+        text_encoder.to(device)
+        try:
+            share = [missing[s : s + batch_size] for s in range(0, len(missing), batch_size)][ranks.rank :: ranks.world_size]
+            for batch in tqdm(share, desc="text cache", unit="batch", dynamic_ncols=True, disable=ranks.rank != 0):
+                condition = encode_prompt(tokenizer, text_encoder, batch)
+                for row, caption in enumerate(batch):
+                    key = text_key(caption)
+                    cache.add(key, condition["encoder_hidden_states"][row])
+                    if "encoder_attention_mask" in condition:
+                        cache.add(f"{key}.mask", condition["encoder_attention_mask"][row])
+        finally:
+            text_encoder.to(original)
+        cache.flush()
+        ranks.barrier()
+    cache.refresh()
+    per_image = per_caption * len(captions) / max(1, len(datamodule.index.captions))
+    log.info("text cache %s: %d captions (the empty prompt among them), %d encoded, %d already there; %.1f KB per "
+             "caption, %.1f KB per image", cache.dir, len(captions), len(missing), len(captions) - len(missing),
+             per_caption / 1e3, per_image / 1e3)
+    datamodule.use_text_cache(cache)
+    return cache
+
+
+def text_cache_description(tokenizer, text_encoder: nn.Module) -> dict:
+    """What makes a text encoder's embeddings (with its weights, the text cache's key): the model's id, revision and
+    config, the tokenizer's model, the context length, the dtype and the padding mask."""
+    config = text_encoder.config
+    return {"kind": "text_embeddings", "class_name": type(text_encoder).__name__,
+            "pretrained_model_name_or_path": config._name_or_path, "revision": getattr(config, "_commit_hash", None),
+            "config": config.to_dict(), "tokenizer": tokenizer.backend_tokenizer.to_str(),
+            "max_length": tokenizer.model_max_length, "dtype": str(next(text_encoder.parameters()).dtype),
+            "masks_padding": masks_padding(text_encoder)}
+
+
+def _bytes_per_caption(tokenizer, text_encoder: nn.Module) -> int:
+    """The bytes one caption's cached embedding (and mask) takes."""
+    tokens, width = tokenizer.model_max_length, embedding_width(text_encoder)
+    itemsize = next(text_encoder.parameters()).element_size()
+    return tokens * width * itemsize + (tokens * 8 if masks_padding(text_encoder) else 0)
+
+
+def _check_free_disk(folder: Path, needed: int, count: int) -> None:
+    """Refuse a cache of ``needed`` bytes that the disk holding ``folder`` has no room for."""
+    existing = folder
+    while not existing.exists():
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise ConfigError(f"the text cache needs {needed / 1e9:.2f} GB in {folder} for {count} captions, and its disk "
+                          f"has {free / 1e9:.2f} GB free: set paths.latent_cache to a folder on a larger disk, or "
+                          f"model.text_cache=false to encode the captions at every step instead")

@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from ldm_lab.core.errors import ConfigError
+from ldm_lab.data.latent_cache import text_condition
 from ldm_lab.diffusion.objectives import DDPM, RectifiedFlow
 from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline, encode_prompt, predict
 from ldm_lab.diffusion.sampling import assemble
@@ -49,7 +50,7 @@ from ldm_lab.nn.text_encoders import (
     tokenizer_of_files,
 )
 from ldm_lab.stages.base import TrainingStage
-from ldm_lab.stages.encoding import encode_latent_cache, ranks_of
+from ldm_lab.stages.encoding import encode_latent_cache, encode_text_cache, ranks_of
 from ldm_lab.stages.speed import optimizer_options
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ class LatentDiffusionStage(TrainingStage):
     (:func:`load_pretrained_denoiser`); the EMA starts from them too. ``conditioning``: None, "class", with
     ``class_names`` (filled from the data, ldm_lab/tasks/model_config.py) and ``label_dropout``, or "text", with
     ``text_encoder`` (``model/text_encoder``: frozen, or trained with the denoiser and under its own EMA) and
-    ``caption_dropout`` (the share of captions replaced by the empty prompt, per step)."""
+    ``caption_dropout`` (the share of captions replaced by the empty prompt, per step); ``text_cache``: a frozen
+    encoder's caption embeddings are encoded once, with the latent cache, and read from it."""
 
     monitor_mode = "min"
     description = "a latent diffusion model (model=unet, unet_tiny, dit or dit_tiny)"
@@ -93,6 +95,7 @@ class LatentDiffusionStage(TrainingStage):
         label_dropout: float = 0.1,
         text_encoder: functools.partial | None = None,
         caption_dropout: float = 0.1,
+        text_cache: bool = True,
         max_consecutive_nonfinite: int = 5,
         seed: int = 0,
     ):
@@ -139,8 +142,11 @@ class LatentDiffusionStage(TrainingStage):
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.lr, self.scale_lr = lr, scale_lr
         self.latent_cache = latent_cache
+        self.text_cache = text_cache
         self._val_sums: torch.Tensor | None = None
         self._latent_cache_root: str | Path | None = None  # attach_data: where setup fills the cache
+        self._caches_text = False  # attach_data: whether setup fills the text cache too
+        self._empty_prompt: dict[str, torch.Tensor] | None = None  # setup: the empty prompt's cached condition
 
     # ----------------------------------------------------------------------------- what the tasks ask
     def planning_batch(self, batch_size: int, side: int) -> dict[str, torch.Tensor]:
@@ -200,16 +206,29 @@ class LatentDiffusionStage(TrainingStage):
                               f"square), and data.buckets makes batches of other shapes: train it with data.buckets=null "
                               f"(square crops of data.resolution), or use model=unet")
         self._latent_cache_root = latent_cache_root if self.latent_cache else None
+        self._caches_text = self.latent_cache and self.text_cache and self.text_encoder is not None \
+            and not self.text_encoder_trainable
+        if self._caches_text and datamodule.shuffle_caption:
+            raise ConfigError("data.shuffle_caption=true changes a caption's text at every step, and the text cache "
+                              "encodes each caption once: set model.text_cache=false (the frozen text encoder then "
+                              "reads the shuffled captions at every step) or data.shuffle_caption=false")
 
     def setup(self, stage: str) -> None:
-        """Once every process has started (the first trainer call): the latent cache encoded, each process its
-        share on its own device (ldm_lab/stages/encoding.py), unless the datamodule reads it already."""
+        """Once every process has started (the first trainer call): the latent cache and, for a frozen text encoder,
+        the text cache encoded, each process its share on its own device (ldm_lab/stages/encoding.py), unless the
+        datamodule reads them already."""
         datamodule = self.trainer.datamodule
-        if self._latent_cache_root is None or datamodule is None or datamodule.latent_keys is not None:
+        if self._latent_cache_root is None or datamodule is None:
             return
         strategy = self.trainer.strategy
-        encode_latent_cache(self.first_stage, datamodule, self._latent_cache_root, strategy.root_device,
-                            ranks_of(strategy))
+        if datamodule.latent_keys is None:
+            encode_latent_cache(self.first_stage, datamodule, self._latent_cache_root, strategy.root_device,
+                                ranks_of(strategy))
+        if self._caches_text and datamodule.text_cache is None:
+            encode_text_cache(self.tokenizer, self.text_encoder, datamodule, self._latent_cache_root,
+                              strategy.root_device, ranks_of(strategy))
+        if datamodule.text_cache is not None:
+            self._empty_prompt = text_condition(datamodule.text_cache.shards, "")
 
     def trained_model(self) -> LatentDiffusionPipeline:
         return self.pipeline()
@@ -315,8 +334,8 @@ class LatentDiffusionStage(TrainingStage):
     def condition(self, batch: dict, generator: torch.Generator | None, text_encoder: nn.Module | None) -> dict:
         """What the denoiser is given for a batch: a class-conditional model's labels, a text-conditional model's
         captions encoded by ``text_encoder`` as the exported pipeline encodes prompts (with gradients when it
-        trains); with a ``generator`` (training) labels and captions are dropped to the null class and the empty
-        prompt, each with its probability."""
+        trains), or their embeddings from the text cache; with a ``generator`` (training) labels and captions are
+        dropped to the null class and the empty prompt, each with its probability, at every step."""
         if self.conditioning == "class":
             labels = self.class_labels(batch)
             return {"class_labels": labels if generator is None else self._dropped_labels(labels, generator)}
@@ -326,14 +345,22 @@ class LatentDiffusionStage(TrainingStage):
             raise ConfigError("a text-conditional model got a batch without captions: train it on captioned data "
                               "(data.source.caption_extension=.txt, data.source.caption_column=..., or "
                               "data.source.captions=true for the synthetic set)")
-        captions = list(batch["captions"])
+        dropped = None
         if generator is not None and self.caption_dropout:
-            dropped = torch.rand(len(captions), generator=generator, device=generator.device) < self.caption_dropout
+            dropped = torch.rand(len(batch["captions"]), generator=generator, device=generator.device) < self.caption_dropout
+        if "encoder_hidden_states" in batch:  # the text cache's: the empty prompt's cached condition where dropped
+            condition = {key: batch[key] for key in ("encoder_hidden_states", "encoder_attention_mask") if key in batch}
+            if dropped is not None:
+                condition = {key: torch.where(dropped.to(value.device).view(-1, *[1] * (value.dim() - 1)),
+                                              self._empty_prompt[key].to(value.device), value)
+                             for key, value in condition.items()}
+            return condition
+        captions = list(batch["captions"])
+        if dropped is not None:
             captions = ["" if drop else caption for caption, drop in zip(captions, dropped.tolist(), strict=True)]
         with torch.set_grad_enabled(torch.is_grad_enabled() and text_encoder is self.text_encoder
                                     and self.text_encoder_trainable):
-            embeddings = encode_prompt(self.tokenizer, text_encoder, captions)
-        return {"encoder_hidden_states": embeddings}
+            return encode_prompt(self.tokenizer, text_encoder, captions)
 
     def class_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """A class-conditional model's labels of a batch (None for an unconditional model)."""
