@@ -104,6 +104,7 @@ def text_cfg(compose_cfg, tmp_path):
     data = captioned_folder(tmp_path / "images")
 
     def make(*overrides):
-        return compose_cfg([*TEXT_TINY, f"data.source.root={data}", f"model.first_stage={first_stage}",
-                            *overrides], tiny=False)
+        model = next((o for o in overrides if o.startswith("model=")), TEXT_TINY[0])  # another model may replace it
+        return compose_cfg([model, *TEXT_TINY[1:], f"data.source.root={data}", f"model.first_stage={first_stage}",
+                            *(o for o in overrides if o != model)], tiny=False)
     return make

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel, VQModel
+from diffusers import AutoencoderKL, UNet2DModel, VQModel
 from hydra.errors import ConfigCompositionException, InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from ldm_lab.data.datamodule import ImageDataModule
+from ldm_lab.nn.denoisers import model_classes
 from ldm_lab.nn.discriminator import NLayerDiscriminator
 from ldm_lab.nn.text_encoders import save_tokenizer, train_tokenizer
 from ldm_lab.stages.build import build_stage
@@ -50,9 +51,7 @@ def test_model_configs_instantiate(compose_cfg, option, tmp_path):
     cfg = compose_cfg([f"model={option}", *overrides], tiny=False)
     stage = build_stage(cfg.model, cfg.disc)
     if "denoiser" in cfg.model:
-        network = {"UNet2DModel": UNet2DModel, "DiTTransformer2DModel": DiTTransformer2DModel,
-                   "UNet2DConditionModel": UNet2DConditionModel}
-        assert isinstance(stage.denoiser, network[cfg.model.denoiser._target_.rpartition(".")[2]])
+        assert isinstance(stage.denoiser, model_classes()[cfg.model.denoiser._target_.rpartition(".")[2]])
         assert stage.denoiser.config.in_channels == 3  # the VQ's channels
         assert all(stage.denoiser.config[k] == v for k, v in cfg.model.denoiser.items() if not k.startswith("_"))
         return

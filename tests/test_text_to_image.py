@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from diffusers import PixArtTransformer2DModel
 from hydra.utils import instantiate
 from PIL import Image
 
@@ -30,7 +31,7 @@ from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks import model_config, sample, train
 from ldm_lab.tasks.trainer import build_datamodule
 from tests.conftest import COLOURS
-from tests.helpers import text_stage
+from tests.helpers import save_tiny_text_encoder, text_stage
 
 
 def test_trained_text_model_exports_as_stable_diffusion_and_samples_prompts_without_the_lab(text_cfg, tmp_path):
@@ -180,3 +181,68 @@ def test_captions_longer_than_the_context_are_counted(text_cfg, tmp_path, caplog
     with caplog.at_level("WARNING"):
         stage.attach_data(datamodule, tmp_path / "latents")
     assert "1 of 16 captions are longer than the text encoder's 32 tokens" in caplog.text
+
+
+def test_pixart_with_t5_exports_as_pixart_alpha_pipeline_that_samples_as_the_lab(text_cfg, tmp_path):
+    t5 = save_tiny_text_encoder("t5", tmp_path / "t5", [f"a {colour} square" for colour in COLOURS])
+    train.run(text_cfg("model=dit_text_tiny", "model/text_encoder=t5_base",
+                       f"model.text_encoder.pretrained_model_name_or_path={t5}", "max_steps=2", "val_every_n_steps=2",
+                       "sample.num_images=1"))
+    export = tmp_path / "run" / "export"
+    index = json.loads((export / "model_index.json").read_text())
+    assert index["_class_name"] == "PixArtAlphaPipeline" and index["text_encoder"] == ["transformers", "T5EncoderModel"]
+    # two steps leave its zero-initialised outputs near zero: other weights make the comparison tell
+    transformer = PixArtTransformer2DModel.from_pretrained(export / "transformer")
+    torch.manual_seed(0)
+    for block in transformer.transformer_blocks:
+        torch.nn.init.normal_(block.attn2.to_out[0].weight, std=0.2)
+    torch.nn.init.normal_(transformer.proj_out.weight, std=0.2)
+    transformer.save_pretrained(export / "transformer")
+    prompts = ["A Red Square ", "a blue square"]  # PixArt's pipeline lower-cases and strips, as the lab does
+    code = f"""
+import sys, torch
+from diffusers import PixArtAlphaPipeline
+pipe = PixArtAlphaPipeline.from_pretrained({str(export)!r})
+images = pipe({prompts!r}, num_inference_steps=2, guidance_scale=3.0, height=32, width=32, clean_caption=False,
+              use_resolution_binning=False, max_sequence_length=24, generator=torch.Generator().manual_seed(0),
+              output_type="np").images
+assert images.shape == (2, 32, 32, 3) and not any(m.startswith("ldm_lab") for m in sys.modules), images.shape
+torch.save(torch.from_numpy(images), {str(tmp_path / 'pixart.pt')!r})
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ours = generate(load_latent_diffusion(export, "sample.model"), SamplingOptions(num_inference_steps=2), 2, 32, 32,
+                    torch.Generator().manual_seed(0), guidance_scale=3.0, prompts=prompts)
+    theirs = torch.load(tmp_path / "pixart.pt").permute(0, 3, 1, 2) * 2 - 1
+    assert (ours - ours.mean()).abs().mean() > 0.01  # the samples are pictures, not a constant
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=2e-3)
+
+
+def test_pixart_trains_on_buckets_and_its_rectified_flow_export_samples_other_shapes(text_cfg, tmp_path):
+    root = tmp_path / "images"
+    for i, path in enumerate(sorted(root.glob("*.png"))):
+        Image.open(path).resize([(32, 32), (48, 32)][i % 2]).save(path)
+    train.run(text_cfg("model=dit_text_tiny", "model/objective=rectified_flow", "+data/buckets=novelai",
+                       "data.buckets.max_area=1536", "data.buckets.min_side=16", "data.buckets.max_side=64",
+                       "data.buckets.step=16", "data.buckets.base_side=32", "data.buckets.max_ar_error=0.5",
+                       "max_steps=2", "val_every_n_steps=2", "sample.num_images=1", "sample.num_inference_steps=2"))
+    export = tmp_path / "run" / "export"
+    index = json.loads((export / "model_index.json").read_text())
+    assert index["_class_name"] == ["pipeline", "LatentDiffusionPipeline"] and index["unet"][1] == "PixArtTransformer2DModel"
+    code = f"""
+import sys, torch
+from diffusers import DiffusionPipeline
+pipe = DiffusionPipeline.from_pretrained({str(export)!r}, trust_remote_code=True)
+images = pipe(prompt=["a green square"], num_inference_steps=2, guidance_scale=2.0, height=32, width=48,
+              generator=torch.Generator().manual_seed(0), output_type="np").images
+assert images.shape == (1, 32, 48, 3) and not any(m.startswith("ldm_lab") for m in sys.modules), images.shape
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_t5_is_refused_in_float16(tmp_path):
+    t5 = save_tiny_text_encoder("t5", tmp_path / "t5", ["a red square"])
+    with pytest.raises(ConfigError, match="dtype=float16: T5"):
+        pretrained(str(t5), dtype="float16")
+    assert pretrained(str(t5), dtype="bfloat16", max_length=12).model.dtype == torch.bfloat16

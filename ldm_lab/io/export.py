@@ -1,9 +1,11 @@
 """Trained models as diffusers folders (what task=train writes after training and task=export from a
 checkpoint). An autoencoder gets its latent scale measured; an unconditional UNet trained with DDPM becomes an
 ``LDMPipeline`` folder (vqvae, unet, DDIM scheduler); a KL first stage, a ``UNet2DConditionModel`` and a CLIP text
-encoder trained with DDPM a ``StableDiffusionPipeline`` folder (no safety checker); every other latent diffusion
-model (class-conditional, rectified flow, DiT, VQ with text) a ``LatentDiffusionPipeline`` folder of the same parts
-that carries its code as ``pipeline.py`` (ldm_lab/diffusion/pipeline.py)."""
+encoder trained with DDPM a ``StableDiffusionPipeline`` folder (no safety checker); a KL first stage, a
+``PixArtTransformer2DModel`` and a T5 encoder trained with DDPM a ``PixArtAlphaPipeline`` folder; every other latent
+diffusion model (class-conditional, rectified flow, DiT, the scratch encoder with PixArt, VQ with text) a
+``LatentDiffusionPipeline`` folder of the same parts that carries its code as ``pipeline.py``
+(ldm_lab/diffusion/pipeline.py)."""
 
 from __future__ import annotations
 
@@ -14,15 +16,25 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from diffusers import AutoencoderKL, LDMPipeline, StableDiffusionPipeline, UNet2DConditionModel, UNet2DModel
+from diffusers import (
+    AutoencoderKL,
+    LDMPipeline,
+    PixArtAlphaPipeline,
+    PixArtTransformer2DModel,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+    UNet2DModel,
+)
 from torch import nn
-from transformers import CLIPTextModel
+from transformers import CLIPTextModel, T5EncoderModel
 
 from ldm_lab.diffusion import pipeline as pipeline_code
 from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline
 from ldm_lab.nn.frozen_autoencoder import measure_latent_scale
 
 log = logging.getLogger(__name__)
+
+PIXART_BINNED_SIZES = (32, 64, 128)  # the transformer sample sizes PixArtAlphaPipeline's resolution binning knows
 
 
 def export_autoencoder(vae: nn.Module, datamodule, out_dir: Path, scale_batches: int = 4) -> Path:
@@ -52,7 +64,8 @@ def export_pipeline(pipeline: LatentDiffusionPipeline, out_dir: Path) -> Path:
     scale), the denoiser (``unet``), the scheduler and a text model's tokenizer and text encoder. An unconditional
     UNet of DDPM: an ``LDMPipeline`` (it samples square latents of ``unet.config.sample_size`` and divides by
     ``scaling_factor``); KL + ``UNet2DConditionModel`` + CLIP of DDPM: a ``StableDiffusionPipeline`` (the first stage
-    as ``vae``; it encodes prompts as ours does). Any other: the
+    as ``vae``; it encodes prompts as ours does); KL + ``PixArtTransformer2DModel`` + T5 of DDPM: a
+    ``PixArtAlphaPipeline`` (it encodes prompts as ours does with ``clean_caption=False``). Any other: the
     ``LatentDiffusionPipeline`` with its class names and objective, its code as ``pipeline.py``, and
     ``model_index.json`` naming that file (diffusers' ``["pipeline", "LatentDiffusionPipeline"]``), so
     ``DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)`` loads it."""
@@ -60,8 +73,11 @@ def export_pipeline(pipeline: LatentDiffusionPipeline, out_dir: Path) -> Path:
     class_names = pipeline.config.class_names
     ddpm = pipeline.config.objective == "ddpm"
     plain = not class_names and isinstance(pipeline.unet, UNet2DModel) and ddpm
-    stable_diffusion = (ddpm and isinstance(pipeline.vqvae, AutoencoderKL) and isinstance(pipeline.unet, UNet2DConditionModel)
+    kl = ddpm and isinstance(pipeline.vqvae, AutoencoderKL)
+    stable_diffusion = (kl and isinstance(pipeline.unet, UNet2DConditionModel)
                         and isinstance(pipeline.text_encoder, CLIPTextModel))
+    pixart = kl and isinstance(pipeline.unet, PixArtTransformer2DModel) and isinstance(pipeline.text_encoder,
+                                                                                       T5EncoderModel)
     if plain:
         LDMPipeline(vqvae=pipeline.vqvae, unet=pipeline.unet, scheduler=pipeline.scheduler).save_pretrained(out_dir)
         loads = "LDMPipeline.from_pretrained"
@@ -70,6 +86,13 @@ def export_pipeline(pipeline: LatentDiffusionPipeline, out_dir: Path) -> Path:
                                 unet=pipeline.unet, scheduler=pipeline.scheduler, safety_checker=None,
                                 feature_extractor=None, requires_safety_checker=False).save_pretrained(out_dir)
         loads = "StableDiffusionPipeline.from_pretrained"
+    elif pixart:
+        PixArtAlphaPipeline(tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder, vae=pipeline.vqvae,
+                            transformer=pipeline.unet, scheduler=pipeline.scheduler).save_pretrained(out_dir)
+        sample_size, max_length = pipeline.unet.config.sample_size, pipeline.tokenizer.model_max_length
+        binning = "" if sample_size in PIXART_BINNED_SIZES else ", use_resolution_binning=False"
+        loads = (f"PixArtAlphaPipeline.from_pretrained; sample it with clean_caption=False, "
+                 f"max_sequence_length={max_length}{binning}, as it was trained")
     else:
         pipeline.save_pretrained(out_dir)
         shutil.copyfile(pipeline_code.__file__, out_dir / "pipeline.py")

@@ -29,11 +29,11 @@ from ldm_lab.nn.text_encoders import load_text_model
 
 AUTOENCODER, DENOISER, LATENT_DIFFUSION = "autoencoder", "denoiser", "latent_diffusion"
 WHAT = {AUTOENCODER: "an autoencoder (model=vae, vqvae or their tiny variants; AutoencoderKL or VQModel)",
-        DENOISER: "a denoiser (UNet2DModel, UNet2DConditionModel or DiTTransformer2DModel)",
-        LATENT_DIFFUSION: "a latent diffusion model (model=unet or dit; a pipeline folder)"}
+        DENOISER: "a denoiser (UNet2DModel, UNet2DConditionModel, DiTTransformer2DModel or PixArtTransformer2DModel)",
+        LATENT_DIFFUSION: "a latent diffusion model (model=unet, dit, unet_text or dit_text; a pipeline folder)"}
 # A pipeline folder's subfolders: LDMPipeline's names, which the lab's own pipeline (diffusion/pipeline.py) keeps
-# for every denoiser, or Stable Diffusion's
-PARTS = {AUTOENCODER: ("vqvae", "vae"), DENOISER: ("unet",)}
+# for every denoiser, or Stable Diffusion's and PixArt-alpha's
+PARTS = {AUTOENCODER: ("vqvae", "vae"), DENOISER: ("unet", "transformer")}
 
 
 class SourceError(ConfigError):

@@ -7,6 +7,8 @@ subclass here, its call in the pipeline file, and one config.
   embedding as ADM does, id K the null class).
 - ``UNet2DConditionModel`` (Stable Diffusion's UNet): cross-attention to a text encoder's embeddings
   (``cross_attention_dim`` = its width).
+- ``PixArtTransformer2DModel`` (PixArt-alpha, Chen et al. 2023): DiT blocks with cross-attention to a text
+  encoder's embeddings (T5's, padding masked) and adaLN-single; any latent shape.
 - ``DiTTransformer2DModel`` (DiT, Peebles & Xie 2023), with what diffusers' class leaves out: adaLN-Zero
   initialisation (DiT's ``initialize_weights``), label dropout done once outside (each block's own is set to 0),
   an unconditional model as one dummy class, and square latents only (its unpatchify is square).
@@ -18,7 +20,7 @@ import functools
 from collections.abc import Mapping
 from typing import ClassVar
 
-from diffusers import DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from torch import nn
 
 from ldm_lab.core.errors import ConfigError
@@ -97,6 +99,29 @@ class DiT(Backbone):
         return config["patch_size"]
 
 
+class PixArt(Backbone):
+    """diffusers' ``PixArtTransformer2DModel`` (PixArt-alpha, Chen et al. 2023): DiT blocks with cross-attention to
+    the prompt's embeddings (``caption_channels`` = the encoder's width, projected to the model's width) and
+    adaLN-single, initialised as PixArt-alpha's ``initialize_weights``; any latent shape (its position embedding is
+    recomputed for the input's size)."""
+
+    model_class = PixArtTransformer2DModel
+    architecture = ("num_attention_heads", "attention_head_dim", "num_layers", "patch_size", "in_channels",
+                    "caption_channels")
+    conditionings = ("text",)
+
+    def build(self, network: functools.partial, channels: int, num_classes: int | None,
+              text_width: int | None) -> nn.Module:
+        width = network.keywords["num_attention_heads"] * network.keywords["attention_head_dim"]
+        model = network(in_channels=channels, out_channels=channels, caption_channels=text_width,
+                        cross_attention_dim=width)
+        initialize_pixart(model)
+        return model
+
+    def side_multiple(self, config: Mapping) -> int:
+        return config["patch_size"]
+
+
 def model_classes() -> dict[str, type[nn.Module]]:
     """The denoiser classes the lab trains and loads, by name."""
     return {backbone.model_class.__name__: backbone.model_class for backbone in Backbone.__subclasses__()}
@@ -113,7 +138,7 @@ def backbone(network_or_config: nn.Module | Mapping) -> Backbone:
         if kind.model_class.__name__ == name:
             return kind()
     raise ConfigError(f"model.denoiser: {name or 'a config without _target_'} is no denoiser the lab knows; use "
-                      f"one of {', '.join(model_classes())} (model=unet, unet_tiny, dit or dit_tiny)")
+                      f"one of {', '.join(model_classes())} (model=unet, dit, unet_text, dit_text or a tiny variant)")
 
 
 def build(network: functools.partial, channels: int, conditioning: str | None = None, num_classes: int | None = None,
@@ -122,7 +147,7 @@ def build(network: functools.partial, channels: int, conditioning: str | None = 
     ``conditioning`` says: on ``num_classes`` classes, or on prompts embedded ``text_width`` wide."""
     kind = backbone({"_class_name": network.func.__name__})
     if conditioning not in kind.conditionings:
-        text = {True: "model=unet_text (or unet_text_tiny)", False: "model=unet or dit"}[conditioning == "text"]
+        text = {True: "model=unet_text or dit_text (or a tiny variant)", False: "model=unet or dit"}[conditioning == "text"]
         raise ConfigError(f"model.conditioning={conditioning}: {network.func.__name__} takes "
                           f"{' or '.join(str(c) for c in kind.conditionings)}; for this conditioning use {text}")
     return kind.build(network, channels, num_classes, text_width)
@@ -155,5 +180,26 @@ def initialize_adaln_zero(model: nn.Module) -> None:
         nn.init.zeros_(block.norm1.linear.weight)
         nn.init.zeros_(block.norm1.linear.bias)
     for layer in (model.proj_out_1, model.proj_out_2):
+        nn.init.zeros_(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
+def initialize_pixart(model: nn.Module) -> None:
+    """PixArt-alpha's ``initialize_weights`` on diffusers' layout: Xavier-uniform linear layers with zero biases, the
+    patch projection as a linear layer, N(0, 0.02) timestep MLP, adaLN-single projection and caption projection,
+    and zero cross-attention outputs (``attn2.to_out``) and final projection (``proj_out``), so the text first
+    enters through trained weights and every block starts near the identity."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    projection = model.pos_embed.proj
+    nn.init.xavier_uniform_(projection.weight.view(projection.weight.shape[0], -1))
+    timestep = model.adaln_single.emb.timestep_embedder
+    for layer in (timestep.linear_1, timestep.linear_2, model.adaln_single.linear,
+                  model.caption_projection.linear_1, model.caption_projection.linear_2):
+        nn.init.normal_(layer.weight, std=0.02)
+    for layer in [block.attn2.to_out[0] for block in model.transformer_blocks] + [model.proj_out]:
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)

@@ -71,7 +71,7 @@ class LatentDiffusionStage(TrainingStage):
     encoder's caption embeddings are encoded once, with the latent cache, and read from it."""
 
     monitor_mode = "min"
-    description = "a latent diffusion model (model=unet, unet_tiny, dit or dit_tiny)"
+    description = "a latent diffusion model (model=unet, dit, unet_text, dit_text or a tiny variant)"
 
     def __init__(
         self,
@@ -216,7 +216,11 @@ class LatentDiffusionStage(TrainingStage):
     def setup(self, stage: str) -> None:
         """Once every process has started (the first trainer call): the latent cache and, for a frozen text encoder,
         the text cache encoded, each process its share on its own device (ldm_lab/stages/encoding.py), unless the
-        datamodule reads them already."""
+        datamodule reads them already. A T5 encoder under float16 precision is refused."""
+        if self.text_encoder is not None and self.text_encoder.config.model_type == "t5" \
+                and str(self.trainer.precision).startswith("16"):
+            raise ConfigError(f"trainer.precision={self.trainer.precision} runs the T5 text encoder in float16, where "
+                              f"its activations overflow: train with precision=bf16 (bf16-mixed) or precision=fp32")
         datamodule = self.trainer.datamodule
         if self._latent_cache_root is None or datamodule is None:
             return
