@@ -26,6 +26,7 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
+    T5Config,
     T5EncoderModel,
 )
 
@@ -169,3 +170,32 @@ def pretrained(pretrained_model_name_or_path: str, tokenizer: str | None = None,
     if max_length is not None:
         loaded.model_max_length = max_length
     return TextEncoder(loaded, model, trainable)
+
+
+# The architectures of the pretrained encoders the lab's configs name, for task=plan offline (their config.json)
+ARCHITECTURES = {
+    "openai/clip-vit-large-patch14": lambda: CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+        max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768),
+    "google/t5-v1_1-base": lambda: T5Config(
+        vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+}
+
+
+def stand_in(pretrained_model_name_or_path: str, max_length: int | None = None, dtype: str | None = None,
+             trainable: bool = False) -> TextEncoder:
+    """A randomly initialised encoder of a pretrained one's architecture (its config where a local copy or the hub
+    cache has it, else the lab's copy for the encoders its configs name) with a stand-in tokenizer of its context
+    length: what task=plan builds offline, with the same memory."""
+    name = pretrained_model_name_or_path
+    try:
+        config = AutoConfig.from_pretrained(name, local_files_only=True)
+    except OSError:
+        if name not in ARCHITECTURES:
+            raise ConfigError(f"task=plan needs the architecture of model.text_encoder.pretrained_model_name_or_path="
+                              f"{name}, which cannot be read offline: point it at a local copy") from None
+        config = ARCHITECTURES[name]()
+    model = MODEL_CLASSES[config.model_type](config).to(getattr(torch, dtype or "float32"))
+    context = max_length or getattr(config, "max_position_embeddings", None) or 512
+    return TextEncoder(train_tokenizer(["a stand-in caption"], vocab_size=300, max_length=context), model, trainable)

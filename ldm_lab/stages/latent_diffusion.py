@@ -142,23 +142,30 @@ class LatentDiffusionStage(TrainingStage):
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.lr, self.scale_lr = lr, scale_lr
         self.latent_cache = latent_cache
-        self.text_cache = text_cache
+        self.caches_text = latent_cache and text_cache and text is not None and not text.trainable
         self._val_sums: torch.Tensor | None = None
         self._latent_cache_root: str | Path | None = None  # attach_data: where setup fills the cache
-        self._caches_text = False  # attach_data: whether setup fills the text cache too
         self._empty_prompt: dict[str, torch.Tensor] | None = None  # setup: the empty prompt's cached condition
 
     # ----------------------------------------------------------------------------- what the tasks ask
     def planning_batch(self, batch_size: int, side: int) -> dict[str, torch.Tensor]:
-        """Pixels, or with the latent cache the first stage's moments, as training reads them."""
-        if not self.latent_cache:
-            return super().planning_batch(batch_size, side)
-        first = self.first_stage
-        channels = first.latent_channels * (2 if first.kind == "kl" else 1)
-        latent_side = side // first.downsample_factor
-        batch = {"latents": torch.randn(batch_size, channels, latent_side, latent_side)}
+        """Pixels, or with the latent cache the first stage's moments, as training reads them; a class-conditional
+        model's labels; a text-conditional model's captions, of the longest its encoder reads, and with the text
+        cache their embeddings (and the empty prompt's, which caption dropout reads)."""
+        if self.latent_cache:
+            first = self.first_stage
+            channels = first.latent_channels * (2 if first.kind == "kl" else 1)
+            latent_side = side // first.downsample_factor
+            batch = {"latents": torch.randn(batch_size, channels, latent_side, latent_side)}
+        else:
+            batch = super().planning_batch(batch_size, side)
         if self.class_names is not None:
             batch["class_labels"] = torch.randint(len(self.class_names), (batch_size,))
+        if self.conditioning == "text":
+            batch["captions"] = [" ".join(["word"] * self.tokenizer.model_max_length)] * batch_size
+        if self.caches_text:
+            batch.update(encode_prompt(self.tokenizer, self.text_encoder, batch["captions"]))
+            self._empty_prompt = {key: value[0] for key, value in batch.items() if key.startswith("encoder_")}
         return batch
 
     def check_resume(self, checkpoint: dict, path: str | Path) -> None:
@@ -206,9 +213,7 @@ class LatentDiffusionStage(TrainingStage):
                               f"square), and data.buckets makes batches of other shapes: train it with data.buckets=null "
                               f"(square crops of data.resolution), or use model=unet")
         self._latent_cache_root = latent_cache_root if self.latent_cache else None
-        self._caches_text = self.latent_cache and self.text_cache and self.text_encoder is not None \
-            and not self.text_encoder_trainable
-        if self._caches_text and datamodule.shuffle_caption:
+        if self.caches_text and datamodule.shuffle_caption:
             raise ConfigError("data.shuffle_caption=true changes a caption's text at every step, and the text cache "
                               "encodes each caption once: set model.text_cache=false (the frozen text encoder then "
                               "reads the shuffled captions at every step) or data.shuffle_caption=false")
@@ -228,7 +233,7 @@ class LatentDiffusionStage(TrainingStage):
         if datamodule.latent_keys is None:
             encode_latent_cache(self.first_stage, datamodule, self._latent_cache_root, strategy.root_device,
                                 ranks_of(strategy))
-        if self._caches_text and datamodule.text_cache is None:
+        if self.caches_text and datamodule.text_cache is None:
             encode_text_cache(self.tokenizer, self.text_encoder, datamodule, self._latent_cache_root,
                               strategy.root_device, ranks_of(strategy))
         if datamodule.text_cache is not None:
@@ -358,13 +363,16 @@ class LatentDiffusionStage(TrainingStage):
                 condition = {key: torch.where(dropped.to(value.device).view(-1, *[1] * (value.dim() - 1)),
                                               self._empty_prompt[key].to(value.device), value)
                              for key, value in condition.items()}
-            return condition
-        captions = list(batch["captions"])
-        if dropped is not None:
-            captions = ["" if drop else caption for caption, drop in zip(captions, dropped.tolist(), strict=True)]
-        with torch.set_grad_enabled(torch.is_grad_enabled() and text_encoder is self.text_encoder
-                                    and self.text_encoder_trainable):
-            return encode_prompt(self.tokenizer, text_encoder, captions)
+        else:
+            captions = list(batch["captions"])
+            if dropped is not None:
+                captions = ["" if drop else caption for caption, drop in zip(captions, dropped.tolist(), strict=True)]
+            with torch.set_grad_enabled(torch.is_grad_enabled() and text_encoder is self.text_encoder
+                                        and self.text_encoder_trainable):
+                condition = encode_prompt(self.tokenizer, text_encoder, captions)
+        # a bf16 encoder's embeddings meet the denoiser's weights (autocast, where on, casts them again)
+        condition["encoder_hidden_states"] = condition["encoder_hidden_states"].to(self.denoiser.dtype)
+        return condition
 
     def class_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """A class-conditional model's labels of a batch (None for an unconditional model)."""

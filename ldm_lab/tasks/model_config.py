@@ -6,6 +6,7 @@ names a ``denoiser``, an autoencoder's a ``vae``."""
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +20,14 @@ from ldm_lab.io.model_sources import load_first_stage
 from ldm_lab.nn.denoisers import side_multiple
 from ldm_lab.nn.downsampling import downsampling
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
-from ldm_lab.nn.text_encoders import save_tokenizer, scratch, tokenizer_of_files, train_tokenizer
+from ldm_lab.nn.text_encoders import (
+    pretrained,
+    save_tokenizer,
+    scratch,
+    stand_in,
+    tokenizer_of_files,
+    train_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +76,10 @@ def for_planning(model: DictConfig, random_first_stage: Callable[[], dict]) -> D
     """The config made buildable offline without changing its memory. An autoencoder: LPIPS with a random backbone
     (the same network), no validation metrics, the adversarial terms on from the start (the step's worst case). A
     latent diffusion model: an unscaled learning rate (its value takes no memory; scaling it needs a datamodule), a
-    latent scale of 1, without a first stage a random one (``random_first_stage()``: its description), and a
-    class-conditional model's classes, which come from the data, as 1000 stand-ins (a few MB of embedding)."""
+    latent scale of 1, without a first stage a random one (``random_first_stage()``: its description), a
+    class-conditional model's classes, which come from the data, as 1000 stand-ins (a few MB of embedding), a
+    pretrained text encoder as a random one of its architecture (:func:`~ldm_lab.nn.text_encoders.stand_in`) and
+    a scratch encoder's tokenizer, learned from the data, as a small stand-in (its embedding table is smaller)."""
     with open_dict(model):
         if not is_latent_diffusion(model):
             model.loss.update(lpips_backbone="random", require_perceptual_weights=False, disc_start=0)
@@ -81,6 +91,14 @@ def for_planning(model: DictConfig, random_first_stage: Callable[[], dict]) -> D
             model.first_stage = random_first_stage()
         if model.get("conditioning") == "class" and not model.get("class_names"):
             model.class_names = [str(i) for i in range(1000)]
+        encoder = model.get("text_encoder")
+        if encoder is not None and get_method(encoder._target_) is pretrained:
+            model.text_encoder = {"_target_": f"{stand_in.__module__}.{stand_in.__name__}", "_partial_": True,
+                                  **{key: encoder[key] for key in ("pretrained_model_name_or_path", "max_length",
+                                                                   "dtype", "trainable")}}
+        elif encoder is not None and not encoder.get("tokenizer"):
+            tokenizer = train_tokenizer(["a stand-in caption"], vocab_size=300, max_length=encoder.max_length)
+            encoder.tokenizer = str(save_tokenizer(tokenizer, Path(tempfile.mkdtemp(prefix="ldm_lab-plan-"))))
     return model
 
 
