@@ -17,7 +17,7 @@ from ldm_lab.nn.text_encoders import save_tokenizer, train_tokenizer
 from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks.trainer import build_datamodule, build_trainer
 from tests.conftest import CONF
-from tests.helpers import save_tiny_first_stage
+from tests.helpers import save_tiny_first_stage, save_tiny_text_encoder
 
 GROUP_OPTIONS = {
     group: sorted(p.stem for p in (CONF / group).glob("*.yaml"))
@@ -34,14 +34,18 @@ def test_every_group_has_its_options():
 
 def _offline_overrides(cfg, tmp_path) -> list[str]:
     """What a model config needs to build here: no LPIPS weights (autoencoders), a first stage (latent diffusion),
-    for a text model the scratch encoder (as wide as CLIP-L) with a tokenizer made here instead of downloaded
-    weights."""
+    for a text model a tiny pretrained encoder of its kind saved here, or the scratch encoder's tokenizer made
+    here, instead of downloaded weights."""
     if "denoiser" not in cfg.model:
         return ["model.loss.perceptual_weight=0", "model.metrics.lpips=false"]
     overrides = [f"model.first_stage={save_tiny_first_stage('vq', tmp_path / 'first_stage')}"]
-    if cfg.model.conditioning == "text":
+    if cfg.model.conditioning == "text" and cfg.model.text_encoder._target_.endswith(".pretrained"):
+        kind = "t5" if "t5" in cfg.model.text_encoder.pretrained_model_name_or_path else "clip"
+        encoder = save_tiny_text_encoder(kind, tmp_path / kind, ["a red square", "two blue lines"])
+        overrides.append(f"model.text_encoder.pretrained_model_name_or_path={encoder}")
+    elif cfg.model.conditioning == "text":
         tokenizer = save_tokenizer(train_tokenizer(["a red square", "two blue lines"], 300, 77), tmp_path / "tok")
-        overrides += ["model/text_encoder=scratch", f"model.text_encoder.tokenizer={tokenizer}"]
+        overrides.append(f"model.text_encoder.tokenizer={tokenizer}")
     return overrides
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks import plan
@@ -47,3 +48,18 @@ def test_plan_of_an_ldm_without_a_first_stage_uses_a_random_one(compose_cfg, tmp
     assert not result["fits"] and result["parts"]["EMA"] > 0 and result["parts"]["activations and workspace"] > 0
     with_stage = compose_cfg([*ldm_plan, f"model.first_stage={save_tiny_first_stage('vq', tmp_path / 'vq')}"], tiny=False)
     assert plan.plan(with_stage)["fits"]
+
+
+@pytest.mark.parametrize(("preset", "encoder", "tokens", "masked"), [("t2i_4060ti", "CLIPTextModel", 77, False),
+                                                                   ("t2i_dit_4060ti", "T5EncoderModel", 120, True)])
+def test_text_presets_plan_offline_with_their_encoders_architecture(compose_cfg, preset, encoder, tokens, masked):
+    """The pretrained encoder is a random one of its architecture and dtype, and the planned batch carries what the
+    text cache serves: each caption's embedding (and T5's mask) at the encoder's full context."""
+    cfg = compose_cfg([f"experiment={preset}", "task=plan", "data.source.root=unused"], tiny=False)
+    stage = plan.build_for_planning(cfg)
+    assert type(stage.text_encoder).__name__ == encoder and stage.text_encoder.dtype == torch.bfloat16
+    assert sum(p.numel() for p in stage.text_encoder.parameters()) == pytest.approx(
+        {"CLIPTextModel": 123.1e6, "T5EncoderModel": 109.6e6}[encoder], rel=0.01)
+    batch = stage.planning_batch(2, 64)
+    assert batch["encoder_hidden_states"].shape == (2, tokens, 768) and ("encoder_attention_mask" in batch) == masked
+    assert stage.caches_text and len(batch["captions"]) == 2
