@@ -108,3 +108,12 @@ def text_cfg(compose_cfg, tmp_path):
         return compose_cfg([model, *TEXT_TINY[1:], f"data.source.root={data}", f"model.first_stage={first_stage}",
                             *(o for o in overrides if o != model)], tiny=False)
     return make
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """The Hugging Face hub as a machine without network access sees it, at once (huggingface_hub reads
+    HF_HUB_OFFLINE when imported, so setting the variable now would not stop its retries)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)

@@ -160,3 +160,23 @@ def save_tiny_text_encoder(kind: str, path, captions: list[str], seed: int = 0):
 def text_stage(cfg, tmp_path):
     """The stage a text config builds, its tokenizer (a scratch encoder's) learned into ``tmp_path / "tokenizer"``."""
     return build_stage(model_config.with_data(cfg.model, build_datamodule(cfg), tmp_path / "tokenizer"), cfg.disc)
+
+
+def save_tiny_clip(path, captions: list[str], seed: int = 0):
+    """A randomly initialised CLIPModel (32 px images) and its CLIPProcessor saved as a pretrained folder, as
+    ``evaluate.clip_model`` loads one."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from ldm_lab.nn.text_encoders import train_tokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(captions, vocab_size=300, max_length=16)
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                intermediate_size=64, max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=64)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).save_pretrained(path)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
+    return path

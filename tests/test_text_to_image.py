@@ -99,9 +99,7 @@ def test_caption_dropout_is_drawn_per_step(text_cfg, tmp_path, monkeypatch):
     assert validation == batch["captions"]  # validation drops nothing
 
 
-def test_offline_pretrained_text_encoder_names_the_id_and_the_fix(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+def test_offline_pretrained_text_encoder_names_the_id_and_the_fix(offline_hub):
     with pytest.raises(ConfigError, match="openai/clip-vit-large-patch14.*pretrained_model_name_or_path=/path/to/copy"):
         pretrained("openai/clip-vit-large-patch14")
 

@@ -2,7 +2,8 @@
 (FID of N samples against the training images; a class-conditional model's samples spread evenly over its
 classes, a text-conditional model's drawn from the training captions, at guidance 1 and at
 ``sample.guidance_scale``, with their class accuracy or, on the captioned synthetic data, their prompt
-adherence), from a checkpoint or an exported folder.
+adherence, and a text model's CLIP score where a pretrained CLIP is at hand), from a checkpoint or an exported
+folder.
 
     python run.py task=evaluate evaluate.model=outputs/.../export data=imagenet100 data.resolution=256
     python run.py task=evaluate evaluate.model=outputs/.../checkpoints/best.ckpt data=celebahq evaluate.num_samples=50000
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torchmetrics.multimodal import CLIPScore
 from tqdm import tqdm
 
 from ldm_lab.core.errors import ConfigError
@@ -30,6 +32,7 @@ from ldm_lab.core.weights import MissingWeightsError, find_weights, missing_mess
 from ldm_lab.data.synthetic import SyntheticSource
 from ldm_lab.diffusion.sampling import SamplingOptions, generate
 from ldm_lab.evaluation.classes import correct, load_classifier, spread_labels
+from ldm_lab.evaluation.clip_score import as_clip_images, load_clip_score
 from ldm_lab.evaluation.metrics import ReconstructionMetrics, SampleQuality, make_fid
 from ldm_lab.evaluation.offline import FloorSamples, InceptionSamples, evaluate_reconstructions
 from ldm_lab.evaluation.prompt_adherence import adheres, load_reader
@@ -140,7 +143,7 @@ def evaluate_diffusion(cfg: DictConfig, source: Source, device: torch.device) ->
     height, width = options.size((datamodule.resolution, datamodule.resolution))
     results: dict = {"features": features, "resolution": f"{width}x{height}", "sampler": options.sampler,
                      "steps": options.num_inference_steps}
-    labels, prompts, scales, classify, reader = None, None, [1.0], None, None
+    labels, prompts, scales, classify, reader, clip = None, None, [1.0], None, None, None
     if pipeline.text_encoder is not None:
         prompts = _prompts(datamodule, num_samples, options.seed)
         others = prompts[1:] + prompts[:1]  # the prompts are in a seeded random order: a random pairing
@@ -150,6 +153,9 @@ def evaluate_diffusion(cfg: DictConfig, source: Source, device: torch.device) ->
         if features == "synthetic":
             reader = metric.quality.feature_net
             results["prompt_adherence_real"] = _real_adherence(reader, datamodule)
+        clip = _clip_score(cfg.evaluate.clip_model, notes, device)
+        if clip is not None:
+            results["clip_score_real"] = _real_clip_score(clip, datamodule, num_samples)
     if class_names is not None:
         num_classes = len(class_names)
         labels = spread_labels(num_samples, num_classes)
@@ -176,6 +182,8 @@ def evaluate_diffusion(cfg: DictConfig, source: Source, device: torch.device) ->
             if reader is not None:  # against its own prompt, and against the next sample's (the chance level)
                 adhered.append(adheres(reader, images, texts))
                 shuffled.append(adheres(reader, images, others[start : start + count]))
+            if clip is not None:
+                clip.update(as_clip_images(images), texts)
         figures = metric.compute(name)
         results.update({f"{key}{at}": value for key, value in figures.items() if "images" not in key})
         results.update({key: value for key, value in figures.items() if "images" in key})
@@ -187,6 +195,9 @@ def evaluate_diffusion(cfg: DictConfig, source: Source, device: torch.device) ->
         if adhered:
             results[f"prompt_adherence{at}"] = float(torch.cat(adhered).float().mean())
             results[f"prompt_adherence_shuffled{at}"] = float(torch.cat(shuffled).float().mean())
+        if clip is not None:
+            results[f"clip_score{at}"] = float(clip.compute())
+            clip.reset()
         log.info("%s%s", f"guidance {scale:g}: " if at else "", _describe_scale(results, at))
     if class_names is not None and isinstance(metric, FloorSamples):
         per_class = sum(k.startswith("fid of ") for k in results) // len(scales)
@@ -206,6 +217,8 @@ def _describe_scale(results: dict, at: str) -> str:
         parts.append(f"prompt adherence {results[f'prompt_adherence{at}']:.1%} (shuffled prompts "
                      f"{results[f'prompt_adherence_shuffled{at}']:.1%}, real images "
                      f"{results['prompt_adherence_real']:.1%})")
+    if f"clip_score{at}" in results:
+        parts.append(f"CLIP score {results[f'clip_score{at}']:.2f} (real images {results['clip_score_real']:.2f})")
     if f"class_accuracy{at}" in results:
         parts.append(f"class accuracy {results[f'class_accuracy{at}']:.1%}")
     fid, floor = results[f"fid{at}"], results.get(f"floor_fid{at}")
@@ -226,6 +239,31 @@ def _prompts(datamodule, count: int, seed: int) -> list[str]:
     training = np.flatnonzero(~datamodule.is_val)
     order = training[np.random.default_rng(seed).permutation(len(training))]
     return [datamodule.index.captions[order[i % len(order)]][0] for i in range(count)]
+
+
+def _clip_score(clip_model: str | None, notes: list[str], device: torch.device) -> CLIPScore | None:
+    """The CLIP score metric of ``evaluate.clip_model``, or None (off, or its weights missing: said in ``notes``)."""
+    if not clip_model:
+        return None
+    try:
+        return load_clip_score(clip_model).to(device)
+    except MissingWeightsError as error:
+        notes.append(str(error))
+        return None
+
+
+def _real_clip_score(clip: CLIPScore, datamodule, count: int) -> float:
+    """The CLIP score of the first ``count`` training images with their own captions: what real data reaches."""
+    seen = 0
+    for batch in datamodule.reference_dataloader():
+        take = min(len(batch["pixel_values"]), count - seen)
+        clip.update(as_clip_images(batch["pixel_values"][:take]), list(batch["captions"])[:take])
+        seen += take
+        if seen >= count:
+            break
+    score = float(clip.compute())
+    clip.reset()
+    return score
 
 
 def _real_adherence(reader, datamodule) -> float:
