@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 
 import pytest
 import torch
 
 from ldm_lab.core.errors import ConfigError
+from ldm_lab.core.fingerprint import text_key
 from ldm_lab.data.latent_cache import text_condition
 from ldm_lab.diffusion.pipeline import encode_prompt
 from ldm_lab.stages import encoding
@@ -119,3 +121,30 @@ def test_a_text_cache_larger_than_the_free_disk_is_refused(frozen_cfg, tmp_path,
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(ConfigError, match=r"text cache needs .* GB .* 0\.00 GB free: set paths\.latent_cache"):
         _encode(frozen_cfg(), tmp_path, monkeypatch)
+
+
+def test_ranks_encode_disjoint_shares_into_one_cache(frozen_cfg, tmp_path, monkeypatch):
+    """Two ranks (threads standing in for processes, as DDP's meet at barriers) each encode every other batch of
+    the captions; each then reads every caption from the one cache."""
+    cfg = frozen_cfg()
+    stage = text_stage(cfg, tmp_path)
+    barrier = threading.Barrier(2)
+    read, caches = {0: [], 1: []}, {}
+
+    def encode(rank):
+        ranks = encoding.Ranks(rank, 2, lambda part: [part], barrier.wait)
+        datamodule = _datamodule(cfg)
+        caches[rank] = encode_text_cache(stage.tokenizer, stage.text_encoder, datamodule, tmp_path / "cache",
+                                         ranks=ranks, batch_size=2)
+
+    monkeypatch.setattr(encoding, "encode_prompt", lambda tokenizer, encoder, prompts: read[
+        int(threading.current_thread().name[-1])].extend(prompts) or encode_prompt(tokenizer, encoder, prompts))
+    threads = [threading.Thread(target=encode, args=(rank,), name=f"rank{rank}") for rank in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    expected = {"", *(f"a {colour} square" for colour in COLOURS)}
+    assert read[0] and read[1] and not set(read[0]) & set(read[1]) and set(read[0]) | set(read[1]) == expected
+    for cache in caches.values():
+        assert all(text_key(caption) in cache for caption in expected)
