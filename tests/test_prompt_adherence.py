@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from ldm_lab.data.synthetic_captions import COLOURS, KINDS, describe
-from ldm_lab.evaluation.prompt_adherence import CHOICES, adheres, facts_of, read_back, render, train_reader
+from ldm_lab.evaluation.prompt_adherence import (
+    CHOICES,
+    adheres,
+    fact_matches,
+    facts_of,
+    read_back,
+    render,
+    train_reader,
+)
 from ldm_lab.tasks import evaluate, train
 from tests.conftest import LDM_TINY
 from tests.helpers import save_tiny_clip, save_tiny_first_stage
@@ -38,6 +46,7 @@ def test_a_sample_adheres_only_when_all_four_facts_are_read_back():
     prompts = ["two red circles on a blue background", "2 red circles, blue background", "two red squares on a blue "
                "background"]
     assert adheres(Reader(), images, prompts).tolist() == [True, True, False]
+    assert fact_matches(Reader(), images, prompts)[2].tolist() == [False, True, True, True]  # only the kind is wrong
     assert KINDS[read_back(Reader(), images)[0, 0]] == "circle"
 
 
@@ -65,6 +74,7 @@ def test_evaluate_reports_adherence_beside_chance_and_real_images(compose_cfg, t
     for at in (" @ guidance 1", " @ guidance 3"):
         assert 0 <= results[f"prompt_adherence{at}"] <= 1 and 0 <= results[f"prompt_adherence_shuffled{at}"] <= 1
         assert results[f"fid{at}"] > 0 and -100 <= results[f"clip_score{at}"] <= 100
+        assert all(0 <= results[f"prompt_adherence_{fact}{at}"] <= 1 for fact in CHOICES)
     assert results["clip_score @ guidance 1"] != results["clip_score @ guidance 3"]  # reset between the scales
     assert results["prompt_adherence_real"] > results["prompt_adherence @ guidance 3"]  # two steps of training
     # without the CLIP model (offline, not copied here) everything else is still measured, and the note says why

@@ -67,10 +67,15 @@ def read_back(reader: FeatureNet, images: torch.Tensor) -> torch.Tensor:
     return torch.stack([head.argmax(dim=1) for head in logits], dim=1)
 
 
+def fact_matches(reader: FeatureNet, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """(N, 4) whether each image shows each fact of its prompt (kind, count, colour, background)."""
+    wanted = torch.stack([facts_of(prompt) for prompt in prompts])
+    return read_back(reader, images) == wanted
+
+
 def adheres(reader: FeatureNet, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """(N,) whether each image shows all four facts of its prompt."""
-    wanted = torch.stack([facts_of(prompt) for prompt in prompts])
-    return (read_back(reader, images) == wanted).all(dim=1)
+    return fact_matches(reader, images, prompts).all(dim=1)
 
 
 def train_reader(resolution: int, steps: int = 1600, batch_size: int = 64, num_renders: int = 4096,

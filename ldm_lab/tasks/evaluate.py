@@ -35,7 +35,7 @@ from ldm_lab.evaluation.classes import correct, load_classifier, spread_labels
 from ldm_lab.evaluation.clip_score import as_clip_images, load_clip_score
 from ldm_lab.evaluation.metrics import ReconstructionMetrics, SampleQuality, make_fid
 from ldm_lab.evaluation.offline import FloorSamples, InceptionSamples, evaluate_reconstructions
-from ldm_lab.evaluation.prompt_adherence import adheres, load_reader
+from ldm_lab.evaluation.prompt_adherence import CHOICES, adheres, fact_matches, load_reader
 from ldm_lab.evaluation.synthetic_features import class_logits, load_feature_net
 from ldm_lab.io.model_sources import (
     AUTOENCODER,
@@ -180,7 +180,7 @@ def evaluate_diffusion(cfg: DictConfig, source: Source, device: torch.device) ->
             if classify is not None:
                 told.append(correct(classify, images, batch, len(class_names)))
             if reader is not None:  # against its own prompt, and against the next sample's (the chance level)
-                adhered.append(adheres(reader, images, texts))
+                adhered.append(fact_matches(reader, images, texts))
                 shuffled.append(adheres(reader, images, others[start : start + count]))
             if clip is not None:
                 clip.update(as_clip_images(images), texts)
@@ -193,7 +193,10 @@ def evaluate_diffusion(cfg: DictConfig, source: Source, device: torch.device) ->
         if told:
             results[f"class_accuracy{at}"] = float(torch.cat(told).float().mean())
         if adhered:
-            results[f"prompt_adherence{at}"] = float(torch.cat(adhered).float().mean())
+            matches = torch.cat(adhered)
+            results[f"prompt_adherence{at}"] = float(matches.all(dim=1).float().mean())
+            results.update({f"prompt_adherence_{fact}{at}": float(share)
+                            for fact, share in zip(CHOICES, matches.float().mean(dim=0), strict=True)})
             results[f"prompt_adherence_shuffled{at}"] = float(torch.cat(shuffled).float().mean())
         if clip is not None:
             results[f"clip_score{at}"] = float(clip.compute())
@@ -216,7 +219,8 @@ def _describe_scale(results: dict, at: str) -> str:
     if f"prompt_adherence{at}" in results:
         parts.append(f"prompt adherence {results[f'prompt_adherence{at}']:.1%} (shuffled prompts "
                      f"{results[f'prompt_adherence_shuffled{at}']:.1%}, real images "
-                     f"{results['prompt_adherence_real']:.1%})")
+                     f"{results['prompt_adherence_real']:.1%}; by fact: "
+                     + ", ".join(f"{fact} {results[f'prompt_adherence_{fact}{at}']:.0%}" for fact in CHOICES) + ")")
     if f"clip_score{at}" in results:
         parts.append(f"CLIP score {results[f'clip_score{at}']:.2f} (real images {results['clip_score_real']:.2f})")
     if f"class_accuracy{at}" in results:
