@@ -197,7 +197,7 @@ def test_evaluate_measures_original_checkpoints(compose_cfg, tmp_path, monkeypat
     assert samples["samples"] == 3 and samples["fid"] > 0 and samples["resolution"] == "32x32"
     assert len(list(cache_root().iterdir())) == 2  # each file converted once
 
-    with pytest.raises(ConfigError, match=r"holds a denoiser \(UNet2DModel, UNet2DConditionModel or DiTTransformer2DModel\)\. evaluate.model takes an autoencoder .* or a latent"):
+    with pytest.raises(ConfigError, match=r"holds a denoiser \(UNet2DModel, .* or PixArtTransformer2DModel\)\. evaluate.model takes an autoencoder .* or a latent"):
         unet = tmp_path / "unet.ckpt"
         torch.save({"state_dict": fixture("unet")["state_dict"]}, unet)
         evaluate.run(compose_cfg(["task=evaluate", f"evaluate.model={unet}"]))
