@@ -32,13 +32,13 @@ def describe(kind: int, count: int, colour: str, background: str) -> tuple[str, 
             f"{count} {shapes}, {background} background")
 
 
-def _place(rng: np.random.Generator, side: int, count: int) -> list[tuple[float, float, float]] | None:
+def _place(rng: np.random.Generator, width: int, height: int, count: int) -> list[tuple[float, float, float]] | None:
     """``count`` shapes as (x, y, size) whose boxes lie on the canvas and keep ``GAP`` pixels apart, or None."""
     placed = []
     for _ in range(count):
         for _ in range(MAX_TRIES):
-            size = side * rng.uniform(0.24, 0.34)
-            x, y = rng.uniform(1, side - size - 1, size=2)
+            size = min(width, height) * rng.uniform(0.24, 0.34)
+            x, y = rng.uniform(1, [width - size - 1, height - size - 1])
             if all(x + size + GAP < px or px + ps + GAP < x or y + size + GAP < py or py + ps + GAP < y
                    for px, py, ps in placed):
                 placed.append((x, y, size))
@@ -48,18 +48,20 @@ def _place(rng: np.random.Generator, side: int, count: int) -> list[tuple[float,
     return placed
 
 
-def draw_captioned(rng: np.random.Generator, side: int) -> tuple[Image.Image, tuple[str, ...], dict]:
-    """One captioned picture of ``side`` x ``side`` pixels: the image, its captions and what was drawn
-    (``kind``, ``count``, ``colour``, ``background``)."""
+def draw_captioned(rng: np.random.Generator, width: int, height: int | None = None
+                   ) -> tuple[Image.Image, tuple[str, ...], dict]:
+    """One captioned picture of ``width`` x ``height`` pixels (square by default): the image, its captions and what
+    was drawn (``kind``, ``count``, ``colour``, ``background``)."""
+    height = height or width
     names = list(COLOURS)
     kind, count = int(rng.integers(len(KINDS))), int(rng.integers(1, 4))
     colour, background = (names[i] for i in rng.choice(len(names), size=2, replace=False))
-    placed = _place(rng, side, count)
+    placed = _place(rng, width, height, count)
     while placed is None:  # three shapes this large do not always fit
         count -= 1
-        placed = _place(rng, side, count)
+        placed = _place(rng, width, height, count)
     angle = rng.uniform(0, 2 * np.pi)
-    ys, xs = np.mgrid[0:side, 0:side] / max(side - 1, 1)
+    ys, xs = np.mgrid[0:height, 0:width] / np.array([max(height - 1, 1), max(width - 1, 1)])[:, None, None]
     t = xs * np.cos(angle) + ys * np.sin(angle)
     t = (t - t.min()) / max(np.ptp(t), 1e-6)
     base = np.array(COLOURS[background], dtype=np.float64)

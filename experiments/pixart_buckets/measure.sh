@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Aspect-ratio buckets on PixArt below sample size 128: the same tiny PixArt recipe trained on whole pictures of
+# three shapes in buckets, and on their square center crops, then compared (compare.py). Resumable: a finished
+# step is skipped.
+#   experiments/pixart_buckets/measure.sh <out folder> [steps]
+set -euo pipefail
+out=$1 steps=${2:-3000}
+data=$out/data
+[[ -f $data/drawn.jsonl ]] || .venv/bin/python experiments/pixart_buckets/make_data.py "$data"
+DATA=(data=folder "data.source.root=$data" data.source.caption_extension=.txt data.source.index_workers=0
+      data.resolution=32 data.num_val=192)
+BUCKETS=(+data/buckets=novelai data.buckets.max_area=1536 data.buckets.min_side=32 data.buckets.max_side=48
+         data.buckets.step=16 data.buckets.base_side=32 data.buckets.max_ar_error=0.5)
+if [[ ! -f $out/autoencoder/checkpoints/last.ckpt ]]; then  # the quickstart's, on square crops of these pictures
+  .venv/bin/python run.py experiment=quickstart "${DATA[@]}" hydra.run.dir=$out/autoencoder
+fi
+RECIPE=(model=dit_text_tiny model/objective=ddpm_v model.objective.timestep_density.weighting_scheme=logit_normal
+        model.objective.timestep_density.logit_mean=-1.0 precision=fp32 model.lr=1e-3 model.ema_decay=0.999
+        data.batch_size=32 max_steps=$steps val_every_n_steps=1000 sample.num_images=4 sample.guidance_scale=3
+        "model.first_stage=$out/autoencoder/checkpoints/last.ckpt")
+for run in buckets square; do
+  extra=()
+  [[ $run == buckets ]] && extra=("${BUCKETS[@]}")
+  [[ -f $out/$run/checkpoints/last.ckpt ]] || \
+    .venv/bin/python run.py "${RECIPE[@]}" "${DATA[@]}" "${extra[@]}" data.random_flip=false hydra.run.dir=$out/$run
+done
+.venv/bin/python experiments/pixart_buckets/compare.py $out/buckets $out/square "$data"
