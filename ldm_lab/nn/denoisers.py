@@ -164,14 +164,8 @@ def initialize_adaln_zero(model: nn.Module) -> None:
     projection as a linear layer, N(0, 0.02) class and timestep embeddings, and zero adaLN modulations (each
     block's ``norm1.linear``, the final ``proj_out_1``) and final projection (``proj_out_2``), so every block
     starts as the identity. (DiT's fused qkv projection is three layers here, each Xavier on its own shape.)"""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-    projection = model.pos_embed.proj
-    nn.init.xavier_uniform_(projection.weight.view(projection.weight.shape[0], -1))
-    nn.init.zeros_(projection.bias)
+    _xavier_linear_layers(model)
+    nn.init.zeros_(model.pos_embed.proj.bias)
     for block in model.transformer_blocks:
         embedding = block.norm1.emb
         nn.init.normal_(embedding.class_embedder.embedding_table.weight, std=0.02)
@@ -189,13 +183,7 @@ def initialize_pixart(model: nn.Module) -> None:
     patch projection as a linear layer, N(0, 0.02) timestep MLP, adaLN-single projection and caption projection,
     and zero cross-attention outputs (``attn2.to_out``) and final projection (``proj_out``), so the text first
     enters through trained weights and every block starts near the identity."""
-    for module in model.modules():
-        if isinstance(module, nn.Linear):
-            nn.init.xavier_uniform_(module.weight)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-    projection = model.pos_embed.proj
-    nn.init.xavier_uniform_(projection.weight.view(projection.weight.shape[0], -1))
+    _xavier_linear_layers(model)
     timestep = model.adaln_single.emb.timestep_embedder
     for layer in (timestep.linear_1, timestep.linear_2, model.adaln_single.linear,
                   model.caption_projection.linear_1, model.caption_projection.linear_2):
@@ -203,3 +191,15 @@ def initialize_pixart(model: nn.Module) -> None:
     for layer in [block.attn2.to_out[0] for block in model.transformer_blocks] + [model.proj_out]:
         nn.init.zeros_(layer.weight)
         nn.init.zeros_(layer.bias)
+
+
+def _xavier_linear_layers(model: nn.Module) -> None:
+    """The start DiT and PixArt-alpha share (their ``_basic_init``): Xavier-uniform linear layers with zero biases,
+    and the patch projection's weight Xavier-uniform as the linear layer it is."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    projection = model.pos_embed.proj
+    nn.init.xavier_uniform_(projection.weight.view(projection.weight.shape[0], -1))
