@@ -8,9 +8,9 @@ compared on the same held-out pictures of the three shapes (make_data.py):
   reads squares), and per fact;
 - grids of landscape and portrait samples of the same prompts, to look at.
 
-    python experiments/pixart_buckets/compare.py <buckets run> <square run> <data folder> [--repeats 8]
+    python experiments/pixart_buckets/compare.py <buckets run> <square run> <data folder> [--out <folder>]
 
-Writes results.json and the grids beside this file.
+Writes results.json and the grids into --out (default: beside this file).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
@@ -94,13 +94,14 @@ def main() -> None:
     parser.add_argument("data", type=Path)
     parser.add_argument("--repeats", type=int, default=8)
     parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=HERE, help="where results.json and the grids go")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     data = datamodule(args.data)
     prompts = square_prompts(data, args.samples)
     reader, _ = load_reader(ROOT / "data" / "fid_reference", 32)
-    results = {"held_out": {shape: int(n) for shape, n in zip(*torch.unique(torch.tensor(
-        [data.index.widths[i] * 100 + data.index.heights[i] for i, v in enumerate(data.is_val) if v]),
-        return_counts=True), strict=True)}}
+    results = {"held out": dict(Counter(f"{data.index.widths[i]}x{data.index.heights[i]}"
+                                        for i, held_out in enumerate(data.is_val) if held_out))}
     for name, run in (("buckets", args.buckets), ("square", args.square)):
         losses = validation_losses(run, data, args.repeats)
         matches = fact_matches(reader, samples(run, prompts, 32, 32), prompts)
@@ -108,10 +109,10 @@ def main() -> None:
                          float(matches.all(dim=1).float().mean()),
                          "by fact": dict(zip(CHOICES, matches.float().mean(dim=0).tolist(), strict=True))}
         for width, height in ((48, 32), (32, 48)):
-            save_image(samples(run, prompts[:8], height, width) / 2 + 0.5, HERE / f"{name}_{width}x{height}.png",
-                       nrow=8, padding=1)
+            save_image(samples(run, prompts[:8], height, width) / 2 + 0.5,
+                       args.out / f"{name}_{width}x{height}.png", nrow=8, padding=1)
         print(name, json.dumps(results[name]), flush=True)
-    (HERE / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
 
 
 if __name__ == "__main__":
