@@ -73,10 +73,11 @@ sweep-vae: install ## 8-job lr x disc-norm sweep of the tiny VAE (short budget),
 		require_weights=false hydra.sweep.dir=$(SWEEP_DIR)
 	$(BIN)/python run.py task=report sweep_dir=$(SWEEP_DIR)
 
-bench: install ## benchmarks (data layer, stages, speed options, encoding by 1 and 2 processes); tables in experiments/bench/results/
+bench: install ## benchmarks (data layer, stages, speed options, encoding by 1 and 2 processes, a step's breakdown and compile); tables in experiments/bench/results/
 	$(BIN)/python experiments/bench/bench_data.py
 	$(BIN)/python experiments/bench/bench_stages.py
 	$(BIN)/python experiments/bench/bench_encoding.py
+	$(BIN)/python experiments/bench/bench_step.py
 
 gpu-check: install ## on a CUDA machine: task=plan vs real memory, images/s, bf16 peak, speed options -> experiments/gpu/
 	$(BIN)/python experiments/gpu/gpu_check.py
