@@ -107,8 +107,8 @@ def main() -> None:
         with_ema, _ = network_step_seconds(overrides, args.steps, ema=True, compile_network=False)
         step = lightning_step_seconds(overrides, args.steps)
         compiled, first = network_step_seconds(overrides, args.steps, ema=False, compile_network=True)
-        rows.append(f"| {label} | {network * 1e3:.0f} | {with_ema * 1e3:.0f} | {step * 1e3:.0f} | "
-                    f"{step / network:.2f} | {compiled * 1e3:.0f} | {compiled / network:.2f} | {first - compiled:.0f} |")
+        rows.append(f"| {label} | {network * 1e3:.0f} | {with_ema * 1e3:.0f} | {step * 1e3:.0f} | {step / network:.2f} "
+                    f"| {compiled * 1e3:.0f} | {compiled / network:.2f} | {first - compiled:.0f} |")
         print(rows[-1], flush=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text("\n".join([f"# Training step breakdown ({platform.processor() or platform.machine()}, "

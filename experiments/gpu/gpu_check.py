@@ -43,7 +43,8 @@ STAGES = [("KL SD f8c4 + PatchGAN (sd_vae_4060ti)", ["experiment=sd_vae_4060ti"]
           ("LDM-VQ-4 UNet, cached latents (celebahq_ldm_vq4)", ["experiment=celebahq_ldm_vq4"], 256, True),
           ("DiT-B/2 rectified flow, 100 classes, cached f8 latents (imagenet100_dit_b2)",
            ["experiment=imagenet100_dit_b2"], 256, True)]
-PRESETS = ("sd_vae_4060ti", "celebahq_ldm_vq4", "imagenet100_dit_b2", "t2i_4060ti", "t2i_dit_4060ti")  # memory: plan vs GPU
+# memory: the plan against the GPU
+PRESETS = ("sd_vae_4060ti", "celebahq_ldm_vq4", "imagenet100_dit_b2", "t2i_4060ti", "t2i_dit_4060ti")
 OPTIONS = ["channels_last", "compile", "fused_adamw", "sdpa"]
 
 

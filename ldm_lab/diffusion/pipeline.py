@@ -9,11 +9,12 @@ ldm_lab; the lab imports the denoiser call (:func:`predict`), guidance (:func:`g
     images = pipe(prompt=["two red circles"], guidance_scale=5.0, negative_prompt="").images  # a text model
     images = pipe(batch_size=4, num_inference_steps=50).images  # an unconditional model
 
-Any denoiser (``UNet2DModel``, ``UNet2DConditionModel``, ``DiTTransformer2DModel``), any scheduler of its objective
-(DDIM or DDPM for a model trained with DDPM, FlowMatch Euler or Heun for rectified flow: swap ``pipe.scheduler`` as
-diffusers does), unconditional, with classes or with prompts (a ``tokenizer`` and ``text_encoder`` encode them as
-Stable Diffusion's ``encode_prompt`` does). ``LDMPipeline`` samples none of the others: it ignores labels, calls
-``init_noise_sigma``, which FlowMatch schedulers lack, and ``DiTPipeline`` hard-codes the null class 1000.
+Any denoiser (``UNet2DModel``, ``UNet2DConditionModel``, ``DiTTransformer2DModel``, ``PixArtTransformer2DModel``),
+any scheduler of its objective (DDIM or DDPM for a model trained with DDPM, FlowMatch Euler or Heun for rectified
+flow: swap ``pipe.scheduler`` as diffusers does), unconditional, with classes or with prompts (a ``tokenizer`` and
+``text_encoder`` encode them as Stable Diffusion's ``encode_prompt`` does, or, for T5, as ``PixArtAlphaPipeline``
+does). ``LDMPipeline`` samples none of the others: it ignores labels, calls ``init_noise_sigma``, which FlowMatch
+schedulers lack, and ``DiTPipeline`` hard-codes the null class 1000.
 """
 
 from __future__ import annotations
@@ -147,11 +148,11 @@ def class_ids(class_labels: str | int | Sequence[str | int], class_names: Sequen
 
 class LatentDiffusionPipeline(DiffusionPipeline):
     """``vqvae``: the first stage (a ``VQModel`` or an ``AutoencoderKL``), whose ``scaling_factor`` is the latent
-    scale; ``unet``: the denoiser (LDMPipeline's name for it), a ``UNet2DModel``, ``UNet2DConditionModel`` or
-    ``DiTTransformer2DModel``; ``scheduler``: what it samples with; ``class_names``: a class-conditional model's K
-    class names by id (id K is the null class), empty otherwise; ``objective``: what the denoiser learned (``ddpm``
-    or ``rectified_flow``), which tells the schedulers it samples with; ``tokenizer`` and ``text_encoder``: a
-    text-conditional model's (transformers')."""
+    scale; ``unet``: the denoiser (LDMPipeline's name for it), a ``UNet2DModel``, ``UNet2DConditionModel``,
+    ``DiTTransformer2DModel`` or ``PixArtTransformer2DModel``; ``scheduler``: what it samples with;
+    ``class_names``: a class-conditional model's K class names by id (id K is the null class), empty otherwise;
+    ``objective``: what the denoiser learned (``ddpm`` or ``rectified_flow``), which tells the schedulers it samples
+    with; ``tokenizer`` and ``text_encoder``: a text-conditional model's (transformers')."""
 
     model_cpu_offload_seq = "text_encoder->unet->vqvae"
     _optional_components = ["tokenizer", "text_encoder"]
