@@ -95,7 +95,8 @@ def test_caption_dropout_is_drawn_per_step_from_the_cached_embeddings(frozen_cfg
 
     monkeypatch.setattr(stage_module.LatentDiffusionStage, "condition", recorded)
     monkeypatch.setattr(stage_module, "encode_prompt", lambda *args: pytest.fail("a cached caption was encoded"))
-    train.run(frozen_cfg("max_steps=4", "val_every_n_steps=4", "model.caption_dropout=0.5", "sample.num_images=1"))
+    train.run(frozen_cfg("max_steps=4", "val_every_n_steps=4", "model.caption_dropout=0.5", "sample.num_images=0"))
+    assert not (tmp_path / "run" / "samples").exists()  # none asked for
     stage = text_stage(frozen_cfg(), tmp_path)
     empty = encode_prompt(stage.tokenizer, stage.text_encoder, [""])["encoder_hidden_states"][0]
     masks = []

@@ -73,6 +73,9 @@ torch.save(torch.from_numpy(images), {str(tmp_path / 'sd.pt')!r})
     assert len(list((tmp_path / "sampled" / "samples" / "00-a_red_square").glob("*.png"))) == 2
     with Image.open(grid) as image:
         assert image.size == (2 * 66 + 2, 66 + 2 + 12)  # one row of two 64 px samples, and its caption strip
+    with pytest.raises(ConfigError, match="sample.num_images=0: give how many"):
+        sample.run(text_cfg("task=sample", f"sample.model={run / 'export'}", "sample.num_images=0",
+                            f"paths.output_dir={tmp_path / 'none'}"))
 
 
 def test_prompts_change_the_samples_and_the_text_encoder_trains_under_its_ema(text_cfg, tmp_path):

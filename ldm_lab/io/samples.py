@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torchvision.utils import make_grid, save_image
 
+from ldm_lab.core.errors import ConfigError
 from ldm_lab.diffusion.pipeline import NULL_CLASS, LatentDiffusionPipeline
 from ldm_lab.diffusion.sampling import SamplingOptions, generate, requested_classes, requested_prompts
 
@@ -103,6 +104,9 @@ def draw_samples(options: SamplingOptions, pipeline: LatentDiffusionPipeline, ou
     class-conditional model draws ``sample.num_images`` of each class of ``sample.class_labels``, a
     text-conditional one of each prompt of ``sample.prompts`` / ``sample.prompt_file`` (else of
     ``default_prompts``), guided by ``sample.guidance_scale``."""
+    if options.num_images < 1:
+        raise ConfigError(f"sample.num_images={options.num_images}: give how many images to draw (per class or "
+                          f"prompt), at least 1")
     pipeline.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     height, width = options.size(default_size)
     generator = torch.Generator().manual_seed(options.seed)

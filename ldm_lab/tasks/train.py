@@ -99,7 +99,7 @@ def run(cfg: DictConfig) -> dict[str, float]:
     log.info("image grids: %s", output_dir / "images")
     model = stage.trained_model()
     log.info("diffusers folder: %s", export_model(model, output_dir / "export", lambda: datamodule))
-    if isinstance(model, LatentDiffusionPipeline):  # a grid of sample.* at the leftover bucket's resolution
+    if isinstance(model, LatentDiffusionPipeline) and cfg.sample.num_images > 0:  # sample.*, the leftover bucket's size
         stage.cpu()  # draw_samples takes the pipeline's networks to the GPU, the rest stays off it
         grid = draw_samples(SamplingOptions.from_config(cfg.sample), model, output_dir / "samples",
                             datamodule.leftover_resolution,
