@@ -33,9 +33,9 @@ from ldm_lab.tasks.trainer import build_datamodule
 from tests.conftest import COLOURS
 from tests.helpers import save_tiny_text_encoder, text_stage
 
-# |lab - diffusers| of the text exports' samples (in [-1, 1]): at most 2.7e-6 over this CPU's code paths and thread
-# counts (experiments/parity_tolerance/measure_text_exports.py), times the 40x by which AVX-512/AMX moved the DDIM
-# parity (Sapphire Rapids), times 2. A prompt read otherwise (PixArt's lower-casing left out) moves them by 6.7e-2.
+# |lab - diffusers| of the text exports' samples (in [-1, 1]): at most 2.7e-6 over an AMX Xeon's AVX-512, AVX2 and
+# older code paths and 1-4 threads (experiments/parity_tolerance/measure_text_exports.py), times the 40x by which
+# another CPU moved the DDIM parity (Sapphire Rapids), times 2. A prompt read otherwise (PixArt's lower-casing left out) moves them by 6.7e-2.
 EXPORT_TOLERANCE = 2e-4
 
 
