@@ -73,11 +73,11 @@ def export_pipeline(pipeline: LatentDiffusionPipeline, out_dir: Path) -> Path:
     class_names = pipeline.config.class_names
     ddpm = pipeline.config.objective == "ddpm"
     plain = not class_names and isinstance(pipeline.unet, UNet2DModel) and ddpm
-    kl = ddpm and isinstance(pipeline.vqvae, AutoencoderKL)
-    stable_diffusion = (kl and isinstance(pipeline.unet, UNet2DConditionModel)
+    kl_ddpm = ddpm and isinstance(pipeline.vqvae, AutoencoderKL)
+    stable_diffusion = (kl_ddpm and isinstance(pipeline.unet, UNet2DConditionModel)
                         and isinstance(pipeline.text_encoder, CLIPTextModel))
-    pixart = kl and isinstance(pipeline.unet, PixArtTransformer2DModel) and isinstance(pipeline.text_encoder,
-                                                                                       T5EncoderModel)
+    pixart = (kl_ddpm and isinstance(pipeline.unet, PixArtTransformer2DModel)
+              and isinstance(pipeline.text_encoder, T5EncoderModel))
     if plain:
         LDMPipeline(vqvae=pipeline.vqvae, unet=pipeline.unet, scheduler=pipeline.scheduler).save_pretrained(out_dir)
         loads = "LDMPipeline.from_pretrained"
