@@ -123,11 +123,12 @@ def test_each_task_composes_with_its_own_options_only(compose_cfg):
     options (train's preview grid draws as task=sample does), not another task's."""
     tasks = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
     assert tasks == sorted(TASKS)
-    owned = {"evaluate": "evaluate", "plan": "plan", "convert": "convert", "sweep_dir": "report", "overwrite": "train"}
+    owned = {"evaluate": ("evaluate", "ema_sweep"), "ema_sweep": ("ema_sweep",), "plan": ("plan",),
+             "convert": ("convert",), "sweep_dir": ("report",), "overwrite": ("train",)}
     for task in tasks:
         cfg = compose_cfg([f"task={task}", "model=unet_tiny"], tiny=False)
         assert cfg.task == task
-        assert {key for key, owner in owned.items() if key in cfg} == {k for k, o in owned.items() if o == task}
+        assert {key for key, owner in owned.items() if key in cfg} == {k for k, o in owned.items() if task in o}
         assert ("model" in cfg.sample) == (task == "sample")
         assert cfg.callbacks.image_logger.sampling.num_inference_steps == cfg.sample.num_inference_steps == 50
 
@@ -135,6 +136,7 @@ def test_each_task_composes_with_its_own_options_only(compose_cfg):
 def test_another_tasks_option_is_refused_with_its_task():
     check_task_options(["task=evaluate", "evaluate.num_samples=64", "sample.num_images=4"], CONF)
     check_task_options(["sample.num_images=4", "overwrite=true"], CONF)  # task=train is the default
+    check_task_options(["task=ema_sweep", "evaluate.num_samples=64", "ema_sweep.run=x"], CONF)  # it measures as evaluate
     with pytest.raises(ConfigError, match="evaluate.num_samples: an option of task=evaluate .* this run is task=train"):
         check_task_options(["evaluate.num_samples=64"], CONF)
     with pytest.raises(ConfigError, match="sample.model: an option of task=sample .* add task=sample"):

@@ -198,7 +198,7 @@ def test_zero_terminal_snr_needs_v_prediction_and_samples_from_the_last_timestep
 
 def test_evaluate_without_inception_uses_the_feature_network_and_reports_the_floor(compose_cfg, tmp_path,
                                                                                      monkeypatch):
-    from ldm_lab.tasks import evaluate, train
+    from ldm_lab.tasks import evaluate, sample_metrics, train
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
     ldm = [*LDM_TINY, f"model.first_stage={save_tiny_first_stage('vq', tmp_path / 'vq')}",
@@ -217,6 +217,6 @@ def test_evaluate_without_inception_uses_the_feature_network_and_reports_the_flo
 
     cfg = compose_cfg(["task=evaluate", "evaluate.features=synthetic"], tiny=False)
     with pytest.raises(ConfigError, match="evaluate.features=synthetic: .* photos is not that data"):
-        evaluate._features(cfg, NotSynthetic())
+        sample_metrics._features(cfg, NotSynthetic())
     with pytest.raises(ConfigError, match="evaluate.features=fid: choose one of auto, inception, synthetic"):
         evaluate.run(compose_cfg(["task=evaluate", "evaluate.features=fid", "evaluate.model=x"], tiny=False))

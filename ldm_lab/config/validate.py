@@ -38,10 +38,16 @@ def check_task_options(overrides: list[str], conf_dir: Path) -> None:
     if "," in task:
         return
     owners: dict[str, list[str]] = {}
-    for path in sorted((conf_dir / "task").glob("*.yaml")):
-        for key in _leaf_keys(yaml.safe_load(path.read_text()) or {}):
+    files = {path.stem: yaml.safe_load(path.read_text()) or {} for path in sorted((conf_dir / "task").glob("*.yaml"))}
+    for name, options in files.items():
+        for key in _leaf_keys(options):
             if key != "task":
-                owners.setdefault(key, []).append(path.stem)
+                owners.setdefault(key, []).append(name)
+    for name, options in files.items():  # a task built on another's options (its defaults) takes them too
+        for included in (entry for entry in options.get("defaults", []) if entry in files):
+            for key in _leaf_keys(files[included]):
+                if key != "task":
+                    owners[key].append(name)
     for override in overrides:
         key, sep, _ = override.partition("=")
         owner = next((tasks for option, tasks in owners.items()  # the option, a key inside it, or its parent node

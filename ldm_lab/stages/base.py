@@ -119,6 +119,11 @@ class TrainingStage(L.LightningModule):
         """The network the stage is named after (what ``speed.compile`` compiles)."""
         raise NotImplementedError
 
+    def averaged_networks(self) -> list[torch.nn.Module]:
+        """The weight averages (EMAs) the stage keeps beside its networks: what task=plan counts as EMA."""
+        ema = getattr(self, "ema", None)
+        return [ema] if ema is not None else []
+
     def memory_format(self, batch: torch.Tensor) -> torch.Tensor:
         """A batch in the networks' memory format (channels-last when ``speed.channels_last``)."""
         return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch

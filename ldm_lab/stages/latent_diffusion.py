@@ -15,7 +15,8 @@ The first stage is frozen. Latents come from the latent cache (moments stored pe
 on the fly; either way ``latent_scale`` (1 / std of the training latents) multiplies them. It is set
 once, saved with the checkpoint (a buffer) and never recomputed on resume. An EMA of the denoiser (only the
 denoiser) is updated after every optimizer step and is what validation's ``<loss>_ema``, the image logger,
-sampling and export use.
+sampling and export use: LDM's fixed decay (``ema_decay``), or with ``posthoc_ema`` EDM2's power-function EMAs at
+several widths, snapshotted for the post-hoc choice of the width (task=ema_sweep), the widest driving evaluation.
 """
 
 from __future__ import annotations
@@ -38,9 +39,10 @@ from ldm_lab.diffusion.objectives import DDPM, RectifiedFlow
 from ldm_lab.diffusion.pipeline import LatentDiffusionPipeline, encode_prompt, predict
 from ldm_lab.diffusion.sampling import assemble
 from ldm_lab.io.checkpoints import CheckpointError
+from ldm_lab.io.ema_snapshots import DTYPES, FOLDER, SnapshotWriter
 from ldm_lab.io.model_sources import load_denoiser, load_first_stage
 from ldm_lab.nn import denoisers
-from ldm_lab.nn.ema import ema_with_warmup
+from ldm_lab.nn.ema import ema_with_warmup, power_function_ema
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
 from ldm_lab.nn.text_encoders import (
     TextEncoder,
@@ -68,7 +70,9 @@ class LatentDiffusionStage(TrainingStage):
     ``class_names`` (filled from the data, ldm_lab/tasks/model_config.py) and ``label_dropout``, or "text", with
     ``text_encoder`` (``model/text_encoder``: frozen, or trained with the denoiser and under its own EMA) and
     ``caption_dropout`` (the share of captions replaced by the empty prompt, per step); ``text_cache``: a frozen
-    encoder's caption embeddings are encoded once, with the latent cache, and read from it."""
+    encoder's caption embeddings are encoded once, with the latent cache, and read from it. ``posthoc_ema``:
+    ``sigma_rels`` (two or more widths, or None: the fixed-decay EMA), ``snapshot_every`` (steps) and
+    ``snapshot_dtype`` of the post-hoc EMA (EDM2, Karras et al. 2024)."""
 
     monitor_mode = "min"
     description = "a latent diffusion model (model=unet, dit, unet_text, dit_text or a tiny variant)"
@@ -96,6 +100,7 @@ class LatentDiffusionStage(TrainingStage):
         text_encoder: functools.partial | None = None,
         caption_dropout: float = 0.1,
         text_cache: bool = True,
+        posthoc_ema: Mapping | None = None,
         max_consecutive_nonfinite: int = 5,
         seed: int = 0,
     ):
@@ -136,9 +141,17 @@ class LatentDiffusionStage(TrainingStage):
         self.objective = objective
         # Set once (given, or measured at the start of training), then restored from checkpoints.
         self.register_buffer("latent_scale", torch.tensor(float("nan") if latent_scale is None else latent_scale))
-        self.ema = ema_with_warmup(self.denoiser, ema_decay) if ema_decay else None
-        self.text_ema = ema_with_warmup(self.text_encoder, ema_decay) if ema_decay and self.text_encoder_trainable \
-            else None
+        self.posthoc_ema = _posthoc_options(posthoc_ema, ema_decay)
+        self.sigma_rels = self.posthoc_ema["sigma_rels"] if self.posthoc_ema else []
+        averages = [functools.partial(power_function_ema, sigma_rel=s) for s in self.sigma_rels] or \
+            ([functools.partial(ema_with_warmup, decay=ema_decay)] if ema_decay else [])
+        # the evaluation EMA (the fixed-decay one, or the widest power-function one) and the narrower ones
+        evaluation, narrower = (averages[-1], averages[:-1]) if averages else (None, [])
+        self.ema = evaluation(self.denoiser) if evaluation else None
+        self.text_ema = evaluation(self.text_encoder) if evaluation and self.text_encoder_trainable else None
+        self.posthoc_emas = nn.ModuleList(average(self.denoiser) for average in narrower)
+        self.text_posthoc_emas = nn.ModuleList(average(self.text_encoder) for average in narrower
+                                               if self.text_encoder_trainable)
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.lr, self.scale_lr = lr, scale_lr
         self.latent_cache = latent_cache
@@ -146,6 +159,7 @@ class LatentDiffusionStage(TrainingStage):
         self._val_sums: torch.Tensor | None = None
         self._latent_cache_root: str | Path | None = None  # attach_data: where setup fills the cache
         self._empty_prompt: dict[str, torch.Tensor] | None = None  # setup: the empty prompt's cached condition
+        self._snapshots: SnapshotWriter | None = None  # on_train_start, with the post-hoc EMA
 
     # ----------------------------------------------------------------------------- what the tasks ask
     def planning_batch(self, batch_size: int, side: int) -> dict[str, torch.Tensor]:
@@ -177,6 +191,12 @@ class LatentDiffusionStage(TrainingStage):
             raise ConfigError(f"ckpt_path={path} was trained on the classes {_describe(trained_classes)}, and this "
                               f"run's data has {_describe(self.class_names)}: resume with the data it was trained "
                               f"on, or start a new run (without ckpt_path) for these classes")
+        trained_widths = (checkpoint["ldm_lab"]["config"]["model"].get("posthoc_ema") or {}).get("sigma_rels")
+        if sorted(trained_widths or []) != self.sigma_rels:
+            raise ConfigError(f"ckpt_path={path} was trained with model.posthoc_ema.sigma_rels={trained_widths}, this "
+                              f"run gives {self.sigma_rels or None}: its EMAs go on as they were, so resume with "
+                              f"model.posthoc_ema.sigma_rels={trained_widths or 'null'}, or start a new run from its "
+                              f"weights: model.denoiser_pretrained={path}")
         if self.tokenizer is not None:
             trained = checkpoint["ldm_lab"].get("text_encoder", {}).get("tokenizer")
             if trained is None or not same_tokenizer(tokenizer_of_files(trained), self.tokenizer):
@@ -391,10 +411,38 @@ class LatentDiffusionStage(TrainingStage):
         return torch.where(dropped, len(self.class_names), labels)
 
     def on_optimizer_step(self) -> None:
-        if self.ema is not None:
-            self.ema.update_parameters(self.denoiser)
+        for ema in [self.ema, *self.posthoc_emas]:
+            if ema is not None:
+                ema.update_parameters(self.denoiser)
+        for ema in [self.text_ema, *self.text_posthoc_emas]:
+            if ema is not None:
+                ema.update_parameters(self.text_encoder)
+        if self._snapshots is not None:
+            self._snapshots.write(self.step, self.posthoc_averages(), self.max_steps)
+
+    def averaged_networks(self) -> list[nn.Module]:
+        return [ema for ema in [self.ema, self.text_ema, *self.posthoc_emas, *self.text_posthoc_emas]
+                if ema is not None]
+
+    def posthoc_averages(self) -> dict[str, dict[float, nn.Module]]:
+        """The power-function EMAs by network and width: what a post-hoc EMA snapshot holds."""
+        averages = {"denoiser": dict(zip(self.sigma_rels, [*self.posthoc_emas, self.ema], strict=True))}
         if self.text_ema is not None:
-            self.text_ema.update_parameters(self.text_encoder)
+            averages["text_encoder"] = dict(zip(self.sigma_rels, [*self.text_posthoc_emas, self.text_ema],
+                                                strict=True))
+        return averages
+
+    def on_train_start(self) -> None:
+        """With the post-hoc EMA, its snapshots go to the run folder's ema_snapshots/ (rank 0 writes them)."""
+        if self.posthoc_ema:
+            self._snapshots = SnapshotWriter(Path(self.trainer.default_root_dir) / FOLDER,
+                                             self.posthoc_ema["snapshot_every"],
+                                             DTYPES[self.posthoc_ema["snapshot_dtype"]], self.trainer.is_global_zero)
+            self._snapshots.start(self.step)
+
+    def on_train_end(self) -> None:
+        if self._snapshots is not None:
+            self._snapshots.write(self.step, self.posthoc_averages(), self.max_steps, last=True)
 
     # ----------------------------------------------------------------------------- validation
     def on_validation_epoch_start(self) -> None:
@@ -439,6 +487,25 @@ def _class_names(conditioning: str | None, class_names: list[str] | None) -> lis
         raise ConfigError("model.conditioning=class needs the classes, which training fills in from the data "
                           "(model.class_names): train on labelled data, or build the stage with class_names")
     return [str(name) for name in class_names]
+
+
+def _posthoc_options(posthoc_ema: Mapping | None, ema_decay: float | None) -> dict | None:
+    """``model.posthoc_ema`` checked, its widths ascending; None when off (no ``sigma_rels``)."""
+    if not posthoc_ema or not posthoc_ema.get("sigma_rels"):
+        return None
+    options = dict(posthoc_ema)
+    widths = sorted(float(s) for s in options["sigma_rels"])
+    if len(set(widths)) < 2:
+        raise ConfigError(f"model.posthoc_ema.sigma_rels={list(options['sigma_rels'])}: the post-hoc EMA reconstructs "
+                          f"other widths from at least two distinct ones, e.g. [0.05,0.10] (EDM2's)")
+    if ema_decay:
+        raise ConfigError(f"model.posthoc_ema.sigma_rels and model.ema_decay={ema_decay} are both set: the post-hoc "
+                          f"EMA replaces the fixed-decay one, add model.ema_decay=null")
+    if options["snapshot_dtype"] not in DTYPES:
+        raise ConfigError(f"model.posthoc_ema.snapshot_dtype={options['snapshot_dtype']}: one of {', '.join(DTYPES)}")
+    if int(options["snapshot_every"]) < 1:
+        raise ConfigError(f"model.posthoc_ema.snapshot_every={options['snapshot_every']}: a number of steps, >= 1")
+    return {**options, "sigma_rels": widths, "snapshot_every": int(options["snapshot_every"])}
 
 
 def _text_encoder(conditioning: str | None, text_encoder: functools.partial | None) -> TextEncoder | None:

@@ -1,4 +1,4 @@
-"""One run = one task: ``task=train`` (default), ``cache_latents``, ``sample``, ``export``, ``evaluate``,
+"""One run = one task: ``task=train`` (default), ``cache_latents``, ``sample``, ``export``, ``evaluate``, ``ema_sweep``,
 ``plan``, ``buckets``, ``report`` or ``convert``; each has its options in ``conf/task/<task>.yaml``."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from ldm_lab.core.errors import ConfigError
 
-TASKS = ("train", "cache_latents", "sample", "export", "evaluate", "plan", "buckets", "report", "convert")
+TASKS = ("train", "cache_latents", "sample", "export", "evaluate", "ema_sweep", "plan", "buckets", "report", "convert")
 
 
 def record_overrides() -> None:

@@ -50,8 +50,7 @@ class HeldMemory:
 
     @classmethod
     def of(cls, stage: TrainingStage) -> HeldMemory:
-        ema = getattr(stage, "ema", None)
-        ema_tensors = _module_tensors(ema) if ema is not None else []
+        ema_tensors = [t for ema in stage.averaged_networks() for t in _module_tensors(ema)]
         ema_ptrs = {t.data_ptr() for t in ema_tensors}
         weights = [t for t in _module_tensors(stage) if t.data_ptr() not in ema_ptrs]
         perceptual = getattr(getattr(stage, "loss", None), "perceptual", None)  # LPIPS: outside the module tree
