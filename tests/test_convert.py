@@ -177,7 +177,7 @@ def test_evaluate_measures_original_checkpoints(compose_cfg, tmp_path, monkeypat
     """task=evaluate on the original code's files: a taming VQ autoencoder's reconstructions, a whole LDM's
     samples (Inception stood in for: its weights are not on this machine)."""
     from ldm_lab.evaluation.metrics import make_fid
-    from ldm_lab.tasks import evaluate
+    from ldm_lab.tasks import evaluate, sample_metrics
     from tests.test_evaluation import StandIn
 
     monkeypatch.setenv("LDM_LAB_CACHE", str(tmp_path / "cache"))
@@ -190,8 +190,8 @@ def test_evaluate_measures_original_checkpoints(compose_cfg, tmp_path, monkeypat
     (tmp_path / "ldm").mkdir()
     ldm = _whole_ldm_checkpoint(tmp_path / "ldm" / "model.ckpt")
     (tmp_path / "ldm" / "config.yaml").write_text(ORIGINAL_CONFIG)
-    monkeypatch.setattr(evaluate, "find_weights", lambda *args: tmp_path / "stand-in.pth")
-    monkeypatch.setattr(evaluate, "make_fid", lambda *args: make_fid(StandIn()))
+    monkeypatch.setattr(sample_metrics, "find_weights", lambda *args: tmp_path / "stand-in.pth")
+    monkeypatch.setattr(sample_metrics, "make_fid", lambda *args: make_fid(StandIn()))
     samples = evaluate.run(compose_cfg([*LDM_TINY, "task=evaluate", f"evaluate.model={ldm}", "evaluate.num_samples=3",
                                         "evaluate.features=inception"], tiny=False))
     assert samples["samples"] == 3 and samples["fid"] > 0 and samples["resolution"] == "32x32"

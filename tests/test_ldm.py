@@ -262,7 +262,7 @@ def test_cache_latents_task_and_missing_first_stage_message(compose_cfg, first_s
 
 def test_evaluate_task_gives_the_fid_of_samples_and_caches_the_real_statistics(compose_cfg, tmp_path, monkeypatch):
     from ldm_lab.evaluation.metrics import make_fid
-    from ldm_lab.tasks import evaluate
+    from ldm_lab.tasks import evaluate, sample_metrics
     from tests.test_evaluation import StandIn
 
     first_stage = save_tiny_first_stage("vq", tmp_path / "vq")
@@ -273,8 +273,8 @@ def test_evaluate_task_gives_the_fid_of_samples_and_caches_the_real_statistics(c
         monkeypatch.setenv("TORCH_HOME", str(tmp_path / "no-weights"))
         evaluate.run(_cfg(compose_cfg, first_stage, "task=evaluate", "evaluate.features=inception",
                           f"evaluate.model={checkpoint}"))
-    monkeypatch.setattr(evaluate, "find_weights", lambda *args: tmp_path / "stand-in.pth")
-    monkeypatch.setattr(evaluate, "make_fid", lambda *args: make_fid(StandIn()))
+    monkeypatch.setattr(sample_metrics, "find_weights", lambda *args: tmp_path / "stand-in.pth")
+    monkeypatch.setattr(sample_metrics, "make_fid", lambda *args: make_fid(StandIn()))
     common = ["task=evaluate", "evaluate.num_samples=6", "sample.batch_size=4", "sample.num_inference_steps=2"]
     first = evaluate.run(_cfg(compose_cfg, first_stage, *common, f"evaluate.model={checkpoint}",
                               f"paths.output_dir={tmp_path / 'eval'}"))

@@ -18,7 +18,7 @@ from ldm_lab.evaluation.prompt_adherence import (
     render,
     train_reader,
 )
-from ldm_lab.tasks import evaluate, train
+from ldm_lab.tasks import evaluate, sample_metrics, train
 from tests.conftest import LDM_TINY
 from tests.helpers import save_tiny_clip, save_tiny_first_stage
 
@@ -65,7 +65,7 @@ def test_evaluate_reports_adherence_beside_chance_and_real_images(compose_cfg, t
               "data.source.captions=true", "data.source.num_images=24", f"model.first_stage={first_stage}"]
     train.run(compose_cfg([*common, "max_steps=2", "val_every_n_steps=2", "sample.num_images=1"], tiny=False))
     quick = train_reader(32, steps=300, num_renders=1024)[0]
-    monkeypatch.setattr(evaluate, "load_reader", lambda *args: (quick, "a quick reader"))
+    monkeypatch.setattr(sample_metrics, "load_reader", lambda *args: (quick, "a quick reader"))
     clip = save_tiny_clip(tmp_path / "clip", ["a red circle", "two blue squares"])
     evaluation = [*common, "task=evaluate", f"evaluate.model={tmp_path / 'run' / 'checkpoints'}/last.ckpt",
                   "evaluate.num_samples=8", "sample.batch_size=4", "evaluate.guidance_scales=[1,3]"]

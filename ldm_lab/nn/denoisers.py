@@ -44,6 +44,13 @@ class Backbone:
     def side_multiple(self, config: Mapping) -> int:
         raise NotImplementedError
 
+    def middle(self, network: nn.Module) -> str:
+        """The block at the network's middle, by its submodule name: a UNet's ``mid_block``, a transformer's block
+        at half its depth."""
+        if hasattr(network, "transformer_blocks"):
+            return f"transformer_blocks.{len(network.transformer_blocks) // 2 - 1}"
+        return "mid_block"
+
 
 class UNet(Backbone):
     """diffusers' ``UNet2DModel``: halves the side at each level but the last."""
@@ -151,6 +158,18 @@ def build(network: functools.partial, channels: int, conditioning: str | None = 
         raise ConfigError(f"model.conditioning={conditioning}: {network.func.__name__} takes "
                           f"{' or '.join(str(c) for c in kind.conditionings)}; for this conditioning use {text}")
     return kind.build(network, channels, num_classes, text_width)
+
+
+def feature_block(network: nn.Module, name: str | None) -> nn.Module:
+    """The submodule of ``network`` whose output a representation loss reads: ``name`` (a dotted submodule name such
+    as ``mid_block`` or ``transformer_blocks.5``), or None: the block at the network's middle."""
+    name = name or backbone(network).middle(network)
+    try:
+        return network.get_submodule(name)
+    except AttributeError:
+        blocks = [n for n, _ in network.named_children()]
+        raise ConfigError(f"model.representation.block={name}: {type(network).__name__} has no such submodule; its "
+                          f"blocks: {', '.join(blocks)} (index a list: transformer_blocks.3, down_blocks.1)") from None
 
 
 def side_multiple(network_or_config: nn.Module | Mapping) -> int:

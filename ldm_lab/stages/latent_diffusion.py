@@ -41,6 +41,7 @@ from ldm_lab.diffusion.sampling import assemble
 from ldm_lab.io.checkpoints import CheckpointError
 from ldm_lab.io.ema_snapshots import DTYPES, FOLDER, SnapshotWriter
 from ldm_lab.io.model_sources import load_denoiser, load_first_stage
+from ldm_lab.losses.representation import FeatureTap, dispersive_loss
 from ldm_lab.nn import denoisers
 from ldm_lab.nn.ema import ema_with_warmup, power_function_ema
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
@@ -51,6 +52,7 @@ from ldm_lab.nn.text_encoders import (
     tokenizer_files,
     tokenizer_of_files,
 )
+from ldm_lab.nn.token_routing import TokenRouter
 from ldm_lab.stages.base import TrainingStage
 from ldm_lab.stages.encoding import encode_latent_cache, encode_text_cache, ranks_of
 from ldm_lab.stages.speed import optimizer_options
@@ -72,7 +74,10 @@ class LatentDiffusionStage(TrainingStage):
     ``caption_dropout`` (the share of captions replaced by the empty prompt, per step); ``text_cache``: a frozen
     encoder's caption embeddings are encoded once, with the latent cache, and read from it. ``posthoc_ema``:
     ``sigma_rels`` (two or more widths, or None: the fixed-decay EMA), ``snapshot_every`` (steps) and
-    ``snapshot_dtype`` of the post-hoc EMA (EDM2, Karras et al. 2024)."""
+    ``snapshot_dtype`` of the post-hoc EMA (EDM2, Karras et al. 2024). ``representation``: a loss on the denoiser's
+    features at ``block`` (``loss``: None, or "dispersive", Wang & He 2025), times ``weight``, added to the
+    objective's. ``token_routing``: a transformer denoiser's training routes ``ratio`` of its tokens around blocks
+    [``start``, ``end``) (TREAD, Krause et al. 2025; ldm_lab/nn/token_routing.py)."""
 
     monitor_mode = "min"
     description = "a latent diffusion model (model=unet, dit, unet_text, dit_text or a tiny variant)"
@@ -101,6 +106,8 @@ class LatentDiffusionStage(TrainingStage):
         caption_dropout: float = 0.1,
         text_cache: bool = True,
         posthoc_ema: Mapping | None = None,
+        representation: Mapping | None = None,
+        token_routing: Mapping | None = None,
         max_consecutive_nonfinite: int = 5,
         seed: int = 0,
     ):
@@ -152,6 +159,11 @@ class LatentDiffusionStage(TrainingStage):
         self.posthoc_emas = nn.ModuleList(average(self.denoiser) for average in narrower)
         self.text_posthoc_emas = nn.ModuleList(average(self.text_encoder) for average in narrower
                                                if self.text_encoder_trainable)
+        self.representation = _representation_options(representation)
+        self._features = None if self.representation is None else \
+            FeatureTap(denoisers.feature_block(self.denoiser, self.representation["block"]))  # after the EMAs' copies
+        self._router = None if not token_routing or not token_routing.get("ratio") else \
+            TokenRouter(self.denoiser, float(token_routing["ratio"]), int(token_routing["start"]), int(token_routing["end"]))
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.lr, self.scale_lr = lr, scale_lr
         self.latent_cache = latent_cache
@@ -356,9 +368,19 @@ class LatentDiffusionStage(TrainingStage):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         generator = self.step_generator(self.device)
         latents = self.latents(batch, generator)
-        loss = self.loss(self.denoiser, latents, generator, training=True,
-                         **self.condition(batch, generator, self.text_encoder))
-        self.backward_and_step([loss], {self.objective.training_loss: loss.detach()})
+        condition = self.condition(batch, generator, self.text_encoder)
+        if self._router is not None:
+            self._router.start(generator)
+        loss = self.loss(self.denoiser, latents, generator, training=True, **condition)
+        logs = {self.objective.training_loss: loss.detach()}
+        if self.representation is not None:
+            options = self.representation
+            extra = dispersive_loss(self._features.take(), options["temperature"])
+            logs[f"loss_{options['loss']}"] = extra.detach()
+            loss = loss + options["weight"] * extra
+        self.backward_and_step([loss], logs)
+        if self._router is not None:
+            self._router.stop()
 
     def condition(self, batch: dict, generator: torch.Generator | None, text_encoder: nn.Module | None) -> dict:
         """What the denoiser is given for a batch: a class-conditional model's labels, a text-conditional model's
@@ -506,6 +528,22 @@ def _posthoc_options(posthoc_ema: Mapping | None, ema_decay: float | None) -> di
     if int(options["snapshot_every"]) < 1:
         raise ConfigError(f"model.posthoc_ema.snapshot_every={options['snapshot_every']}: a number of steps, >= 1")
     return {**options, "sigma_rels": widths, "snapshot_every": int(options["snapshot_every"])}
+
+
+REPRESENTATION_LOSSES = ("dispersive",)  # model.representation.loss
+
+
+def _representation_options(representation: Mapping | None) -> dict | None:
+    """``model.representation`` checked; None when off (no ``loss``)."""
+    if not representation or not representation.get("loss"):
+        return None
+    options = dict(representation)
+    if options["loss"] not in REPRESENTATION_LOSSES:
+        raise ConfigError(f"model.representation.loss={options['loss']}: null or one of "
+                          f"{', '.join(REPRESENTATION_LOSSES)}")
+    if not float(options["temperature"]) > 0:
+        raise ConfigError(f"model.representation.temperature={options['temperature']}: must be above 0")
+    return options
 
 
 def _text_encoder(conditioning: str | None, text_encoder: functools.partial | None) -> TextEncoder | None:

@@ -8,6 +8,13 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from torch import nn
 
+from ldm_lab.core.errors import ConfigError
+
+# speed.compile=blocks compiles these, as diffusers' compile_repeated_blocks compiles a model's _repeated_blocks (it
+# names them for UNet2DConditionModel alone): the blocks every denoiser and autoencoder repeats
+REPEATED_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+COMPILE = (False, True, "network", "blocks")  # speed.compile; true = network
+
 
 def use_sdpa(network: nn.Module, enabled: bool = True) -> None:
     """Route every diffusers attention layer through ``F.scaled_dot_product_attention`` (flash or
@@ -25,8 +32,27 @@ def optimizer_options(make_optimizer, fused: bool) -> dict:
     return {}
 
 
+def compile_network(network: nn.Module, how: bool | str) -> int:
+    """``torch.compile`` ``network`` in place (parameter names and checkpoints stay as they are): whole (``True`` or
+    "network"), or each of its repeated blocks ("blocks", regional compilation: instances of one class share the
+    compiled code, so compilation costs about one block's, and a shape seen again recompiles once with dynamic
+    sides). The number of modules compiled."""
+    if how not in COMPILE:
+        raise ConfigError(f"speed.compile={how}: false, true (the network whole, = network) or blocks (each repeated "
+                          f"block: {', '.join(REPEATED_BLOCKS)})")
+    if how == "blocks":
+        blocks = [module for module in network.modules() if type(module).__name__ in REPEATED_BLOCKS]
+        for block in blocks:
+            block.compile()
+        return len(blocks)
+    if how:
+        network.compile()
+        return 1
+    return 0
+
+
 def apply_speed_options(stage: nn.Module, channels_last: bool | str = "auto", sdpa: bool = True,
-                        fused_adamw: bool = True, compile: bool = False, cudnn_benchmark: bool = True) -> None:
+                        fused_adamw: bool = True, compile: bool | str = False, cudnn_benchmark: bool = True) -> None:
     """Set the options on ``stage`` (a TrainingStage); ``channels_last="auto"`` means on CUDA only.
     ``cudnn_benchmark`` is the Trainer's ``benchmark``."""
     if channels_last == "auto":
@@ -36,5 +62,4 @@ def apply_speed_options(stage: nn.Module, channels_last: bool | str = "auto", sd
         stage.to(memory_format=torch.channels_last)
     stage.channels_last = channels_last
     stage.fused_optimizer = fused_adamw
-    if compile:
-        stage.trained_network.compile()  # in place: parameter names and checkpoints stay as they are
+    compile_network(stage.trained_network, compile)
