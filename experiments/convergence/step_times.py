@@ -33,7 +33,8 @@ def main() -> None:
     seconds = {name: lightning_step_seconds(["experiment=quickstart_ldm", *RECIPES[name]], args.steps)
                for name in args.recipes}
     unet = seconds.get(args.recipes[0])
-    rows = ["| recipe | s / step | / first | steps in the first's 4000 steps' time | steps set |", "|---|---:|---:|---:|---:|"]
+    rows = ["| recipe | s / step | / first | steps in the first's 4000 steps' time | steps set (compare.py) |",
+            "|---|---:|---:|---:|---:|"]
     for name, value in seconds.items():
         rows.append(f"| {name} | {value:.3f} | {value / unet:.2f} | {UNET_STEPS * unet / value:.0f} | "
                     f"{STEPS.get(name, UNET_STEPS)} |")
