@@ -42,6 +42,11 @@ def compile_network(network: nn.Module, how: bool | str) -> int:
                           f"block: {', '.join(REPEATED_BLOCKS)})")
     if how == "blocks":
         blocks = [module for module in network.modules() if type(module).__name__ in REPEATED_BLOCKS]
+        # the blocks share their code, compiled for each configuration (a UNet's resnets differ in channels and
+        # shortcut) and shape: the quickstart UNet's 11 resnets took 27 graphs over three bucket shapes, beyond
+        # dynamo's default limit of 8, past which a block runs eager (experiments/bench/results/step.md counts them)
+        limit = torch._dynamo.config
+        limit.recompile_limit = max(limit.recompile_limit, 8 * len(blocks))
         for block in blocks:
             block.compile()
         return len(blocks)
