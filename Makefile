@@ -58,7 +58,7 @@ quickstart-text: install ## tiny autoencoder -> text LDM -> samples of prompts, 
 test: install ## run the test suite (CPU, tiny models)
 	$(BIN)/python -m pytest -q
 
-test-fast: install ## the test suite without the 12 tests marked slow (subprocess jobs, DDP, overfitting, traced memory)
+test-fast: install ## the test suite without the 14 tests marked slow (subprocess jobs, DDP, overfitting, traced memory, compiling, the EMA sweep)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # oneDNN and ATen's vector kernels pick their code by CPU: the parity tests again with both capped at AVX2,

@@ -84,15 +84,28 @@ class PoisonBatch(L.Callback):
 
 
 class StopAt(L.Callback):
-    """Kills the run after ``step`` optimizer steps, leaving a checkpoint behind."""
+    """Kills the run after ``step`` optimizer steps, leaving a checkpoint behind; ``stop=False``: saves the
+    checkpoint and trains on (a run killed later, past its last checkpoint)."""
 
-    def __init__(self, step: int, path):
-        self.at, self.path = step, path
+    def __init__(self, step: int, path, stop: bool = True):
+        self.at, self.path, self.stop = step, path, stop
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if pl_module.step == self.at and not self.path.exists():
             trainer.save_checkpoint(self.path)
-            trainer.should_stop = True
+            trainer.should_stop = self.stop
+
+
+def fit_latent_stage(model_cfg, batches: list[dict], root_dir, callbacks=(), ckpt_path=None):
+    """A latent diffusion stage of ``model_cfg`` built from seed 0, its latent scale 1, fitted on ``batches`` of
+    cached latents until ``model.max_steps``."""
+    from ldm_lab.stages.build import build_stage
+
+    L.seed_everything(0, verbose=False)
+    stage = build_stage(model_cfg, None)
+    stage.latent_scale.fill_(1.0)
+    fit(stage, batches, callbacks, ckpt_path, root_dir=root_dir)
+    return stage
 
 
 class SignalAt(L.Callback):

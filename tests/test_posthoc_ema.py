@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -21,7 +20,7 @@ from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks import ema_sweep, plan
 from ldm_lab.tasks.memory import HeldMemory, tensor_bytes
 from tests.conftest import LDM_TINY
-from tests.helpers import fit, save_tiny_first_stage
+from tests.helpers import StopAt, fit, fit_latent_stage, save_tiny_first_stage
 
 POSTHOC = ["model.ema_decay=null", "model.posthoc_ema.sigma_rels=[0.05,0.1]", "model.posthoc_ema.snapshot_every=2"]
 
@@ -98,34 +97,19 @@ def _cfg(compose_cfg, first_stage, *overrides):
     return compose_cfg([*LDM_TINY, f"model.first_stage={first_stage}", *POSTHOC, *overrides], tiny=False)
 
 
-class SaveAt(L.Callback):
-    """Saves a checkpoint after ``step`` optimizer steps and trains on: a run killed later resumes from it."""
-
-    def __init__(self, step: int, path):
-        self.at, self.path = step, path
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if pl_module.step == self.at and not self.path.exists():
-            trainer.save_checkpoint(self.path)
-
-
 @pytest.mark.parametrize("model", ["unet_tiny", "dit_tiny"])
 def test_snapshots_survive_a_kill_past_the_checkpoint_and_resume_exactly(compose_cfg, first_stage, tmp_path, model):
     cfg = _cfg(compose_cfg, first_stage, f"model={model}", "model.max_steps=6")
     latents = [{"latents": torch.randn(2, 8, 8, 8)}]  # one batch an epoch: the resumed run sees what the other did
 
     def run(root, callbacks=(), ckpt_path=None):
-        L.seed_everything(0, verbose=False)
-        stage = build_stage(cfg.model, cfg.disc)
-        stage.latent_scale.fill_(1.0)
-        fit(stage, latents, callbacks, ckpt_path, root_dir=root)
-        return stage
+        return fit_latent_stage(cfg.model, latents, root, callbacks, ckpt_path)
 
     straight = run(tmp_path / "straight")
     assert snapshot_steps(tmp_path / "straight" / FOLDER) == [2, 4, 6]
     assert straight.eval_denoiser is straight.ema.module and len(straight.posthoc_emas) == 1  # 0.10 evaluates
     killed = tmp_path / "killed"
-    run(killed, [SaveAt(2, tmp_path / "step2.ckpt")])  # then "killed" at step 6: snapshots 4 and 6 past step 2
+    run(killed, [StopAt(2, tmp_path / "step2.ckpt", stop=False)])  # then "killed" at step 6: snapshots 4 and 6 past step 2
     (killed / FOLDER / "step-00000004.safetensors").write_bytes(b"half-written by a killed run")
     resumed = run(killed, ckpt_path=tmp_path / "step2.ckpt")
     assert resumed.step == 6 and snapshot_steps(killed / FOLDER) == [2, 4, 6]

@@ -3,7 +3,6 @@ training, resuming and exporting with it on the UNet and the DiT."""
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from hydra.errors import InstantiationException
@@ -13,7 +12,7 @@ from ldm_lab.io.model_sources import load_latent_diffusion
 from ldm_lab.losses.representation import dispersive_loss
 from ldm_lab.stages.build import build_stage
 from tests.conftest import LDM_TINY
-from tests.helpers import StopAt, fit, save_tiny_first_stage
+from tests.helpers import StopAt, fit_latent_stage, save_tiny_first_stage
 
 
 def _released(z: torch.Tensor) -> torch.Tensor:
@@ -53,11 +52,7 @@ def test_dispersive_training_changes_the_step_resumes_exactly_and_exports_plainl
     batches = [{"latents": torch.randn(4, 8, 8, 8)}]  # one batch an epoch: the resumed run sees what the other did
 
     def run(config, root, callbacks=(), ckpt_path=None):
-        L.seed_everything(0, verbose=False)
-        stage = build_stage(config.model, config.disc)
-        stage.latent_scale.fill_(1.0)
-        fit(stage, batches, callbacks, ckpt_path, root_dir=root)
-        return stage
+        return fit_latent_stage(config.model, batches, root, callbacks, ckpt_path)
 
     dispersive = cfg("model.representation.loss=dispersive")
     straight = run(dispersive, tmp_path / "straight")

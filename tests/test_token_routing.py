@@ -3,7 +3,6 @@ the same step with gradient checkpointing; training resumes exactly and exports 
 
 from __future__ import annotations
 
-import lightning as L
 import pytest
 import torch
 from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel
@@ -15,7 +14,7 @@ from ldm_lab.io.model_sources import load_latent_diffusion
 from ldm_lab.nn.token_routing import TokenRouter
 from ldm_lab.stages.build import build_stage
 from tests.conftest import LDM_TINY
-from tests.helpers import StopAt, fit, save_tiny_first_stage
+from tests.helpers import StopAt, fit_latent_stage, save_tiny_first_stage
 
 
 def _dit() -> DiTTransformer2DModel:
@@ -87,11 +86,7 @@ def test_routed_dit_trains_resumes_exactly_and_exports_plainly(compose_cfg, firs
     batches = [{"latents": torch.randn(4, 8, 8, 8)}]
 
     def run(root, callbacks=(), ckpt_path=None):
-        L.seed_everything(0, verbose=False)
-        stage = build_stage(cfg.model, cfg.disc)
-        stage.latent_scale.fill_(1.0)
-        fit(stage, batches, callbacks, ckpt_path, root_dir=root)
-        return stage
+        return fit_latent_stage(cfg.model, batches, root, callbacks, ckpt_path)
 
     straight = run(tmp_path / "straight")
     stopped = tmp_path / "stopped.ckpt"

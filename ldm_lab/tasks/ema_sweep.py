@@ -84,18 +84,19 @@ def run(cfg: DictConfig) -> dict:
     step = steps[-1] if options.step is None else int(options.step)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipeline = load_latent_diffusion(checkpoint, "ema_sweep.run").to(device)
+    conditional = pipeline.text_encoder is not None or bool(pipeline.config.class_names)
+    scale = SamplingOptions.from_config(cfg.sample).guidance_scale
+    key = f"fid @ guidance {scale:g}" if conditional else "fid"
+    scales = cfg.evaluate.guidance_scales
+    if conditional and scales and scale not in [float(s) for s in scales]:
+        raise ConfigError(f"task=ema_sweep chooses at the guidance the model samples with, sample.guidance_scale="
+                          f"{scale:g}: add it to evaluate.guidance_scales={list(scales)}")
     rows, notes = [], []
     for sigma_rel in sorted(float(s) for s in options.sigma_rels):
         _load(pipeline, reconstruct(folder, sigma_rel, step))
         results, notes, _ = measure_samples(cfg, pipeline, device)
         rows.append({"sigma_rel": sigma_rel, **results})
         log.info("sigma_rel %g: %s", sigma_rel, ", ".join(f"{k} {v:.3f}" for k, v in _scores(results).items()))
-    conditional = pipeline.text_encoder is not None or bool(pipeline.config.class_names)
-    scale = SamplingOptions.from_config(cfg.sample).guidance_scale
-    key = f"fid @ guidance {scale:g}" if conditional else "fid"
-    if key not in rows[0]:
-        raise ConfigError(f"task=ema_sweep chooses at the guidance the model samples with, sample.guidance_scale="
-                          f"{scale:g}: add it to evaluate.guidance_scales")
     best = min(rows, key=lambda row: _scores(row)[key])
     trained = tracked_widths(folder, max(s for s in steps if s <= step))
     _load(pipeline, reconstruct(folder, best["sigma_rel"], step))
