@@ -116,10 +116,12 @@ def lightning_step_seconds(overrides: list[str], steps: int) -> float:
     cfg, stage, batches = stage_and_batches(overrides, WARMUP + steps + 1)
     stage.max_steps = len(batches)
     timer = StartToStart()
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision=cfg.trainer.precision, max_epochs=-1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=True, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10, callbacks=[timer])
-    trainer.fit(stage, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    with tempfile.TemporaryDirectory() as scratch:  # the run folder: a post-hoc EMA recipe writes snapshots there
+        trainer = L.Trainer(accelerator="cpu", devices=1, precision=cfg.trainer.precision, max_epochs=-1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=True, enable_model_summary=False,
+                            limit_val_batches=0, num_sanity_val_steps=0, log_every_n_steps=10, callbacks=[timer],
+                            default_root_dir=scratch)
+        trainer.fit(stage, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return timer.seconds()
 
 

@@ -117,8 +117,9 @@ def trace_step(stage: TrainingStage, make_batch: Callable[[], dict[str, torch.Te
     stage.max_steps = 2
     batches = [make_batch() for _ in range(2 * stage.accumulate_grad_batches)]
     peak = _PeakOfSecondStep()
-    trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_epochs=-1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        limit_val_batches=0, num_sanity_val_steps=0, callbacks=[peak])
-    trainer.fit(stage, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+    with tempfile.TemporaryDirectory() as scratch:  # what the stage writes in its run folder (EMA snapshots) goes
+        trainer = L.Trainer(accelerator="cpu", devices=1, precision=precision, max_epochs=-1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, num_sanity_val_steps=0, callbacks=[peak], default_root_dir=scratch)
+        trainer.fit(stage, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
     return HeldMemory.of(stage), peak.peak
