@@ -170,6 +170,19 @@ def save_tiny_text_encoder(kind: str, path, captions: list[str], seed: int = 0):
     return path
 
 
+def save_tiny_dinov2(path, seed: int = 0, registers: int = 0):
+    """A randomly initialised DINOv2 (32 wide, 2 layers, 4-px patches; with ``registers``, the register variant)
+    saved as a pretrained folder, as ``model.representation.encoder`` loads one."""
+    from transformers import Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig, Dinov2WithRegistersModel
+
+    torch.manual_seed(seed)
+    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, patch_size=4, image_size=32)
+    model = (Dinov2WithRegistersModel(Dinov2WithRegistersConfig(num_register_tokens=registers, **common)) if registers
+             else Dinov2Model(Dinov2Config(**common)))
+    model.save_pretrained(path)
+    return path
+
+
 def text_stage(cfg, tmp_path):
     """The stage a text config builds, its tokenizer (a scratch encoder's) learned into ``tmp_path / "tokenizer"``."""
     return build_stage(model_config.with_data(cfg.model, build_datamodule(cfg), tmp_path / "tokenizer"), cfg.disc)

@@ -63,3 +63,19 @@ def test_text_presets_plan_offline_with_their_encoders_architecture(compose_cfg,
     batch = stage.planning_batch(2, 64)
     assert batch["encoder_hidden_states"].shape == (2, tokens, 768) and ("encoder_attention_mask" in batch) == masked
     assert stage.caches_text and len(batch["captions"]) == 2
+
+
+def test_repa_plans_offline_with_dinov2_base_counted_where_training_runs_it(compose_cfg, tmp_path, offline_hub):
+    """DINOv2-B's architecture, randomly initialised; with the latent cache the batch carries the feature cache's
+    features and the encoder stays off the device, without it the encoder's weights count."""
+    first_stage = save_tiny_first_stage("kl", tmp_path / "kl")
+    ldm_plan = ["task=plan", "model=unet_tiny", "data.resolution=32", "data.batch_size=2", "plan.trace_sides=[32]",
+                "model.representation.loss=repa", f"model.first_stage={first_stage}"]
+    cached = plan.build_for_planning(compose_cfg(ldm_plan, tiny=False))
+    assert sum(p.numel() for p in cached.image_encoder.parameters()) == pytest.approx(86.6e6, rel=0.01)
+    assert cached.planning_batch(2, 64)["image_features"].shape == (2, 768, 4, 4) and cached.outside_networks() == []
+    on_the_fly = compose_cfg([*ldm_plan, "model.latent_cache=false"], tiny=False)
+    stage = plan.build_for_planning(on_the_fly)
+    measured = plan.measure(on_the_fly, 32, stage)
+    assert measured["weights"] >= tensor_bytes(stage.image_encoder.parameters()) + tensor_bytes(
+        stage.denoiser.parameters()) + tensor_bytes(stage.alignment_head.parameters())

@@ -21,6 +21,8 @@ from experiments.quickstart_recipes.compare import run, write_table  # noqa: E40
 
 POSTHOC = ["model.ema_decay=null", "model.posthoc_ema.sigma_rels=[0.05,0.10]", "model.posthoc_ema.snapshot_every=250"]
 DISPERSIVE = ["model.representation.loss=dispersive"]
+SRA = ["model.representation.loss=sra"]
+REPA = ["model.representation.loss=repa"]  # needs facebook/dinov2-base (downloaded once): not run offline
 # experiments/objectives' DiT: hidden 128 (4 heads x 32), depth 6, at a constant 1e-3; patch 2 (64 tokens) or 1
 DIT = ["model=dit_tiny", "model.denoiser.attention_head_dim=32", "model.denoiser.num_layers=6", "model.lr=1e-3"]
 ROUTED = ["model.token_routing.ratio=0.5", "model.token_routing.start=1", "model.token_routing.end=-1"]
@@ -28,15 +30,20 @@ RECIPES = {  # overrides of experiment=quickstart_ldm; steps from step_times.md,
     "fixed EMA 0.999 (the quickstart's)": [],
     "post-hoc EMA": POSTHOC,
     "dispersive loss": DISPERSIVE,
+    "dispersive loss, post-hoc EMA": [*DISPERSIVE, *POSTHOC],
+    "SRA": SRA,
+    "REPA (DINOv2-B)": REPA,
     "DiT-S/2-ish": DIT,
     "DiT-S/2-ish, token routing 0.5": [*DIT, *ROUTED],
+    "DiT-S/2-ish, SRA": [*DIT, *SRA],
     "DiT patch 1": [*DIT, "model.denoiser.patch_size=1"],
     "DiT patch 1, token routing 0.5": [*DIT, "model.denoiser.patch_size=1", *ROUTED],
 }
 # recipe -> max_steps where a step takes another time than the UNet's: 4000 x the UNet's s / step over its own, the
-# mean of step_times.md's two runs (DiT 1.29x the UNet's, routed 0.77x, patch 1 5.2x, patch 1 routed 2.8x)
+# mean of step_times.md's two runs (DiT 1.29x the UNet's, routed 0.77x, patch 1 5.2x, patch 1 routed 2.8x; SRA
+# 1.26x, DiT with SRA 1.62x, from its two other runs)
 STEPS = {"DiT-S/2-ish": 3100, "DiT-S/2-ish, token routing 0.5": 5200, "DiT patch 1": 770,
-         "DiT patch 1, token routing 0.5": 1430}
+         "DiT patch 1, token routing 0.5": 1430, "SRA": 3200, "DiT-S/2-ish, SRA": 2500}
 SWEEP = "ema_sweep.sigma_rels=[0.02,0.03,0.05,0.07,0.10,0.14,0.20,0.28]"
 
 

@@ -28,6 +28,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
+    parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "convergence" / "step_times.md")
     args = parser.parse_args()
     register_configs()
     seconds = {name: lightning_step_seconds(["experiment=quickstart_ldm", *RECIPES[name]], args.steps)
@@ -39,7 +40,7 @@ def main() -> None:
         rows.append(f"| {name} | {value:.3f} | {value / unet:.2f} | {UNET_STEPS * unet / value:.0f} | "
                     f"{STEPS.get(name, UNET_STEPS)} |")
         print(rows[-1], flush=True)
-    out = ROOT / "experiments" / "convergence" / "step_times.md"
+    out = args.out
     out.write_text("\n".join([f"# Step times ({platform.processor() or platform.machine()}, "
                               f"{torch.get_num_threads()} threads)", "", *rows, ""]))
     print(f"written: {out}")

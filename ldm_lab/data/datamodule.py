@@ -170,6 +170,7 @@ class ImageDataModule(L.LightningDataModule):
         self.latent_cache: LatentCache | None = None  # set by use_latent_cache: batches then carry cached latents
         self.latent_keys: list[dict[str, str]] | None = None
         self.text_cache: LatentCache | None = None  # set by use_text_cache: cached batches then carry caption embeddings
+        self.feature_cache: LatentCache | None = None  # set by use_feature_cache: cached batches then carry image features
         self.latent_labels: np.ndarray | None = None
         self.latent_scale: float | None = None
 
@@ -202,6 +203,11 @@ class ImageDataModule(L.LightningDataModule):
         """Cached batches also carry their captions' embeddings from ``cache``, which ldm_lab/stages/encoding.py
         filled (ldm_lab/data/latent_cache.py ``text_condition``)."""
         self.text_cache = cache
+
+    def use_feature_cache(self, cache: LatentCache) -> None:
+        """Cached batches also carry their images' ``image_features`` from ``cache``, which ldm_lab/stages/encoding.py
+        filled under the latents' keys."""
+        self.feature_cache = cache
 
     def data_key(self) -> str:
         """Names this data configuration's manifest: its images and the resolution each is encoded at, as
@@ -365,7 +371,8 @@ class ImageDataModule(L.LightningDataModule):
         caption = self._caption(train)
         if self.latent_keys is not None:
             labels = self.latent_labels if self.latent_labels is not None else self.index.labels
-            return CachedLatents(self.latent_cache, self.latent_keys, labels, caption, self.text_cache)
+            return CachedLatents(self.latent_cache, self.latent_keys, labels, caption, self.text_cache,
+                                 self.feature_cache)
         return BucketedImages(self.source, self.index, train and self.random_crop, train and self.random_flip,
                               self.val_source, self.boundary, self.seed, caption)
 

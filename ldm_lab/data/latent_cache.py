@@ -17,6 +17,9 @@ image's key in index order and the latent scale, 1 / std of the training images'
 Text embeddings: ``<root>/<text-encoder fingerprint>/shard-<sha256>.safetensors`` holds per caption (the empty
 prompt among them) its embedding, named by the SHA-1 of its text, and, for an encoder that masks its padding, its
 attention mask as ``<key>.mask``: a changed caption is encoded again on the next run.
+
+Image features (REPA's targets): ``<root>/<image-encoder fingerprint>/shard-<sha256>.safetensors`` holds per image
+and resolution the encoder's patch features in float16, under the latents' key: the same crop and bucket.
 """
 
 from __future__ import annotations
@@ -189,16 +192,19 @@ def text_condition(shards: dict[str, Path], caption: str, handles: dict | None =
 class CachedLatents(Dataset):
     """Items (:class:`~ldm_lab.data.buckets.Item`) -> ``{"latents": moments, "index"}``: the image's moments at
     that resolution, its ``class_labels`` when ``labels`` (the index's, by position) are given, its ``captions``
-    (``caption(index, epoch)``) when captioned, and that caption's cached condition (:func:`text_condition`)
-    when a ``text_cache`` is given. Shards stay open (per process: a data loader worker opens its own)."""
+    (``caption(index, epoch)``) when captioned, that caption's cached condition (:func:`text_condition`)
+    when a ``text_cache`` is given, and its ``image_features`` (an image encoder's, under the latents' key) when a
+    ``feature_cache`` is given. Shards stay open (per process: a data loader worker opens its own)."""
 
     def __init__(self, cache: LatentCache, keys: list[dict[str, str]], labels: np.ndarray | None = None,
-                 caption: Callable[[int, int], str] | None = None, text_cache: LatentCache | None = None):
+                 caption: Callable[[int, int], str] | None = None, text_cache: LatentCache | None = None,
+                 feature_cache: LatentCache | None = None):
         self.shards = cache.shards
         self.keys = keys
         self.labels = labels
         self.caption = caption
         self.text_shards = None if text_cache is None else text_cache.shards
+        self.feature_shards = None if feature_cache is None else feature_cache.shards
         self._handles: dict = {}
 
     def __getstate__(self) -> dict:
@@ -214,6 +220,11 @@ class CachedLatents(Dataset):
             raise KeyError(f"image {index} has no cached latents at {width}x{height}; the cache does not match "
                            f"the data configuration: run task=cache_latents again")
         sample = {"latents": read_latents(self.shards[key], key, self._handles), "index": index}
+        if self.feature_shards is not None:
+            if key not in self.feature_shards:
+                raise KeyError(f"image {index} has no cached image features at {width}x{height}; the feature cache "
+                               f"does not match the latent cache: train again to encode them")
+            sample["image_features"] = read_latents(self.feature_shards[key], key, self._handles)
         if self.labels is not None:
             sample["class_labels"] = int(self.labels[index])
         if self.caption is not None:

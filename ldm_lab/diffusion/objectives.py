@@ -66,6 +66,13 @@ class Objective:
                               f"which samples with {' or '.join(cls.samplers)} (or auto: {next(iter(cls.samplers))})")
         return cls.samplers[sampler].from_config(config)
 
+    def less_noisy(self, latents: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, interval: float,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``noisy`` (``latents`` noised at ``timesteps``) moved to earlier timesteps with the same noise: t' = t
+        minus a uniform share of ``interval`` x the training timesteps, at least 0 (SRA's teacher input, Jiang et
+        al. 2025). Returns the new noisy latents and timesteps."""
+        raise NotImplementedError
+
     @staticmethod
     def scheduler_names() -> list[str]:
         """The scheduler classes some objective samples with, by name."""
@@ -145,6 +152,19 @@ class DDPM(Objective):
         return (F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
 
 
+    def less_noisy(self, latents: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, interval: float,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        steps = self.noise_scheduler.config.num_train_timesteps
+        shift = torch.rand(len(timesteps), generator=generator, device=generator.device).to(timesteps.device)
+        earlier = (timesteps - shift * interval * steps).round().long().clamp_min(0)
+        alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(latents.device)
+        signal, signal_earlier = alphas_cumprod[timesteps].sqrt(), alphas_cumprod[earlier].sqrt()
+        ratio = ((1 - alphas_cumprod[earlier]) / (1 - alphas_cumprod[timesteps])).sqrt()  # of the noise's scales, <= 1
+        shape = (-1, *[1] * (latents.dim() - 1))
+        moved = signal_earlier.view(shape) * latents + ratio.view(shape) * (noisy - signal.view(shape) * latents)
+        return moved.to(noisy.dtype), earlier
+
+
 class RectifiedFlow(Objective):
     """Rectified flow (Liu et al. 2022; SD3, Esser et al. 2024): x_t = (1 - t) x0 + t noise on a straight line, the
     network predicts its velocity noise - x0, t from ``timestep_density`` (logit_normal(0, 1) by default: SD3's
@@ -179,3 +199,12 @@ class RectifiedFlow(Objective):
         t_image = t.to(latents.dtype)[:, None, None, None]
         prediction = predict((1 - t_image) * latents + t_image * noise, t * self.num_train_timesteps)
         return F.mse_loss(prediction.float(), (noise - latents).float())
+
+    def less_noisy(self, latents: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, interval: float,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        t = timesteps / self.num_train_timesteps
+        shift = torch.rand(len(t), generator=generator, device=generator.device).to(t.device)
+        earlier = (t - shift * interval).clamp_min(0)
+        ratio = torch.where(t > 0, earlier / t.clamp_min(1e-12), torch.zeros_like(t))  # x_t' - x0 = t'/t (x_t - x0)
+        moved = latents + ratio.to(latents.dtype).view(-1, *[1] * (latents.dim() - 1)) * (noisy - latents)
+        return moved.to(noisy.dtype), earlier * self.num_train_timesteps

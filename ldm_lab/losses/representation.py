@@ -1,13 +1,29 @@
-"""Losses on a denoiser's intermediate features, added to its objective: the dispersive loss (Wang & He 2025,
-"Diffuse and Disperse: Image Generation with Representation Regularization"), which needs no encoder and no
-parameters. The features are read by a forward hook on one block (:class:`FeatureTap`)."""
+"""Losses on a denoiser's intermediate features, added to its objective (``model.representation.loss``):
+
+- ``dispersive`` (Wang & He 2025, "Diffuse and Disperse"): spreads a batch's features apart; no encoder, no
+  parameters.
+- ``repa`` (REPA, Yu et al. 2024): a small MLP head projects the features at each position onto a frozen image
+  encoder's patch features of the clean image (DINOv2's, ldm_lab/nn/image_encoders.py), scored by their cosine
+  similarity; for a UNet the projection is resized to the encoder's patch grid, as U-REPA (Tian et al. 2025) does.
+- ``sra`` (SRA, Jiang et al. 2025): the same alignment with the model's own EMA as the encoder: an earlier
+  block's features at a noise level are projected onto a later block's features of the EMA at a lower one
+  (smooth L1, their release's ``sml1`` with beta 0.05); no encoder.
+
+The features are read by forward hooks on blocks (:class:`FeatureTap`); the heads are trained with the denoiser,
+saved in checkpoints and left out of the export."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from ldm_lab.core.errors import ConfigError
+
+LOSSES = ("dispersive", "repa", "sra")  # model.representation.loss
+WEIGHTS = {"dispersive": 0.25, "repa": 0.5, "sra": 0.2}  # the papers' (the dispersive loss's SiT release)
 
 
 def dispersive_loss(features: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -18,6 +34,66 @@ def dispersive_loss(features: torch.Tensor, temperature: float = 1.0) -> torch.T
     norms = z.square().sum(dim=1)
     distances = (norms[:, None] + norms[None, :] - 2 * z @ z.T).clamp_min(0) / z.shape[1]
     return torch.logsumexp(-distances.flatten() / temperature, dim=0) - math.log(distances.numel())
+
+
+def repa_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """REPA's: minus the mean cosine similarity, over positions, of ``projected`` and ``target`` (B, C, h, w); a
+    projection on another grid than the target's is resized to it (bilinear)."""
+    projected = _on_grid(projected, target)
+    return -F.cosine_similarity(projected.float(), target.float(), dim=1).mean()
+
+
+def sra_loss(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SRA's: the smooth L1 distance (beta 0.05) of ``projected`` and ``target`` (B, C, h, w), a projection on
+    another grid resized to the target's."""
+    projected = _on_grid(projected, target)
+    return F.smooth_l1_loss(projected.float(), target.float(), beta=0.05)
+
+
+def _on_grid(projected: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if projected.shape[2:] == target.shape[2:]:
+        return projected
+    return F.interpolate(projected, size=target.shape[2:], mode="bilinear", align_corners=False)
+
+
+def as_grid(features: torch.Tensor, latent_size: tuple[int, int]) -> torch.Tensor:
+    """A block's output as a (B, C, h, w) map: a UNet block's as it is, a transformer's tokens (B, h x w, C) laid
+    out on the latents' patch grid (``latent_size``: the latents' height and width)."""
+    if features.dim() == 4:
+        return features
+    batch, tokens, width = features.shape
+    height, across = latent_size
+    patch = math.isqrt(height * across // tokens)
+    if patch * patch * tokens != height * across:
+        raise ConfigError(f"model.representation: the aligned block gave {tokens} tokens for {height}x{across} "
+                          f"latents, not a patch grid: with model.token_routing, align a block outside the routed span "
+                          f"(model.representation.block)")
+    return features.transpose(1, 2).reshape(batch, width, height // patch, across // patch)
+
+
+def projection_head(in_width: int, out_width: int, hidden_width: int, layers: int) -> nn.Sequential:
+    """An MLP applied at each position of a (B, C, h, w) map: ``layers`` linear layers with SiLU between (REPA's
+    projector: 3 layers, 2048 wide; SRA's head: 2 layers, in + out wide)."""
+    widths = [in_width, *[hidden_width] * (layers - 1), out_width]
+    modules: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths, widths[1:], strict=False)):
+        modules += [nn.Linear(a, b)] + ([nn.SiLU()] if i < layers - 1 else [])
+    return nn.Sequential(*modules)
+
+
+def project(head: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """``head`` applied at each position of a (B, C, h, w) map."""
+    return head(features.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def output_width(block: nn.Module) -> int:
+    """The channels (or token width) a block outputs: its last linear or convolution layer's."""
+    for module in reversed(list(block.modules())):
+        width = getattr(module, "out_features", None) or getattr(module, "out_channels", None)
+        if isinstance(width, int):
+            return width
+    raise ConfigError(f"model.representation.block: a {type(block).__name__} has no linear or convolution layer to "
+                      f"read its width from; align a block of the denoiser (mid_block, transformer_blocks.3, ...)")
 
 
 class FeatureTap:

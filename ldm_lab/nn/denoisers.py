@@ -46,10 +46,19 @@ class Backbone:
 
     def middle(self, network: nn.Module) -> str:
         """The block at the network's middle, by its submodule name: a UNet's ``mid_block``, a transformer's block
-        at half its depth."""
+        at half its depth (the dispersive loss's)."""
         if hasattr(network, "transformer_blocks"):
             return f"transformer_blocks.{len(network.transformer_blocks) // 2 - 1}"
         return "mid_block"
+
+    def alignment_blocks(self, network: nn.Module) -> tuple[str, str]:
+        """The blocks representation alignment reads, by submodule name: the aligned one (REPA's and SRA's student)
+        and SRA's teacher. A transformer's at a third and two thirds of its depth (REPA's SiT-XL/2: block 8 of 28;
+        SRA's SiT-B/2: blocks 4 and 8 of 12); a UNet's ``mid_block`` (U-REPA's) and its first up block."""
+        if hasattr(network, "transformer_blocks"):
+            depth = len(network.transformer_blocks)
+            return (f"transformer_blocks.{max(0, depth // 3 - 1)}", f"transformer_blocks.{max(0, 2 * depth // 3 - 1)}")
+        return "mid_block", "up_blocks.0"
 
 
 class UNet(Backbone):
@@ -160,15 +169,14 @@ def build(network: functools.partial, channels: int, conditioning: str | None = 
     return kind.build(network, channels, num_classes, text_width)
 
 
-def feature_block(network: nn.Module, name: str | None) -> nn.Module:
-    """The submodule of ``network`` whose output a representation loss reads: ``name`` (a dotted submodule name such
-    as ``mid_block`` or ``transformer_blocks.5``), or None: the block at the network's middle."""
-    name = name or backbone(network).middle(network)
+def feature_block(network: nn.Module, name: str, key: str = "model.representation.block") -> nn.Module:
+    """The submodule of ``network`` whose output a representation loss reads: ``name``, a dotted submodule name such
+    as ``mid_block`` or ``transformer_blocks.5`` (``key``: the config key that gave it)."""
     try:
         return network.get_submodule(name)
     except AttributeError:
         blocks = [n for n, _ in network.named_children()]
-        raise ConfigError(f"model.representation.block={name}: {type(network).__name__} has no such submodule; its "
+        raise ConfigError(f"{key}={name}: {type(network).__name__} has no such submodule; its "
                           f"blocks: {', '.join(blocks)} (index a list: transformer_blocks.3, down_blocks.1)") from None
 
 

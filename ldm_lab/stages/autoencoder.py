@@ -85,6 +85,9 @@ class AutoencoderStage(TrainingStage):
     def downsample_factor(self) -> int:
         return downsampling(self.vae.config)
 
+    def outside_networks(self) -> list[nn.Module]:
+        return [self.loss.perceptual] if self.loss.perceptual is not None else []
+
     @property
     def trained_network(self) -> nn.Module:
         return self.vae

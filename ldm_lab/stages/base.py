@@ -124,6 +124,11 @@ class TrainingStage(L.LightningModule):
         ema = getattr(self, "ema", None)
         return [ema] if ema is not None else []
 
+    def outside_networks(self) -> list[torch.nn.Module]:
+        """Frozen networks the stage runs but keeps out of its module tree, so out of its checkpoints (LPIPS, REPA's
+        image encoder): what task=plan counts with the weights."""
+        return []
+
     def memory_format(self, batch: torch.Tensor) -> torch.Tensor:
         """A batch in the networks' memory format (channels-last when ``speed.channels_last``)."""
         return batch.contiguous(memory_format=torch.channels_last) if self.channels_last else batch

@@ -1,9 +1,9 @@
-"""Encoding a data set into the caches of frozen networks (ldm_lab/data/latent_cache.py stores them): the latent
-cache, with the frozen first stage (LDM, Rombach et al. 2022, sec. 3), and the text cache, each caption's embedding
-with a frozen text encoder; what task=cache_latents, and task=train with ``model.latent_cache=true`` before
-training, run. Under DDP every process encodes its share, as kohya's and MosaicML's precompute scripts do, and the
-shares are gathered into one manifest and one latent scale, so N devices encode about N times faster. The
-datamodule then only reads the caches."""
+"""Encoding a data set into the caches of frozen networks (ldm_lab/data/latent_cache.py stores them): the latent cache,
+with the frozen first stage (LDM, Rombach et al. 2022, sec. 3), the text cache, each caption's embedding with a
+frozen text encoder, and the feature cache, each image's patch features with REPA's image encoder; what
+task=cache_latents, and task=train with ``model.latent_cache=true`` before training, run. Under DDP every process
+encodes its share, as kohya's and MosaicML's precompute scripts do, and the shares are gathered into one manifest
+and one latent scale, so N devices encode about N times faster. The datamodule then only reads the caches."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from ldm_lab.data.datamodule import ImageDataModule
 from ldm_lab.data.latent_cache import KeyedImages, LatentCache
 from ldm_lab.diffusion.pipeline import encode_prompt, masks_padding
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder, LatentScale
+from ldm_lab.nn.image_encoders import ImageEncoder
 from ldm_lab.nn.text_encoders import embedding_width
 
 log = logging.getLogger(__name__)
@@ -176,6 +177,48 @@ def encode_text_cache(tokenizer, text_encoder: nn.Module, datamodule: ImageDataM
              "caption, %.1f KB per image", cache.dir, len(captions), len(missing), len(captions) - len(missing),
              per_caption / 1e3, per_image / 1e3)
     datamodule.use_text_cache(cache)
+    return cache
+
+
+@torch.no_grad()
+def encode_feature_cache(encoder: ImageEncoder, datamodule: ImageDataModule, root: str | os.PathLike,
+                         device: torch.device | None = None, ranks: Ranks = Ranks()) -> LatentCache:
+    """REPA's targets for a latent-cached data set, whose batches hold no pixels: ``encoder``'s patch features of
+    every image the latent cache holds, under its keys (the same crop, the same bucket and leftover resolutions),
+    in float16, those the cache of this encoder under ``root`` lacks only, on ``device``; every rank takes every
+    ``world_size``-th batch. Point the datamodule at the cache and return it."""
+    cache = LatentCache(root, fingerprint(encoder.describe(), encoder))
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    encoded = seen = 0
+    with folder_lock(cache.dir) if ranks.rank == 0 else nullcontext():
+        ranks.barrier()
+        cache.refresh()
+        original = next(encoder.parameters()).device
+        encoder.to(device)
+        batches = datamodule.encoding_batches()[ranks.rank :: ranks.world_size]
+        loader = DataLoader(KeyedImages(datamodule.pixel_dataset()), batch_sampler=batches,
+                            num_workers=datamodule.num_workers)
+        try:
+            for batch in tqdm(loader, desc="feature cache", unit="batch", dynamic_ncols=True, disable=ranks.rank != 0):
+                missing = [i for i, key in enumerate(batch["key"]) if key not in cache]
+                if missing:
+                    features = encoder(batch["pixel_values"][missing].to(device)).half().cpu()
+                    for row, i in enumerate(missing):
+                        cache.add(batch["key"][i], features[row])
+                encoded += len(missing)
+                seen += len(batch["key"])
+        finally:
+            encoder.to(original)
+        cache.flush()
+        ranks.barrier()
+    cache.refresh()
+    key = datamodule.latent_keys[0][next(iter(datamodule.latent_keys[0]))]
+    feature_bytes = cache.get(key).nbytes
+    latent_bytes = datamodule.latent_cache.get(key).nbytes
+    log.info("feature cache %s: %d images encoded by this process, %d seen; %.1f KB per sample (%.3gx its cached "
+             "latent moments' %.1f KB)", cache.dir, encoded, seen, feature_bytes / 1e3, feature_bytes / latent_bytes,
+             latent_bytes / 1e3)
+    datamodule.use_feature_cache(cache)
     return cache
 
 

@@ -41,8 +41,19 @@ from ldm_lab.diffusion.sampling import assemble
 from ldm_lab.io.checkpoints import CheckpointError
 from ldm_lab.io.ema_snapshots import DTYPES, FOLDER, SnapshotWriter
 from ldm_lab.io.model_sources import load_denoiser, load_first_stage
-from ldm_lab.losses.representation import FeatureTap, dispersive_loss
-from ldm_lab.nn import denoisers
+from ldm_lab.losses.representation import (
+    LOSSES,
+    WEIGHTS,
+    FeatureTap,
+    as_grid,
+    dispersive_loss,
+    output_width,
+    project,
+    projection_head,
+    repa_loss,
+    sra_loss,
+)
+from ldm_lab.nn import denoisers, image_encoders
 from ldm_lab.nn.ema import ema_with_warmup, power_function_ema
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
 from ldm_lab.nn.text_encoders import (
@@ -54,7 +65,7 @@ from ldm_lab.nn.text_encoders import (
 )
 from ldm_lab.nn.token_routing import TokenRouter
 from ldm_lab.stages.base import TrainingStage
-from ldm_lab.stages.encoding import encode_latent_cache, encode_text_cache, ranks_of
+from ldm_lab.stages.encoding import encode_feature_cache, encode_latent_cache, encode_text_cache, ranks_of
 from ldm_lab.stages.speed import optimizer_options
 
 log = logging.getLogger(__name__)
@@ -75,8 +86,9 @@ class LatentDiffusionStage(TrainingStage):
     encoder's caption embeddings are encoded once, with the latent cache, and read from it. ``posthoc_ema``:
     ``sigma_rels`` (two or more widths, or None: the fixed-decay EMA), ``snapshot_every`` (steps) and
     ``snapshot_dtype`` of the post-hoc EMA (EDM2, Karras et al. 2024). ``representation``: a loss on the denoiser's
-    features at ``block`` (``loss``: None, or "dispersive", Wang & He 2025), times ``weight``, added to the
-    objective's. ``token_routing``: a transformer denoiser's training routes ``ratio`` of its tokens around blocks
+    features at ``block``, times ``weight``, added to the objective's (ldm_lab/losses/representation.py: ``loss``
+    None, "dispersive", "repa" with the frozen image ``encoder`` and an MLP head ``head_width`` wide, or "sra" with
+    the EMA's features at ``teacher_block`` and up to ``interval`` less noise as the target). ``token_routing``: a transformer denoiser's training routes ``ratio`` of its tokens around blocks
     [``start``, ``end``) (TREAD, Krause et al. 2025; ldm_lab/nn/token_routing.py)."""
 
     monitor_mode = "min"
@@ -160,8 +172,11 @@ class LatentDiffusionStage(TrainingStage):
         self.text_posthoc_emas = nn.ModuleList(average(self.text_encoder) for average in narrower
                                                if self.text_encoder_trainable)
         self.representation = _representation_options(representation)
-        self._features = None if self.representation is None else \
-            FeatureTap(denoisers.feature_block(self.denoiser, self.representation["block"]))  # after the EMAs' copies
+        self.alignment_head: nn.Module | None = None  # REPA's and SRA's projection, trained, left out of the export
+        self._features = self._teacher_features = None
+        object.__setattr__(self, "image_encoder", None)  # REPA's: frozen, outside the module tree (and checkpoints)
+        if self.representation is not None:
+            self._representation_networks(self.representation)  # after the EMAs' copies: their blocks have no hooks
         self._router = None if not token_routing or not token_routing.get("ratio") else \
             TokenRouter(self.denoiser, float(token_routing["ratio"]), int(token_routing["start"]), int(token_routing["end"]))
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
@@ -173,16 +188,46 @@ class LatentDiffusionStage(TrainingStage):
         self._empty_prompt: dict[str, torch.Tensor] | None = None  # setup: the empty prompt's cached condition
         self._snapshots: SnapshotWriter | None = None  # on_train_start, with the post-hoc EMA
 
+    def _representation_networks(self, options: dict) -> None:
+        """The hooks ``model.representation`` reads features with, REPA's image encoder and the projection head."""
+        kind = denoisers.backbone(self.denoiser)
+        aligned, teacher_block = kind.alignment_blocks(self.denoiser)
+        student = denoisers.feature_block(
+            self.denoiser, options["block"] or (kind.middle(self.denoiser) if options["loss"] == "dispersive" else aligned))
+        self._features = FeatureTap(student)
+        if options["loss"] == "sra":
+            if self.ema is None:
+                raise ConfigError("model.representation.loss=sra aligns with the EMA's features, and this run keeps "
+                                  "no EMA: set model.ema_decay (e.g. 0.9999) or model.posthoc_ema.sigma_rels")
+            teacher = denoisers.feature_block(self.ema.module, options["teacher_block"] or teacher_block,
+                                              "model.representation.teacher_block")
+            self._teacher_features = FeatureTap(teacher)
+            widths = output_width(student), output_width(teacher)
+            self.alignment_head = projection_head(*widths, sum(widths), layers=2)
+        elif options["loss"] == "repa":
+            encoder = image_encoders.load(options["encoder"], options["encoder_weights"], options["patch_pixels"])
+            object.__setattr__(self, "image_encoder", encoder)
+            self.alignment_head = projection_head(output_width(student), encoder.width, options["head_width"], layers=3)
+
+    def outside_networks(self) -> list[nn.Module]:
+        """REPA's image encoder where training runs it: without the latent cache (with it, the feature cache holds
+        its outputs and it stays on the CPU)."""
+        return [self.image_encoder] if self.image_encoder is not None and not self.latent_cache else []
+
     # ----------------------------------------------------------------------------- what the tasks ask
     def planning_batch(self, batch_size: int, side: int) -> dict[str, torch.Tensor]:
         """Pixels, or with the latent cache the first stage's moments, as training reads them; a class-conditional
         model's labels; a text-conditional model's captions, of the longest its encoder reads, and with the text
-        cache their embeddings (and the empty prompt's, which caption dropout reads)."""
+        cache their embeddings (and the empty prompt's, which caption dropout reads); with REPA and the latent cache,
+        the feature cache's image features."""
         if self.latent_cache:
             first = self.first_stage
             channels = first.latent_channels * (2 if first.kind == "kl" else 1)
             latent_side = side // first.downsample_factor
             batch = {"latents": torch.randn(batch_size, channels, latent_side, latent_side)}
+            if self.image_encoder is not None:
+                grid = self.image_encoder.grid(side, side)
+                batch["image_features"] = torch.randn(batch_size, self.image_encoder.width, *grid).half()
         else:
             batch = super().planning_batch(batch_size, side)
         if self.class_names is not None:
@@ -203,6 +248,12 @@ class LatentDiffusionStage(TrainingStage):
             raise ConfigError(f"ckpt_path={path} was trained on the classes {_describe(trained_classes)}, and this "
                               f"run's data has {_describe(self.class_names)}: resume with the data it was trained "
                               f"on, or start a new run (without ckpt_path) for these classes")
+        trained_loss = (checkpoint["ldm_lab"]["config"]["model"].get("representation") or {}).get("loss")
+        if trained_loss != (self.representation or {}).get("loss"):
+            raise ConfigError(f"ckpt_path={path} was trained with model.representation.loss={trained_loss}, this run "
+                              f"gives {(self.representation or {}).get('loss')}: resume with model.representation.loss="
+                              f"{trained_loss or 'null'}, or start a new run from its weights: "
+                              f"model.denoiser_pretrained={path}")
         trained_widths = (checkpoint["ldm_lab"]["config"]["model"].get("posthoc_ema") or {}).get("sigma_rels")
         if sorted(trained_widths or []) != self.sigma_rels:
             raise ConfigError(f"ckpt_path={path} was trained with model.posthoc_ema.sigma_rels={trained_widths}, this "
@@ -265,6 +316,9 @@ class LatentDiffusionStage(TrainingStage):
         if datamodule.latent_keys is None:
             encode_latent_cache(self.first_stage, datamodule, self._latent_cache_root, strategy.root_device,
                                 ranks_of(strategy))
+        if self.image_encoder is not None and datamodule.feature_cache is None:
+            encode_feature_cache(self.image_encoder, datamodule, self._latent_cache_root, strategy.root_device,
+                                 ranks_of(strategy))
         if self.caches_text and datamodule.text_cache is None:
             encode_text_cache(self.tokenizer, self.text_encoder, datamodule, self._latent_cache_root,
                               strategy.root_device, ranks_of(strategy))
@@ -322,6 +376,8 @@ class LatentDiffusionStage(TrainingStage):
         parameters = list(self.denoiser.parameters())
         if self.text_encoder_trainable:
             parameters += list(self.text_encoder.parameters())
+        if self.alignment_head is not None:
+            parameters += list(self.alignment_head.parameters())
         optimizer = self.make_optimizer(parameters, lr=lr, **optimizer_options(self.make_optimizer, self.fused_optimizer))
         return [optimizer], [self.make_scheduler(optimizer)]
 
@@ -356,11 +412,14 @@ class LatentDiffusionStage(TrainingStage):
 
     # ----------------------------------------------------------------------------- the objective
     def loss(self, network: nn.Module, latents: torch.Tensor, generator: torch.Generator, training: bool = False,
-             **condition: torch.Tensor | None) -> torch.Tensor:
+             inputs: dict | None = None, **condition: torch.Tensor | None) -> torch.Tensor:
         """The objective's loss of ``network`` on ``latents`` given ``condition`` (``class_labels`` or
         ``encoder_hidden_states``, :func:`~ldm_lab.diffusion.pipeline.predict`'s); ``training``: at the objective's
-        training timesteps and weighting, else its validation loss."""
+        training timesteps and weighting, else its validation loss. ``inputs`` receives the network's ``noisy``
+        latents and ``timesteps``."""
         def predict_noise(noisy: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+            if inputs is not None:
+                inputs.update(noisy=noisy, timesteps=timesteps)
             return predict(network, noisy, timesteps, **condition)
 
         return self.objective.loss(predict_noise, latents, generator, training)
@@ -371,16 +430,38 @@ class LatentDiffusionStage(TrainingStage):
         condition = self.condition(batch, generator, self.text_encoder)
         if self._router is not None:
             self._router.start(generator)
-        loss = self.loss(self.denoiser, latents, generator, training=True, **condition)
+        inputs = {}
+        loss = self.loss(self.denoiser, latents, generator, training=True, inputs=inputs, **condition)
         logs = {self.objective.training_loss: loss.detach()}
         if self.representation is not None:
             options = self.representation
-            extra = dispersive_loss(self._features.take(), options["temperature"])
+            extra = self._representation_loss(batch, latents, inputs, condition, generator)
             logs[f"loss_{options['loss']}"] = extra.detach()
             loss = loss + options["weight"] * extra
         self.backward_and_step([loss], logs)
         if self._router is not None:
             self._router.stop()
+
+    def _representation_loss(self, batch: dict, latents: torch.Tensor, inputs: dict, condition: dict,
+                             generator: torch.Generator) -> torch.Tensor:
+        """``model.representation``'s loss on the features the training forward left at the aligned block: SRA's
+        target is the EMA's at its teacher block, run on the same noise at less of it; REPA's the image encoder's
+        (from the feature cache, or of the batch's pixels)."""
+        options, features = self.representation, self._features.take()
+        if options["loss"] == "dispersive":
+            return dispersive_loss(features, options["temperature"])
+        projected = project(self.alignment_head, as_grid(features, latents.shape[2:]))
+        if options["loss"] == "sra":
+            with torch.no_grad():
+                noisy, timesteps = self.objective.less_noisy(latents, inputs["noisy"], inputs["timesteps"],
+                                                             options["interval"], generator)
+                predict(self.ema.module, noisy, timesteps, **condition)
+            return sra_loss(projected, as_grid(self._teacher_features.take(), latents.shape[2:]))
+        if "image_features" in batch:
+            target = batch["image_features"]
+        else:
+            target = self.image_encoder.to(self.device)(batch["pixel_values"])
+        return repa_loss(projected, target)
 
     def condition(self, batch: dict, generator: torch.Generator | None, text_encoder: nn.Module | None) -> dict:
         """What the denoiser is given for a batch: a class-conditional model's labels, a text-conditional model's
@@ -530,19 +611,20 @@ def _posthoc_options(posthoc_ema: Mapping | None, ema_decay: float | None) -> di
     return {**options, "sigma_rels": widths, "snapshot_every": int(options["snapshot_every"])}
 
 
-REPRESENTATION_LOSSES = ("dispersive",)  # model.representation.loss
-
-
 def _representation_options(representation: Mapping | None) -> dict | None:
-    """``model.representation`` checked; None when off (no ``loss``)."""
+    """``model.representation`` checked, its weight the paper's where unset; None when off (no ``loss``)."""
     if not representation or not representation.get("loss"):
         return None
     options = dict(representation)
-    if options["loss"] not in REPRESENTATION_LOSSES:
-        raise ConfigError(f"model.representation.loss={options['loss']}: null or one of "
-                          f"{', '.join(REPRESENTATION_LOSSES)}")
+    if options["loss"] not in LOSSES:
+        raise ConfigError(f"model.representation.loss={options['loss']}: null or one of {', '.join(LOSSES)}")
     if not float(options["temperature"]) > 0:
         raise ConfigError(f"model.representation.temperature={options['temperature']}: must be above 0")
+    if not 0 <= float(options["interval"]) <= 1:
+        raise ConfigError(f"model.representation.interval={options['interval']}: SRA's share of the noise scale, in "
+                          f"[0, 1] (its paper's 0.2)")
+    if options["weight"] is None:
+        options["weight"] = WEIGHTS[options["loss"]]
     return options
 
 

@@ -53,9 +53,7 @@ class HeldMemory:
         ema_tensors = [t for ema in stage.averaged_networks() for t in _module_tensors(ema)]
         ema_ptrs = {t.data_ptr() for t in ema_tensors}
         weights = [t for t in _module_tensors(stage) if t.data_ptr() not in ema_ptrs]
-        perceptual = getattr(getattr(stage, "loss", None), "perceptual", None)  # LPIPS: outside the module tree
-        if perceptual is not None:
-            weights += _module_tensors(perceptual)
+        weights += [t for network in stage.outside_networks() for t in _module_tensors(network)]
         optimizers = stage.trainer.optimizers if stage._trainer is not None else []
         states = [t for o in optimizers for s in o.state.values() for t in s.values() if torch.is_tensor(t)]
         trainable = [p for p in stage.parameters() if p.requires_grad]

@@ -79,7 +79,8 @@ def for_planning(model: DictConfig, random_first_stage: Callable[[], dict]) -> D
     latent scale of 1, without a first stage a random one (``random_first_stage()``: its description), a
     class-conditional model's classes, which come from the data, as 1000 stand-ins (a few MB of embedding), a
     pretrained text encoder as a random one of its architecture (:func:`~ldm_lab.nn.text_encoders.stand_in`) and
-    a scratch encoder's tokenizer, learned from the data, as a small stand-in (its embedding table is smaller)."""
+    a scratch encoder's tokenizer, learned from the data, as a small stand-in (its embedding table is smaller), and
+    REPA's image encoder as a random one of its architecture."""
     with open_dict(model):
         if not is_latent_diffusion(model):
             model.loss.update(lpips_backbone="random", require_perceptual_weights=False, disc_start=0)
@@ -89,6 +90,8 @@ def for_planning(model: DictConfig, random_first_stage: Callable[[], dict]) -> D
         model.latent_scale = model.latent_scale or 1.0
         if model.first_stage is None:
             model.first_stage = random_first_stage()
+        if model.get("representation", {}).get("loss") == "repa":
+            model.representation.encoder_weights = "random"
         if model.get("conditioning") == "class" and not model.get("class_names"):
             model.class_names = [str(i) for i in range(1000)]
         encoder = model.get("text_encoder")
