@@ -24,6 +24,7 @@ from ldm_lab.nn.image_encoders import ImageEncoder
 from ldm_lab.stages import encoding
 from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.encoding import encode_feature_cache, encode_latent_cache
+from ldm_lab.tasks import cache_latents
 from ldm_lab.tasks.trainer import build_datamodule
 from tests.conftest import LDM_TINY
 from tests.helpers import StopAt, fit_latent_stage, save_tiny_dinov2, save_tiny_first_stage
@@ -214,8 +215,9 @@ def test_alignment_options_are_refused_with_the_fix(compose_cfg, first_stage, of
 
 def test_feature_cache_holds_the_encoders_features_under_the_latents_keys(compose_cfg, first_stage, dinov2, tmp_path,
                                                                            caplog):
-    config = compose_cfg([*LDM_TINY, f"model.first_stage={first_stage}", "model.representation.loss=repa",
-                          f"model.representation.encoder={dinov2}"], tiny=False)
+    config_overrides = [*LDM_TINY, f"model.first_stage={first_stage}", "model.representation.loss=repa",
+                        f"model.representation.encoder={dinov2}", f"paths.latent_cache={tmp_path / 'cache'}"]
+    config = compose_cfg(config_overrides, tiny=False)
     stage = build_stage(config.model, None)
     datamodule = build_datamodule(config)
     encode_latent_cache(stage.first_stage, datamodule, tmp_path / "cache")
@@ -238,3 +240,7 @@ def test_feature_cache_holds_the_encoders_features_under_the_latents_keys(compos
     batch = next(iter(datamodule.train_dataloader()))
     height, width = batch["latents"].shape[2:]
     assert batch["image_features"].shape == (len(batch["latents"]), 32, height * 4 // 16, width * 4 // 16)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=encoding.__name__):  # task=cache_latents fills both caches
+        cache_latents.run(compose_cfg([*config_overrides, "task=cache_latents"], tiny=False))
+    assert "latent cache" in caplog.text and ": 0 images encoded by this process, 12 seen" in caplog.text

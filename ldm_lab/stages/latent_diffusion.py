@@ -88,8 +88,9 @@ class LatentDiffusionStage(TrainingStage):
     ``snapshot_dtype`` of the post-hoc EMA (EDM2, Karras et al. 2024). ``representation``: a loss on the denoiser's
     features at ``block``, times ``weight``, added to the objective's (ldm_lab/losses/representation.py: ``loss``
     None, "dispersive", "repa" with the frozen image ``encoder`` and an MLP head ``head_width`` wide, or "sra" with
-    the EMA's features at ``teacher_block`` and up to ``interval`` less noise as the target). ``token_routing``: a transformer denoiser's training routes ``ratio`` of its tokens around blocks
-    [``start``, ``end``) (TREAD, Krause et al. 2025; ldm_lab/nn/token_routing.py)."""
+    the EMA's features at ``teacher_block`` and up to ``interval`` less noise as the target). ``token_routing``: a
+    transformer denoiser's training routes ``ratio`` of its tokens around blocks [``start``, ``end``) (TREAD, Krause
+    et al. 2025; ldm_lab/nn/token_routing.py)."""
 
     monitor_mode = "min"
     description = "a latent diffusion model (model=unet, dit, unet_text, dit_text or a tiny variant)"
@@ -192,8 +193,8 @@ class LatentDiffusionStage(TrainingStage):
         """The hooks ``model.representation`` reads features with, REPA's image encoder and the projection head."""
         kind = denoisers.backbone(self.denoiser)
         aligned, teacher_block = kind.alignment_blocks(self.denoiser)
-        student = denoisers.feature_block(
-            self.denoiser, options["block"] or (kind.middle(self.denoiser) if options["loss"] == "dispersive" else aligned))
+        default = kind.middle(self.denoiser) if options["loss"] == "dispersive" else aligned
+        student = denoisers.feature_block(self.denoiser, options["block"] or default)
         self._features = FeatureTap(student)
         if options["loss"] == "sra":
             if self.ema is None:
