@@ -24,7 +24,7 @@ from ldm_lab.nn.image_encoders import ImageEncoder
 from ldm_lab.stages import encoding
 from ldm_lab.stages.build import build_stage
 from ldm_lab.stages.encoding import encode_feature_cache, encode_latent_cache
-from ldm_lab.tasks import cache_latents
+from ldm_lab.tasks import cache_latents, train
 from ldm_lab.tasks.trainer import build_datamodule
 from tests.conftest import LDM_TINY
 from tests.helpers import StopAt, fit_latent_stage, save_tiny_dinov2, save_tiny_first_stage
@@ -244,3 +244,17 @@ def test_feature_cache_holds_the_encoders_features_under_the_latents_keys(compos
     with caplog.at_level(logging.INFO, logger=encoding.__name__):  # task=cache_latents fills both caches
         cache_latents.run(compose_cfg([*config_overrides, "task=cache_latents"], tiny=False))
     assert "latent cache" in caplog.text and ": 0 images encoded by this process, 12 seen" in caplog.text
+
+
+@pytest.mark.parametrize(("model", "loss"), [("unet_text_tiny", "repa"), ("dit_text_tiny", "sra")])
+def test_text_models_train_with_alignment_through_the_train_task(text_cfg, dinov2, tmp_path, caplog, model, loss):
+    """UNet2DConditionModel with REPA (its feature cache beside the latent cache), PixArt with SRA (its teacher
+    reads the prompt embeddings of the text encoder trained with it)."""
+    caplog.set_level(logging.INFO, logger=encoding.__name__)
+    train.run(text_cfg(f"model={model}", f"model.representation.loss={loss}", f"model.representation.encoder={dinov2}",
+                       "max_steps=2", "val_every_n_steps=2", "sample.num_images=1", "sample.num_inference_steps=2"))
+    run = tmp_path / "run"
+    saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert any(k.startswith("alignment_head.") for k in saved["state_dict"])
+    assert (run / "export" / "model_index.json").is_file()
+    assert (loss == "repa") == ("feature cache" in caplog.text)
