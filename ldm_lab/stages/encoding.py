@@ -11,7 +11,7 @@ import logging
 import os
 import shutil
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,13 +100,8 @@ def _encode_share(first_stage: FrozenAutoencoder, datamodule: ImageDataModule, c
     labels: dict[int, int] = {}
     scale = LatentScale(first_stage.kind)
     encoded = seen = 0
-    original = next(first_stage.parameters()).device
-    first_stage.to(device)
-    batches = datamodule.encoding_batches()[ranks.rank :: ranks.world_size]
-    loader = DataLoader(KeyedImages(datamodule.pixel_dataset()), batch_sampler=batches,
-                        num_workers=datamodule.num_workers)
-    try:
-        for batch in tqdm(loader, desc="latent cache", unit="batch", dynamic_ncols=True, disable=ranks.rank != 0):
+    with _on(first_stage, device):
+        for batch in _image_batches(datamodule, ranks, "latent cache"):
             missing = [i for i, key in enumerate(batch["key"]) if key not in cache]
             if missing:
                 moments = first_stage.moments(batch["pixel_values"][missing].to(device)).float().cpu()
@@ -122,9 +117,27 @@ def _encode_share(first_stage: FrozenAutoencoder, datamodule: ImageDataModule, c
                 keys.setdefault(index, {})[f"{width}x{height}"] = key
                 labels[index] = label
                 seen += 1
-    finally:
-        first_stage.to(original)
     return {"keys": keys, "labels": labels, "scale": scale, "encoded": encoded, "seen": seen}
+
+
+def _image_batches(datamodule: ImageDataModule, ranks: Ranks, description: str):
+    """This rank's share of the batches the caches encode (every image at each resolution the latents are keyed by),
+    with each image's key, under a progress bar on rank 0."""
+    batches = datamodule.encoding_batches()[ranks.rank :: ranks.world_size]
+    loader = DataLoader(KeyedImages(datamodule.pixel_dataset()), batch_sampler=batches,
+                        num_workers=datamodule.num_workers)
+    return tqdm(loader, desc=description, unit="batch", dynamic_ncols=True, disable=ranks.rank != 0)
+
+
+@contextmanager
+def _on(network: nn.Module, device: torch.device):
+    """``network`` moved to ``device`` for the block, then back."""
+    original = next(network.parameters()).device
+    network.to(device)
+    try:
+        yield network
+    finally:
+        network.to(original)
 
 
 def _merge(shares: list[dict], num_images: int, kind: str) -> tuple[list[dict], list[int], LatentScale, int, int]:
@@ -156,10 +169,8 @@ def encode_text_cache(tokenizer, text_encoder: nn.Module, datamodule: ImageDataM
         missing = [caption for caption in captions if text_key(caption) not in cache]
         per_caption = _bytes_per_caption(tokenizer, text_encoder)
         _check_free_disk(cache.dir, len(missing) * per_caption, len(missing))
-        original = next(text_encoder.parameters()).device
-        text_encoder.to(device)
-        try:
-            share = [missing[s : s + batch_size] for s in range(0, len(missing), batch_size)][ranks.rank :: ranks.world_size]
+        share = [missing[s : s + batch_size] for s in range(0, len(missing), batch_size)][ranks.rank :: ranks.world_size]
+        with _on(text_encoder, device):
             for batch in tqdm(share, desc="text cache", unit="batch", dynamic_ncols=True, disable=ranks.rank != 0):
                 condition = encode_prompt(tokenizer, text_encoder, batch)
                 for row, caption in enumerate(batch):
@@ -167,8 +178,6 @@ def encode_text_cache(tokenizer, text_encoder: nn.Module, datamodule: ImageDataM
                     cache.add(key, condition["encoder_hidden_states"][row])
                     if "encoder_attention_mask" in condition:
                         cache.add(f"{key}.mask", condition["encoder_attention_mask"][row])
-        finally:
-            text_encoder.to(original)
         cache.flush()
         ranks.barrier()
     cache.refresh()
@@ -193,13 +202,8 @@ def encode_feature_cache(encoder: ImageEncoder, datamodule: ImageDataModule, roo
     with folder_lock(cache.dir) if ranks.rank == 0 else nullcontext():
         ranks.barrier()
         cache.refresh()
-        original = next(encoder.parameters()).device
-        encoder.to(device)
-        batches = datamodule.encoding_batches()[ranks.rank :: ranks.world_size]
-        loader = DataLoader(KeyedImages(datamodule.pixel_dataset()), batch_sampler=batches,
-                            num_workers=datamodule.num_workers)
-        try:
-            for batch in tqdm(loader, desc="feature cache", unit="batch", dynamic_ncols=True, disable=ranks.rank != 0):
+        with _on(encoder, device):
+            for batch in _image_batches(datamodule, ranks, "feature cache"):
                 missing = [i for i, key in enumerate(batch["key"]) if key not in cache]
                 if missing:
                     features = encoder(batch["pixel_values"][missing].to(device)).half().cpu()
@@ -207,8 +211,6 @@ def encode_feature_cache(encoder: ImageEncoder, datamodule: ImageDataModule, roo
                         cache.add(batch["key"][i], features[row])
                 encoded += len(missing)
                 seen += len(batch["key"])
-        finally:
-            encoder.to(original)
         cache.flush()
         ranks.barrier()
     cache.refresh()
