@@ -78,4 +78,4 @@ def test_repa_plans_offline_with_dinov2_base_counted_where_training_runs_it(comp
     stage = plan.build_for_planning(on_the_fly)
     measured = plan.measure(on_the_fly, 32, stage)
     assert measured["weights"] >= tensor_bytes(stage.image_encoder.parameters()) + tensor_bytes(
-        stage.denoiser.parameters()) + tensor_bytes(stage.alignment_head.parameters())
+        stage.denoiser.parameters()) + tensor_bytes(stage.representation.head.parameters())

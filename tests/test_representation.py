@@ -95,7 +95,7 @@ def test_representation_options_are_refused_with_the_fix(compose_cfg, first_stag
     with pytest.raises(InstantiationException, match="representation.loss=disperse: null or one of dispersive"):
         build("model.representation.loss=disperse")
     stage = build("model=dit_tiny", "model.representation.loss=dispersive", "model.representation.block=transformer_blocks.0")
-    assert stage._features is not None
+    assert stage.representation.name == "dispersive" and stage.representation.head is None
 
 
 def test_alignment_losses_score_agreement_on_the_targets_grid():
@@ -154,19 +154,19 @@ def test_alignment_trains_its_head_resumes_exactly_and_exports_without_it(compos
         return fit_latent_stage(config.model, [batch], root, callbacks, ckpt_path)
 
     L.seed_everything(0, verbose=False)
-    initial = build_stage(config.model, None).alignment_head.state_dict()
+    initial = build_stage(config.model, None).representation.head.state_dict()
     straight = run(tmp_path / "straight")
-    assert all(not torch.equal(initial[k], v) for k, v in straight.alignment_head.state_dict().items())
+    assert all(not torch.equal(initial[k], v) for k, v in straight.representation.head.state_dict().items())
     stopped = tmp_path / "stopped.ckpt"
     run(tmp_path / "killed", [StopAt(2, stopped)])
     resumed = run(tmp_path / "killed", ckpt_path=stopped)
     for x, y in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=0)
     saved = torch.load(stopped, weights_only=False)
-    assert any(k.startswith("alignment_head.") for k in saved["state_dict"])
+    assert any(k.startswith("representation.head.") for k in saved["state_dict"])
     assert not any("image_encoder" in k for k in saved["state_dict"])  # frozen, kept out as LPIPS is
     assert len(saved["optimizer_states"][0]["state"]) == len(list(resumed.denoiser.parameters())) + \
-        len(list(resumed.alignment_head.parameters()))
+        len(list(resumed.representation.head.parameters()))
     export = export_pipeline(resumed.pipeline(), tmp_path / "export")
     loaded = load_latent_diffusion(export, "test").unet
     assert not loaded._forward_hooks and loaded.state_dict().keys() == resumed.denoiser.state_dict().keys()
@@ -255,6 +255,6 @@ def test_text_models_train_with_alignment_through_the_train_task(text_cfg, dinov
                        "max_steps=2", "val_every_n_steps=2", "sample.num_images=1", "sample.num_inference_steps=2"))
     run = tmp_path / "run"
     saved = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
-    assert any(k.startswith("alignment_head.") for k in saved["state_dict"])
+    assert any(k.startswith("representation.head.") for k in saved["state_dict"])
     assert (run / "export" / "model_index.json").is_file()
     assert (loss == "repa") == ("feature cache" in caplog.text)

@@ -9,8 +9,9 @@
   block's features at a noise level are projected onto a later block's features of the EMA at a lower one
   (smooth L1, their release's ``sml1`` with beta 0.05); no encoder.
 
-The features are read by forward hooks on blocks (:class:`FeatureTap`); the heads are trained with the denoiser,
-saved in checkpoints and left out of the export."""
+:class:`RepresentationLoss` is what the latent diffusion stage adds: the features are read by forward hooks on blocks
+(:class:`FeatureTap`); the head is trained with the denoiser, saved in checkpoints (``representation.head.*``) and
+left out of the export; REPA's image encoder is frozen and kept out of the module tree, so out of checkpoints."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ldm_lab.core.errors import ConfigError
+from ldm_lab.diffusion.pipeline import predict
+from ldm_lab.nn import denoisers, image_encoders
 
 LOSSES = ("dispersive", "repa", "sra")  # model.representation.loss
 WEIGHTS = {"dispersive": 0.25, "repa": 0.5, "sra": 0.2}  # the papers' (the dispersive loss's SiT release)
@@ -112,3 +115,71 @@ class FeatureTap:
         if output is None:
             raise RuntimeError("the feature block did not run in this forward pass")
         return output
+
+
+class RepresentationLoss(nn.Module):
+    """``model.representation`` (checked by :func:`options`) on ``denoiser``: its ``name`` and ``weight``, the hooks
+    it reads features with (registered after the EMAs' copies, so they carry none), SRA's teacher ``ema`` (held, not
+    owned: the stage owns it), REPA's ``image_encoder`` and the projection ``head``."""
+
+    def __init__(self, options: dict, denoiser: nn.Module, ema: nn.Module | None):
+        super().__init__()
+        self.options, self.name, self.weight = options, options["loss"], options["weight"]
+        kind = denoisers.backbone(denoiser)
+        aligned, teacher_block = kind.alignment_blocks(denoiser)
+        default = kind.middle(denoiser) if self.name == "dispersive" else aligned
+        student = denoisers.feature_block(denoiser, options["block"] or default)
+        self._features, self._teacher_features = FeatureTap(student), None
+        object.__setattr__(self, "ema", ema)
+        object.__setattr__(self, "image_encoder", None)
+        self.head: nn.Module | None = None
+        if self.name == "sra":
+            if ema is None:
+                raise ConfigError("model.representation.loss=sra aligns with the EMA's features, and this run keeps "
+                                  "no EMA: set model.ema_decay (e.g. 0.9999) or model.posthoc_ema.sigma_rels")
+            teacher = denoisers.feature_block(ema, options["teacher_block"] or teacher_block,
+                                              "model.representation.teacher_block")
+            self._teacher_features = FeatureTap(teacher)
+            widths = output_width(student), output_width(teacher)
+            self.head = projection_head(*widths, sum(widths), layers=2)
+        elif self.name == "repa":
+            encoder = image_encoders.load(options["encoder"], options["encoder_weights"], options["patch_pixels"])
+            object.__setattr__(self, "image_encoder", encoder)
+            self.head = projection_head(output_width(student), encoder.width, options["head_width"], layers=3)
+
+    def forward(self, batch: dict, latents: torch.Tensor, inputs: dict, condition: dict, objective,
+                generator: torch.Generator) -> torch.Tensor:
+        """The loss on the features the training forward left at the aligned block (its input: ``inputs``'
+        ``noisy`` latents and ``timesteps``, given ``condition``): SRA's target is the EMA's at its teacher block on
+        the same noise at less of it (``objective.less_noisy``); REPA's the image encoder's, from the feature cache
+        (``batch["image_features"]``) or of the batch's pixels."""
+        features = self._features.take()
+        if self.name == "dispersive":
+            return dispersive_loss(features, self.options["temperature"])
+        projected = project(self.head, as_grid(features, latents.shape[2:]))
+        if self.name == "sra":
+            with torch.no_grad():
+                noisy, timesteps = objective.less_noisy(latents, inputs["noisy"], inputs["timesteps"],
+                                                        self.options["interval"], generator)
+                predict(self.ema, noisy, timesteps, **condition)
+            return sra_loss(projected, as_grid(self._teacher_features.take(), latents.shape[2:]))
+        if "image_features" in batch:
+            return repa_loss(projected, batch["image_features"])
+        return repa_loss(projected, self.image_encoder.to(latents.device)(batch["pixel_values"]))
+
+
+def options(representation: dict | None) -> dict | None:
+    """``model.representation`` checked, its weight the paper's where unset; None when off (no ``loss``)."""
+    if not representation or not representation.get("loss"):
+        return None
+    checked = dict(representation)
+    if checked["loss"] not in LOSSES:
+        raise ConfigError(f"model.representation.loss={checked['loss']}: null or one of {', '.join(LOSSES)}")
+    if not float(checked["temperature"]) > 0:
+        raise ConfigError(f"model.representation.temperature={checked['temperature']}: must be above 0")
+    if not 0 <= float(checked["interval"]) <= 1:
+        raise ConfigError(f"model.representation.interval={checked['interval']}: SRA's share of the noise scale, in "
+                          f"[0, 1] (its paper's 0.2)")
+    if checked["weight"] is None:
+        checked["weight"] = WEIGHTS[checked["loss"]]
+    return checked

@@ -41,19 +41,9 @@ from ldm_lab.diffusion.sampling import assemble
 from ldm_lab.io.checkpoints import CheckpointError
 from ldm_lab.io.ema_snapshots import DTYPES, FOLDER, SnapshotWriter
 from ldm_lab.io.model_sources import load_denoiser, load_first_stage
-from ldm_lab.losses.representation import (
-    LOSSES,
-    WEIGHTS,
-    FeatureTap,
-    as_grid,
-    dispersive_loss,
-    output_width,
-    project,
-    projection_head,
-    repa_loss,
-    sra_loss,
-)
-from ldm_lab.nn import denoisers, image_encoders
+from ldm_lab.losses import representation as representation_losses
+from ldm_lab.losses.representation import RepresentationLoss
+from ldm_lab.nn import denoisers
 from ldm_lab.nn.ema import ema_with_warmup, power_function_ema
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
 from ldm_lab.nn.text_encoders import (
@@ -172,12 +162,9 @@ class LatentDiffusionStage(TrainingStage):
         self.posthoc_emas = nn.ModuleList(average(self.denoiser) for average in narrower)
         self.text_posthoc_emas = nn.ModuleList(average(self.text_encoder) for average in narrower
                                                if self.text_encoder_trainable)
-        self.representation = _representation_options(representation)
-        self.alignment_head: nn.Module | None = None  # REPA's and SRA's projection, trained, left out of the export
-        self._features = self._teacher_features = None
-        object.__setattr__(self, "image_encoder", None)  # REPA's: frozen, outside the module tree (and checkpoints)
-        if self.representation is not None:
-            self._representation_networks(self.representation)  # after the EMAs' copies: their blocks have no hooks
+        checked = representation_losses.options(representation)  # after the EMAs' copies: their blocks get no hooks
+        self.representation = None if checked is None else \
+            RepresentationLoss(checked, self.denoiser, None if self.ema is None else self.ema.module)
         self._router = None if not token_routing or not token_routing.get("ratio") else \
             TokenRouter(self.denoiser, float(token_routing["ratio"]), int(token_routing["start"]), int(token_routing["end"]))
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
@@ -189,26 +176,10 @@ class LatentDiffusionStage(TrainingStage):
         self._empty_prompt: dict[str, torch.Tensor] | None = None  # setup: the empty prompt's cached condition
         self._snapshots: SnapshotWriter | None = None  # on_train_start, with the post-hoc EMA
 
-    def _representation_networks(self, options: dict) -> None:
-        """The hooks ``model.representation`` reads features with, REPA's image encoder and the projection head."""
-        kind = denoisers.backbone(self.denoiser)
-        aligned, teacher_block = kind.alignment_blocks(self.denoiser)
-        default = kind.middle(self.denoiser) if options["loss"] == "dispersive" else aligned
-        student = denoisers.feature_block(self.denoiser, options["block"] or default)
-        self._features = FeatureTap(student)
-        if options["loss"] == "sra":
-            if self.ema is None:
-                raise ConfigError("model.representation.loss=sra aligns with the EMA's features, and this run keeps "
-                                  "no EMA: set model.ema_decay (e.g. 0.9999) or model.posthoc_ema.sigma_rels")
-            teacher = denoisers.feature_block(self.ema.module, options["teacher_block"] or teacher_block,
-                                              "model.representation.teacher_block")
-            self._teacher_features = FeatureTap(teacher)
-            widths = output_width(student), output_width(teacher)
-            self.alignment_head = projection_head(*widths, sum(widths), layers=2)
-        elif options["loss"] == "repa":
-            encoder = image_encoders.load(options["encoder"], options["encoder_weights"], options["patch_pixels"])
-            object.__setattr__(self, "image_encoder", encoder)
-            self.alignment_head = projection_head(output_width(student), encoder.width, options["head_width"], layers=3)
+    @property
+    def image_encoder(self) -> nn.Module | None:
+        """REPA's frozen image encoder (None without REPA)."""
+        return None if self.representation is None else self.representation.image_encoder
 
     def outside_networks(self) -> list[nn.Module]:
         """REPA's image encoder where training runs it: without the latent cache (with it, the feature cache holds
@@ -250,11 +221,11 @@ class LatentDiffusionStage(TrainingStage):
                               f"run's data has {_describe(self.class_names)}: resume with the data it was trained "
                               f"on, or start a new run (without ckpt_path) for these classes")
         trained_loss = (checkpoint["ldm_lab"]["config"]["model"].get("representation") or {}).get("loss")
-        if trained_loss != (self.representation or {}).get("loss"):
+        loss = None if self.representation is None else self.representation.name
+        if trained_loss != loss:
             raise ConfigError(f"ckpt_path={path} was trained with model.representation.loss={trained_loss}, this run "
-                              f"gives {(self.representation or {}).get('loss')}: resume with model.representation.loss="
-                              f"{trained_loss or 'null'}, or start a new run from its weights: "
-                              f"model.denoiser_pretrained={path}")
+                              f"gives {loss}: resume with model.representation.loss={trained_loss or 'null'}, or start "
+                              f"a new run from its weights: model.denoiser_pretrained={path}")
         trained_widths = (checkpoint["ldm_lab"]["config"]["model"].get("posthoc_ema") or {}).get("sigma_rels")
         if sorted(trained_widths or []) != self.sigma_rels:
             raise ConfigError(f"ckpt_path={path} was trained with model.posthoc_ema.sigma_rels={trained_widths}, this "
@@ -377,8 +348,8 @@ class LatentDiffusionStage(TrainingStage):
         parameters = list(self.denoiser.parameters())
         if self.text_encoder_trainable:
             parameters += list(self.text_encoder.parameters())
-        if self.alignment_head is not None:
-            parameters += list(self.alignment_head.parameters())
+        if self.representation is not None:
+            parameters += list(self.representation.parameters())  # REPA's and SRA's head
         optimizer = self.make_optimizer(parameters, lr=lr, **optimizer_options(self.make_optimizer, self.fused_optimizer))
         return [optimizer], [self.make_scheduler(optimizer)]
 
@@ -435,34 +406,12 @@ class LatentDiffusionStage(TrainingStage):
         loss = self.loss(self.denoiser, latents, generator, training=True, inputs=inputs, **condition)
         logs = {self.objective.training_loss: loss.detach()}
         if self.representation is not None:
-            options = self.representation
-            extra = self._representation_loss(batch, latents, inputs, condition, generator)
-            logs[f"loss_{options['loss']}"] = extra.detach()
-            loss = loss + options["weight"] * extra
+            extra = self.representation(batch, latents, inputs, condition, self.objective, generator)
+            logs[f"loss_{self.representation.name}"] = extra.detach()
+            loss = loss + self.representation.weight * extra
         self.backward_and_step([loss], logs)
         if self._router is not None:
             self._router.stop()
-
-    def _representation_loss(self, batch: dict, latents: torch.Tensor, inputs: dict, condition: dict,
-                             generator: torch.Generator) -> torch.Tensor:
-        """``model.representation``'s loss on the features the training forward left at the aligned block: SRA's
-        target is the EMA's at its teacher block, run on the same noise at less of it; REPA's the image encoder's
-        (from the feature cache, or of the batch's pixels)."""
-        options, features = self.representation, self._features.take()
-        if options["loss"] == "dispersive":
-            return dispersive_loss(features, options["temperature"])
-        projected = project(self.alignment_head, as_grid(features, latents.shape[2:]))
-        if options["loss"] == "sra":
-            with torch.no_grad():
-                noisy, timesteps = self.objective.less_noisy(latents, inputs["noisy"], inputs["timesteps"],
-                                                             options["interval"], generator)
-                predict(self.ema.module, noisy, timesteps, **condition)
-            return sra_loss(projected, as_grid(self._teacher_features.take(), latents.shape[2:]))
-        if "image_features" in batch:
-            target = batch["image_features"]
-        else:
-            target = self.image_encoder.to(self.device)(batch["pixel_values"])
-        return repa_loss(projected, target)
 
     def condition(self, batch: dict, generator: torch.Generator | None, text_encoder: nn.Module | None) -> dict:
         """What the denoiser is given for a batch: a class-conditional model's labels, a text-conditional model's
@@ -610,23 +559,6 @@ def _posthoc_options(posthoc_ema: Mapping | None, ema_decay: float | None) -> di
     if int(options["snapshot_every"]) < 1:
         raise ConfigError(f"model.posthoc_ema.snapshot_every={options['snapshot_every']}: a number of steps, >= 1")
     return {**options, "sigma_rels": widths, "snapshot_every": int(options["snapshot_every"])}
-
-
-def _representation_options(representation: Mapping | None) -> dict | None:
-    """``model.representation`` checked, its weight the paper's where unset; None when off (no ``loss``)."""
-    if not representation or not representation.get("loss"):
-        return None
-    options = dict(representation)
-    if options["loss"] not in LOSSES:
-        raise ConfigError(f"model.representation.loss={options['loss']}: null or one of {', '.join(LOSSES)}")
-    if not float(options["temperature"]) > 0:
-        raise ConfigError(f"model.representation.temperature={options['temperature']}: must be above 0")
-    if not 0 <= float(options["interval"]) <= 1:
-        raise ConfigError(f"model.representation.interval={options['interval']}: SRA's share of the noise scale, in "
-                          f"[0, 1] (its paper's 0.2)")
-    if options["weight"] is None:
-        options["weight"] = WEIGHTS[options["loss"]]
-    return options
 
 
 def _text_encoder(conditioning: str | None, text_encoder: functools.partial | None) -> TextEncoder | None:
