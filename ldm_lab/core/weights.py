@@ -8,12 +8,13 @@ Each file is looked up at an explicit path (``paths.weights.<name>``) first, the
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ldm_lab.core.errors import MissingPathError
+from ldm_lab.core.errors import ConfigError, MissingPathError
 
 
 @dataclass(frozen=True)
@@ -102,3 +103,18 @@ def download_all() -> None:
 
 if __name__ == "__main__":
     download_all()
+
+
+def offline_config(name: str, known: Mapping[str, Callable[[], object]], key: str):
+    """The transformers config of model ``name`` where a local copy or the hub cache has it, else the lab's copy for
+    the ``known`` ids its configs name: what task=plan builds a random stand-in from offline (``key``: the config
+    key that names the model)."""
+    from transformers import AutoConfig  # only the language and image encoders need transformers
+
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True)
+    except OSError:
+        if name not in known:
+            raise ConfigError(f"task=plan needs the architecture of {key}={name}, which cannot be read offline: point "
+                              f"it at a local copy") from None
+        return known[name]()

@@ -9,13 +9,15 @@ aligning to it would game the metric."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, AutoModel, Dinov2Config
 
 from ldm_lab.core.errors import ConfigError
-from ldm_lab.core.weights import MissingWeightsError
+from ldm_lab.core.weights import MissingWeightsError, offline_config
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # DINOv2's image processor's
 MODEL_TYPES = ("dinov2", "dinov2_with_registers")
@@ -91,13 +93,8 @@ def load(name: str, weights: str = "pretrained", patch_pixels: int = 16) -> Imag
 
 
 def _architecture(name: str):
-    try:
-        config = AutoConfig.from_pretrained(name, local_files_only=True)
-    except OSError:
-        if name not in ARCHITECTURES:
-            raise ConfigError(f"task=plan needs the architecture of model.representation.encoder={name}, which cannot "
-                              f"be read offline: point it at a local copy") from None
-        return Dinov2Config(**ARCHITECTURES[name], **COMMON)
+    known = {hub_id: functools.partial(Dinov2Config, **sizes, **COMMON) for hub_id, sizes in ARCHITECTURES.items()}
+    config = offline_config(name, known, "model.representation.encoder")
     _check_type(name, config.model_type)
     return config
 

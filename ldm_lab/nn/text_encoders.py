@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from ldm_lab.core.errors import ConfigError
-from ldm_lab.core.weights import MissingWeightsError
+from ldm_lab.core.weights import MissingWeightsError, offline_config
 
 MODEL_CLASSES = {"clip": CLIPTextModel, "clip_text_model": CLIPTextModel, "t5": T5EncoderModel}  # by model_type
 
@@ -188,14 +188,8 @@ def stand_in(pretrained_model_name_or_path: str, max_length: int | None = None, 
     """A randomly initialised encoder of a pretrained one's architecture (its config where a local copy or the hub
     cache has it, else the lab's copy for the encoders its configs name) with a stand-in tokenizer of its context
     length: what task=plan builds offline, with the same memory."""
-    name = pretrained_model_name_or_path
-    try:
-        config = AutoConfig.from_pretrained(name, local_files_only=True)
-    except OSError:
-        if name not in ARCHITECTURES:
-            raise ConfigError(f"task=plan needs the architecture of model.text_encoder.pretrained_model_name_or_path="
-                              f"{name}, which cannot be read offline: point it at a local copy") from None
-        config = ARCHITECTURES[name]()
+    config = offline_config(pretrained_model_name_or_path, ARCHITECTURES,
+                            "model.text_encoder.pretrained_model_name_or_path")
     model = MODEL_CLASSES[config.model_type](config).to(getattr(torch, dtype or "float32"))
     context = max_length or getattr(config, "max_position_embeddings", None) or 512
     return TextEncoder(train_tokenizer(["a stand-in caption"], vocab_size=300, max_length=context), model, trainable)
