@@ -16,13 +16,13 @@ left out of the export; REPA's image encoder is frozen and kept out of the modul
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ldm_lab.core.errors import ConfigError
-from ldm_lab.diffusion.pipeline import predict
 from ldm_lab.nn import denoisers, image_encoders
 
 LOSSES = ("dispersive", "repa", "sra")  # model.representation.loss
@@ -119,8 +119,8 @@ class FeatureTap:
 
 class RepresentationLoss(nn.Module):
     """``model.representation`` (checked by :func:`options`) on ``denoiser``: its ``name`` and ``weight``, the hooks
-    it reads features with (registered after the EMAs' copies, so they carry none), SRA's teacher ``ema`` (held, not
-    owned: the stage owns it), REPA's ``image_encoder`` and the projection ``head``."""
+    it reads features with (registered after the EMAs' copies, so they carry none; SRA's on its teacher, the
+    ``ema``), REPA's ``image_encoder`` and the projection ``head``."""
 
     def __init__(self, options: dict, denoiser: nn.Module, ema: nn.Module | None):
         super().__init__()
@@ -130,7 +130,6 @@ class RepresentationLoss(nn.Module):
         default = kind.middle(denoiser) if self.name == "dispersive" else aligned
         student = denoisers.feature_block(denoiser, options["block"] or default)
         self._features, self._teacher_features = FeatureTap(student), None
-        object.__setattr__(self, "ema", ema)
         object.__setattr__(self, "image_encoder", None)
         self.head: nn.Module | None = None
         if self.name == "sra":
@@ -147,12 +146,12 @@ class RepresentationLoss(nn.Module):
             object.__setattr__(self, "image_encoder", encoder)
             self.head = projection_head(output_width(student), encoder.width, options["head_width"], layers=3)
 
-    def forward(self, batch: dict, latents: torch.Tensor, inputs: dict, condition: dict, objective,
-                generator: torch.Generator) -> torch.Tensor:
+    def forward(self, batch: dict, latents: torch.Tensor, inputs: dict, objective, generator: torch.Generator,
+                teacher: Callable[[torch.Tensor, torch.Tensor], object]) -> torch.Tensor:
         """The loss on the features the training forward left at the aligned block (its input: ``inputs``'
-        ``noisy`` latents and ``timesteps``, given ``condition``): SRA's target is the EMA's at its teacher block on
-        the same noise at less of it (``objective.less_noisy``); REPA's the image encoder's, from the feature cache
-        (``batch["image_features"]``) or of the batch's pixels."""
+        ``noisy`` latents and ``timesteps``): SRA's target is the EMA's at its teacher block, run by ``teacher``
+        (noisy latents, timesteps) on the same noise at less of it (``objective.less_noisy``); REPA's the image
+        encoder's, from the feature cache (``batch["image_features"]``) or of the batch's pixels."""
         features = self._features.take()
         if self.name == "dispersive":
             return dispersive_loss(features, self.options["temperature"])
@@ -161,7 +160,7 @@ class RepresentationLoss(nn.Module):
             with torch.no_grad():
                 noisy, timesteps = objective.less_noisy(latents, inputs["noisy"], inputs["timesteps"],
                                                         self.options["interval"], generator)
-                predict(self.ema, noisy, timesteps, **condition)
+                teacher(noisy, timesteps)
             return sra_loss(projected, as_grid(self._teacher_features.take(), latents.shape[2:]))
         if "image_features" in batch:
             return repa_loss(projected, batch["image_features"])

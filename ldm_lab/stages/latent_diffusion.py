@@ -406,7 +406,8 @@ class LatentDiffusionStage(TrainingStage):
         loss = self.loss(self.denoiser, latents, generator, training=True, inputs=inputs, **condition)
         logs = {self.objective.training_loss: loss.detach()}
         if self.representation is not None:
-            extra = self.representation(batch, latents, inputs, condition, self.objective, generator)
+            extra = self.representation(batch, latents, inputs, self.objective, generator,
+                                        lambda noisy, timesteps: predict(self.ema.module, noisy, timesteps, **condition))
             logs[f"loss_{self.representation.name}"] = extra.detach()
             loss = loss + self.representation.weight * extra
         self.backward_and_step([loss], logs)
