@@ -90,10 +90,12 @@ def write_table(results: list[dict], out: Path) -> None:
     def spread(values: list[float]) -> str:
         return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
-    rows = ["| recipe | seeds | FID | FID / floor | precision | recall |", "|---|---|---:|---:|---:|---:|"]
+    rows = ["| recipe | seeds | training s | FID | FID / floor | precision | recall |",
+            "|---|---|---:|---:|---:|---:|---:|"]
     for recipe in dict.fromkeys(r["recipe"] for r in results):
         runs = [r for r in results if r["recipe"] == recipe]
-        rows.append(f"| {recipe} | {', '.join(str(r['seed']) for r in runs)} | {spread([r['fid'] for r in runs])} | "
+        rows.append(f"| {recipe} | {', '.join(str(r['seed']) for r in runs)} | "
+                    f"{', '.join(str(r['train_s']) for r in runs)} | {spread([r['fid'] for r in runs])} | "
                     f"{spread([r['fid'] / r['floor_fid'] for r in runs])} | {spread([r['precision'] for r in runs])} | "
                     f"{spread([r['recall'] for r in runs])} |")
     floors = [r["floor_fid"] for r in results]
