@@ -19,6 +19,8 @@ sys.path.insert(0, str(ROOT))
 
 from experiments.quickstart_recipes.compare import run, write_table  # noqa: E402
 
+# The quickstart's recipe before this experiment, under every recipe (a recipe's own value of a key wins)
+BASE = ["model.ema_decay=0.999", "model.posthoc_ema.sigma_rels=null", "model.representation.loss=null"]
 POSTHOC = ["model.ema_decay=null", "model.posthoc_ema.sigma_rels=[0.05,0.10]", "model.posthoc_ema.snapshot_every=250"]
 DISPERSIVE = ["model.representation.loss=dispersive"]
 SRA = ["model.representation.loss=sra"]
@@ -26,7 +28,7 @@ REPA = ["model.representation.loss=repa"]  # needs facebook/dinov2-base (downloa
 # experiments/objectives' DiT: hidden 128 (4 heads x 32), depth 6, at a constant 1e-3; patch 2 (64 tokens) or 1
 DIT = ["model=dit_tiny", "model.denoiser.attention_head_dim=32", "model.denoiser.num_layers=6", "model.lr=1e-3"]
 ROUTED = ["model.token_routing.ratio=0.5", "model.token_routing.start=1", "model.token_routing.end=-1"]
-RECIPES = {  # overrides of experiment=quickstart_ldm; steps from step_times.md, at the UNet's 4000 steps' time
+RECIPES = {  # overrides of experiment=quickstart_ldm and BASE; steps from step_times.md, at the UNet's 4000 steps' time
     "fixed EMA 0.999 (the quickstart's)": [],
     "post-hoc EMA": POSTHOC,
     "dispersive loss": DISPERSIVE,
@@ -47,6 +49,13 @@ STEPS = {"DiT-S/2-ish": 3100, "DiT-S/2-ish, token routing 0.5": 5200, "DiT patch
 SWEEP = "ema_sweep.sigma_rels=[0.02,0.03,0.05,0.07,0.10,0.14,0.20,0.28]"
 
 
+def overrides(recipe: str) -> list[str]:
+    """The recipe's overrides after BASE's values for the keys it leaves alone."""
+    own = RECIPES[recipe]
+    keys = {o.split("=")[0] for o in own}
+    return [*(o for o in BASE if o.split("=")[0] not in keys), *own]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--first-stage", required=True, help="the first stage's checkpoint (a quickstart run's)")
@@ -63,7 +72,7 @@ def main() -> None:
             folder = args.out / f"{''.join(c if c.isalnum() else '_' for c in recipe)}-seed{seed}"
             common = ["experiment=quickstart_ldm", f"seed={seed}"]
             steps = [f"max_steps={STEPS[recipe]}"] if recipe in STEPS else []
-            train = run([*common, *RECIPES[recipe], *steps, f"model.first_stage={args.first_stage}", "overwrite=true",
+            train = run([*common, *overrides(recipe), *steps, f"model.first_stage={args.first_stage}", "overwrite=true",
                          f"hydra.run.dir={folder}"], folder.with_suffix(".train.log"))
             model, extra = folder / "checkpoints" / "last.ckpt", {}
             if "model.posthoc_ema.sigma_rels=[0.05,0.10]" in RECIPES[recipe]:

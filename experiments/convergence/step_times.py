@@ -18,7 +18,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "experiments" / "bench")]
 import torch  # noqa: E402
 from bench_step import lightning_step_seconds  # noqa: E402
 
-from experiments.convergence.compare import RECIPES, STEPS  # noqa: E402
+from experiments.convergence.compare import RECIPES, STEPS, overrides  # noqa: E402
 from ldm_lab.config.schema import register_configs  # noqa: E402
 
 UNET_STEPS = 4000  # experiment=quickstart_ldm's
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "experiments" / "convergence" / "step_times.md")
     args = parser.parse_args()
     register_configs()
-    seconds = {name: lightning_step_seconds(["experiment=quickstart_ldm", *RECIPES[name]], args.steps)
+    seconds = {name: lightning_step_seconds(["experiment=quickstart_ldm", *overrides(name)], args.steps)
                for name in args.recipes}
     unet = seconds.get(args.recipes[0])
     rows = ["| recipe | s / step | / first | steps in the first's 4000 steps' time | steps set (compare.py) |",
