@@ -29,7 +29,7 @@ REPA = ["model.representation.loss=repa"]  # needs facebook/dinov2-base (downloa
 DIT = ["model=dit_tiny", "model.denoiser.attention_head_dim=32", "model.denoiser.num_layers=6", "model.lr=1e-3"]
 ROUTED = ["model.token_routing.ratio=0.5", "model.token_routing.start=1", "model.token_routing.end=-1"]
 RECIPES = {  # overrides of experiment=quickstart_ldm and BASE; steps from step_times.md, at the UNet's 4000 steps' time
-    "fixed EMA 0.999 (the quickstart's)": [],
+    "fixed EMA 0.999 (the quickstart's until now)": [],
     "post-hoc EMA": POSTHOC,
     "dispersive loss": DISPERSIVE,
     "dispersive loss, post-hoc EMA": [*DISPERSIVE, *POSTHOC],
