@@ -14,7 +14,7 @@ from ldm_lab.core.errors import ConfigError
 from ldm_lab.core.fingerprint import text_key
 from ldm_lab.data.latent_cache import text_condition
 from ldm_lab.diffusion.pipeline import encode_prompt
-from ldm_lab.stages import encoding
+from ldm_lab.stages import conditioning, encoding
 from ldm_lab.stages import latent_diffusion as stage_module
 from ldm_lab.stages.encoding import encode_latent_cache, encode_text_cache
 from ldm_lab.tasks import train
@@ -94,7 +94,7 @@ def test_caption_dropout_is_drawn_per_step_from_the_cached_embeddings(frozen_cfg
         return result
 
     monkeypatch.setattr(stage_module.LatentDiffusionStage, "condition", recorded)
-    monkeypatch.setattr(stage_module, "encode_prompt", lambda *args: pytest.fail("a cached caption was encoded"))
+    monkeypatch.setattr(conditioning, "encode_prompt", lambda *args: pytest.fail("a cached caption was encoded"))
     train.run(frozen_cfg("max_steps=4", "val_every_n_steps=4", "model.caption_dropout=0.5", "sample.num_images=0"))
     assert not (tmp_path / "run" / "samples").exists()  # none asked for
     stage = text_stage(frozen_cfg(), tmp_path)

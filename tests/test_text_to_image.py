@@ -26,7 +26,7 @@ from ldm_lab.nn.text_encoders import (
     tokenizer_of_files,
     train_tokenizer,
 )
-from ldm_lab.stages import latent_diffusion as stage_module
+from ldm_lab.stages import conditioning
 from ldm_lab.stages.build import build_stage
 from ldm_lab.tasks import model_config, sample, train
 from ldm_lab.tasks.trainer import build_datamodule
@@ -95,7 +95,7 @@ def test_prompts_change_the_samples_and_the_text_encoder_trains_under_its_ema(te
 def test_caption_dropout_is_drawn_per_step(text_cfg, tmp_path, monkeypatch):
     stage = text_stage(text_cfg("model.caption_dropout=0.5"), tmp_path)
     encoded = []
-    monkeypatch.setattr(stage_module, "encode_prompt",
+    monkeypatch.setattr(conditioning, "encode_prompt",
                         lambda tokenizer, encoder, prompts: encoded.append(list(prompts))
                         or {"encoder_hidden_states": torch.zeros(len(prompts), 4, 8)})
     batch = {"captions": ["a red square"] * 16}

@@ -47,7 +47,6 @@ from ldm_lab.nn import denoisers
 from ldm_lab.nn.ema import ema_with_warmup, power_function_ema
 from ldm_lab.nn.frozen_autoencoder import FrozenAutoencoder
 from ldm_lab.nn.text_encoders import (
-    TextEncoder,
     count_truncated,
     same_tokenizer,
     tokenizer_files,
@@ -55,15 +54,13 @@ from ldm_lab.nn.text_encoders import (
 )
 from ldm_lab.nn.token_routing import TokenRouter
 from ldm_lab.stages.base import TrainingStage
+from ldm_lab.stages.conditioning import Conditioned, class_names_of, describe_classes, text_encoder_of
 from ldm_lab.stages.encoding import encode_feature_cache, encode_latent_cache, encode_text_cache, ranks_of
 from ldm_lab.stages.speed import optimizer_options
 
 log = logging.getLogger(__name__)
 
-CONDITIONINGS = (None, "class", "text")  # model.conditioning
-
-
-class LatentDiffusionStage(TrainingStage):
+class LatentDiffusionStage(Conditioned, TrainingStage):
     """``lr`` is per sample when ``scale_lr`` is set: the optimizer gets lr x batch x accumulation x
     devices (LDM's main.py: 2e-6 x 48 = 9.6e-5 for LDM-VQ-4); otherwise it is used as given.
     ``objective``: :class:`~ldm_lab.diffusion.objectives.DDPM` or ``RectifiedFlow`` (``model/objective``).
@@ -125,7 +122,7 @@ class LatentDiffusionStage(TrainingStage):
         else:
             self.first_stage = load_first_stage(first_stage)
             self.first_stage_source = str(first_stage)  # recorded in checkpoints
-        self.class_names = _class_names(conditioning, class_names)
+        self.class_names = class_names_of(conditioning, class_names)
         if not 0 <= label_dropout < 1:
             raise ConfigError(f"model.label_dropout={label_dropout}: the share of labels dropped in training, "
                               f"in [0, 1)")
@@ -135,7 +132,7 @@ class LatentDiffusionStage(TrainingStage):
                               f"in [0, 1)")
         self.caption_dropout = caption_dropout
         self.conditioning = conditioning
-        text = _text_encoder(conditioning, text_encoder)
+        text = text_encoder_of(conditioning, text_encoder)
         self.tokenizer = None if text is None else text.tokenizer
         self.text_encoder = None if text is None else text.model
         self.text_encoder_trainable = text is not None and text.trainable
@@ -217,8 +214,8 @@ class LatentDiffusionStage(TrainingStage):
         super().check_resume(checkpoint, path)
         trained_classes = checkpoint["ldm_lab"]["config"]["model"].get("class_names")
         if trained_classes != self.class_names:
-            raise ConfigError(f"ckpt_path={path} was trained on the classes {_describe(trained_classes)}, and this "
-                              f"run's data has {_describe(self.class_names)}: resume with the data it was trained "
+            raise ConfigError(f"ckpt_path={path} was trained on the classes {describe_classes(trained_classes)}, and this "
+                              f"run's data has {describe_classes(self.class_names)}: resume with the data it was trained "
                               f"on, or start a new run (without ckpt_path) for these classes")
         trained_loss = (checkpoint["ldm_lab"]["config"]["model"].get("representation") or {}).get("loss")
         loss = None if self.representation is None else self.representation.name
@@ -414,56 +411,6 @@ class LatentDiffusionStage(TrainingStage):
         if self._router is not None:
             self._router.stop()
 
-    def condition(self, batch: dict, generator: torch.Generator | None, text_encoder: nn.Module | None) -> dict:
-        """What the denoiser is given for a batch: a class-conditional model's labels, a text-conditional model's
-        captions encoded by ``text_encoder`` as the exported pipeline encodes prompts (with gradients when it
-        trains), or their embeddings from the text cache; with a ``generator`` (training) labels and captions are
-        dropped to the null class and the empty prompt, each with its probability, at every step."""
-        if self.conditioning == "class":
-            labels = self.class_labels(batch)
-            return {"class_labels": labels if generator is None else self._dropped_labels(labels, generator)}
-        if self.conditioning != "text":
-            return {}
-        if "captions" not in batch:
-            raise ConfigError("a text-conditional model got a batch without captions: train it on captioned data "
-                              "(data.source.caption_extension=.txt, data.source.caption_column=..., or "
-                              "data.source.captions=true for the synthetic set)")
-        dropped = None
-        if generator is not None and self.caption_dropout:
-            dropped = torch.rand(len(batch["captions"]), generator=generator, device=generator.device) < self.caption_dropout
-        if "encoder_hidden_states" in batch:  # the text cache's: the empty prompt's cached condition where dropped
-            condition = {key: batch[key] for key in ("encoder_hidden_states", "encoder_attention_mask") if key in batch}
-            if dropped is not None:
-                condition = {key: torch.where(dropped.to(value.device).view(-1, *[1] * (value.dim() - 1)),
-                                              self._empty_prompt[key].to(value.device), value)
-                             for key, value in condition.items()}
-        else:
-            captions = list(batch["captions"])
-            if dropped is not None:
-                captions = ["" if drop else caption for caption, drop in zip(captions, dropped.tolist(), strict=True)]
-            with torch.set_grad_enabled(torch.is_grad_enabled() and text_encoder is self.text_encoder
-                                        and self.text_encoder_trainable):
-                condition = encode_prompt(self.tokenizer, text_encoder, captions)
-        # a bf16 encoder's embeddings meet the denoiser's weights (autocast, where on, casts them again)
-        condition["encoder_hidden_states"] = condition["encoder_hidden_states"].to(self.denoiser.dtype)
-        return condition
-
-    def class_labels(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
-        """A class-conditional model's labels of a batch (None for an unconditional model)."""
-        if self.class_names is None:
-            return None
-        if "class_labels" not in batch:
-            raise ConfigError("a class-conditional model got a batch without class labels: train it on the labelled "
-                              "data it was built for")
-        return batch["class_labels"]
-
-    def _dropped_labels(self, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """``labels``, each replaced by the null class with probability ``label_dropout``."""
-        if not self.label_dropout:
-            return labels
-        dropped = torch.rand(labels.shape, generator=generator, device=labels.device) < self.label_dropout
-        return torch.where(dropped, len(self.class_names), labels)
-
     def on_optimizer_step(self) -> None:
         for ema in [self.ema, *self.posthoc_emas]:
             if ema is not None:
@@ -532,17 +479,6 @@ class LatentDiffusionStage(TrainingStage):
                                                      "tokenizer": tokenizer_files(self.tokenizer)}
 
 
-def _class_names(conditioning: str | None, class_names: list[str] | None) -> list[str] | None:
-    if conditioning not in CONDITIONINGS:
-        raise ConfigError(f"model.conditioning={conditioning}: null (unconditional), class or text")
-    if conditioning != "class":
-        return None
-    if not class_names:
-        raise ConfigError("model.conditioning=class needs the classes, which training fills in from the data "
-                          "(model.class_names): train on labelled data, or build the stage with class_names")
-    return [str(name) for name in class_names]
-
-
 def _posthoc_options(posthoc_ema: Mapping | None, ema_decay: float | None) -> dict | None:
     """``model.posthoc_ema`` checked, its widths ascending; None when off (no ``sigma_rels``)."""
     if not posthoc_ema or not posthoc_ema.get("sigma_rels"):
@@ -560,21 +496,6 @@ def _posthoc_options(posthoc_ema: Mapping | None, ema_decay: float | None) -> di
     if int(options["snapshot_every"]) < 1:
         raise ConfigError(f"model.posthoc_ema.snapshot_every={options['snapshot_every']}: a number of steps, >= 1")
     return {**options, "sigma_rels": widths, "snapshot_every": int(options["snapshot_every"])}
-
-
-def _text_encoder(conditioning: str | None, text_encoder: functools.partial | None) -> TextEncoder | None:
-    if conditioning != "text":
-        return None
-    if text_encoder is None:
-        raise ConfigError("model.conditioning=text reads captions with a text encoder: model/text_encoder=scratch "
-                          "(trained with the denoiser), clip_l or t5_base (pretrained, frozen)")
-    return text_encoder()
-
-
-def _describe(class_names: list[str] | None) -> str:
-    if class_names is None:
-        return "none (unconditional)"
-    return f"{len(class_names)} [{', '.join(class_names[:8])}{', ...' if len(class_names) > 8 else ''}]"
 
 
 def load_pretrained_denoiser(denoiser: nn.Module, source: str) -> None:
