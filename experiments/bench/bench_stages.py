@@ -72,11 +72,11 @@ class StepTimer(L.Callback):
             self.times.append(time.perf_counter() - self._start)
 
 
-def time_steps(cfg, make_batch, steps: int) -> dict:
+def time_steps(cfg, make_batch, steps: int, model=None) -> dict:
     """Median seconds per optimizer step (batches from ``make_batch``) over ``steps`` steps after one
-    warm-up step, which runs under the FLOP counter."""
+    warm-up step, which runs under the FLOP counter; the stage of ``model`` (a model config), else of task=plan's."""
     torch.manual_seed(0)
-    stage = build_stage(planning_config(cfg), cfg.disc, cfg.speed)  # a latent scale of 1
+    stage = build_stage(model or planning_config(cfg), cfg.disc, cfg.speed)  # task=plan's: a latent scale of 1
     total = 1 + steps
     stage.max_steps = total
     timer = StepTimer(count_flops_at=0)
