@@ -31,10 +31,14 @@ quickstart: install ## tiny KL autoencoder -> latent cache -> tiny LDM -> sample
 	@echo "sample grid: $(QUICKSTART_DIR)/ldm/samples/grid.png"
 	@grep -ho "sample FID.*" $(QUICKSTART_DIR)/evaluation/run.log
 
+# The class and text chains keep the 2400-step first stage their LDMs were measured with.
+FIRST_STAGE_2400 := max_steps=2400 val_every_n_steps=600 model.loss.disc_start=2100
+
 # The same chain, class-conditional: the synthetic data with 4 classes, guided samples, their class accuracy.
 CLASS_DIR := outputs/quickstart-class-$(shell date +%Y%m%d-%H%M%S)
 quickstart-class: install ## tiny autoencoder -> 4-class LDM -> guided samples per class, FID and class accuracy (CPU, ~20 min)
-	$(BIN)/python run.py experiment=quickstart data.source.num_classes=4 hydra.run.dir=$(CLASS_DIR)/autoencoder
+	$(BIN)/python run.py experiment=quickstart $(FIRST_STAGE_2400) data.source.num_classes=4 \
+		hydra.run.dir=$(CLASS_DIR)/autoencoder
 	$(BIN)/python run.py experiment=quickstart_class hydra.run.dir=$(CLASS_DIR)/ldm \
 		model.first_stage=$(CLASS_DIR)/autoencoder/checkpoints/last.ckpt
 	$(BIN)/python run.py experiment=quickstart_class task=evaluate hydra.run.dir=$(CLASS_DIR)/evaluation \
@@ -46,7 +50,7 @@ quickstart-class: install ## tiny autoencoder -> 4-class LDM -> guided samples p
 # its floor and prompt adherence (kind, count, colours read back) beside the shuffled-prompt chance and real images.
 TEXT_DIR := outputs/quickstart-text-$(shell date +%Y%m%d-%H%M%S)
 quickstart-text: install ## tiny autoencoder -> text LDM -> samples of prompts, FID and prompt adherence (CPU, ~25 min)
-	$(BIN)/python run.py experiment=quickstart data.source.captions=true data.source.num_images=2048 \
+	$(BIN)/python run.py experiment=quickstart $(FIRST_STAGE_2400) data.source.captions=true data.source.num_images=2048 \
 		hydra.run.dir=$(TEXT_DIR)/autoencoder
 	$(BIN)/python run.py experiment=quickstart_text hydra.run.dir=$(TEXT_DIR)/ldm \
 		model.first_stage=$(TEXT_DIR)/autoencoder/checkpoints/last.ckpt

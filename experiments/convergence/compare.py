@@ -20,7 +20,8 @@ sys.path.insert(0, str(ROOT))
 from experiments.quickstart_recipes.compare import run, write_table  # noqa: E402
 
 # The quickstart's recipe before this experiment, under every recipe (a recipe's own value of a key wins)
-BASE = ["model.ema_decay=0.999", "model.posthoc_ema.sigma_rels=null", "model.representation.loss=null"]
+BASE = ["model.ema_decay=0.999", "model.posthoc_ema.sigma_rels=null", "model.representation.loss=null",
+        "max_steps=4000"]
 POSTHOC = ["model.ema_decay=null", "model.posthoc_ema.sigma_rels=[0.05,0.10]", "model.posthoc_ema.snapshot_every=250"]
 DISPERSIVE = ["model.representation.loss=dispersive"]
 SRA = ["model.representation.loss=sra"]
@@ -50,8 +51,8 @@ SWEEP = "ema_sweep.sigma_rels=[0.02,0.03,0.05,0.07,0.10,0.14,0.20,0.28]"
 
 
 def overrides(recipe: str) -> list[str]:
-    """The recipe's overrides after BASE's values for the keys it leaves alone."""
-    own = RECIPES[recipe]
+    """The recipe's overrides (and its steps) after BASE's values for the keys it leaves alone."""
+    own = [*RECIPES[recipe], *([f"max_steps={STEPS[recipe]}"] if recipe in STEPS else [])]
     keys = {o.split("=")[0] for o in own}
     return [*(o for o in BASE if o.split("=")[0] not in keys), *own]
 
@@ -71,8 +72,7 @@ def main() -> None:
         for recipe in (r for r in args.recipes if (r, seed) not in done):
             folder = args.out / f"{''.join(c if c.isalnum() else '_' for c in recipe)}-seed{seed}"
             common = ["experiment=quickstart_ldm", f"seed={seed}"]
-            steps = [f"max_steps={STEPS[recipe]}"] if recipe in STEPS else []
-            train = run([*common, *overrides(recipe), *steps, f"model.first_stage={args.first_stage}", "overwrite=true",
+            train = run([*common, *overrides(recipe), f"model.first_stage={args.first_stage}", "overwrite=true",
                          f"hydra.run.dir={folder}"], folder.with_suffix(".train.log"))
             model, extra = folder / "checkpoints" / "last.ckpt", {}
             if "model.posthoc_ema.sigma_rels=[0.05,0.10]" in RECIPES[recipe]:

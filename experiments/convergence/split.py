@@ -2,7 +2,9 @@
 the last 300 of each, as experiment=quickstart's 2400), each followed by experiment=quickstart_ldm (its recipe as
 it is) for the steps the quickstart's 2400 + 4000 leave, at the step times measured side by side here; then each
 first stage's ceiling (its reconstructions scored as samples: experiments/quickstart_recipes/ceiling.py) and the
-LDM's FID / floor by task=evaluate on 64 samples. Resumable: runs in <out>/results.json are kept.
+LDM's FID / floor by task=evaluate on 64 samples. As in compare.py, a seed is the LDM's and the evaluation's (its
+held-out split): every seed trains on the same first stage of each length (trained with seed 0). Resumable: runs in
+<out>/results.json are kept.
 
     .venv/bin/python experiments/convergence/split.py [--first-stage-steps 1200 2400 3600] [--seeds 0]
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -42,6 +45,12 @@ def step_seconds(steps: int) -> dict[str, float]:
     return {label: result["seconds"] for label, result in seconds.items()}
 
 
+def final_psnr(run_dir: Path) -> float:
+    """The validation PSNR a first-stage run logged after training."""
+    found = re.findall(r"validation after training \(step \d+\): psnr ([\d.]+)", (run_dir / "run.log").read_text())
+    return float(found[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--first-stage-steps", type=int, nargs="+", default=[1200, 2400, 3600])
@@ -64,9 +73,9 @@ def main() -> None:
         for steps in (s for s in args.first_stage_steps if (s, seed) not in done):
             # the GAN's steps cost the same in every split: the plain steps trade against the LDM's
             ldm_steps = round(LDM_STEPS + (FIRST_STAGE_STEPS - steps) * seconds["first stage"] / seconds["LDM"])
-            first = args.out / f"autoencoder-{steps}-seed{seed}"
+            first = args.out / f"autoencoder-{steps}-seed0"
             if not (first / "checkpoints" / "last.ckpt").is_file():
-                run(["experiment=quickstart", f"seed={seed}", f"max_steps={steps}", f"val_every_n_steps={steps // 4}",
+                run(["experiment=quickstart", "seed=0", f"max_steps={steps}", f"val_every_n_steps={steps // 4}",
                      f"model.loss.disc_start={steps - GAN_STEPS}", "overwrite=true", f"hydra.run.dir={first}"],
                     first.with_suffix(".log"))
             checkpoint = first / "checkpoints" / "last.ckpt"
@@ -79,14 +88,15 @@ def main() -> None:
                  "evaluate.num_samples=64", f"hydra.run.dir={folder / 'evaluation'}"], folder.with_suffix(".eval.log"))
             figures = json.loads((folder / "evaluation" / "evaluation.json").read_text())
             state["results"].append({"first_stage_steps": steps, "ldm_steps": ldm_steps, "seed": seed,
-                                     "ceiling": ceiling["fid"] / ceiling["floor_fid"], **figures})
+                                     "psnr": final_psnr(first), "ceiling": ceiling["fid"] / ceiling["floor_fid"],
+                                     **figures})
             saved.write_text(json.dumps(state, indent=1))
             print(f"first stage {steps} steps (ceiling {state['results'][-1]['ceiling']:.2f}x), LDM {ldm_steps} "
                   f"steps, seed {seed}: FID / floor {figures['fid'] / figures['floor_fid']:.2f}, precision "
                   f"{figures['precision']:.2f}, recall {figures['recall']:.2f}", flush=True)
-    rows = ["| first stage steps | LDM steps | seed | ceiling (reconstructions) / floor | FID / floor | precision | recall |",
-            "|---:|---:|---:|---:|---:|---:|---:|"]
-    rows += [f"| {r['first_stage_steps']} | {r['ldm_steps']} | {r['seed']} | {r['ceiling']:.2f} | "
+    rows = ["| first stage steps | PSNR dB | LDM steps | seed | ceiling (reconstructions) / floor | FID / floor | "
+            "precision | recall |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows += [f"| {r['first_stage_steps']} | {r['psnr']:.2f} | {r['ldm_steps']} | {r['seed']} | {r['ceiling']:.2f} | "
              f"{r['fid'] / r['floor_fid']:.2f} | {r['precision']:.2f} | {r['recall']:.2f} |"
              for r in sorted(state["results"], key=lambda r: (r["seed"], r["first_stage_steps"]))]
     (args.out / "results.md").write_text("\n".join(rows) + "\n")

@@ -24,7 +24,7 @@ RECTIFIED_FLOW = ["model/objective=rectified_flow", "model.objective.timestep_de
 DDPM_V = ["model/objective=ddpm_v", "model.objective.timestep_density.weighting_scheme=logit_normal",
           "model.objective.timestep_density.logit_mean=-1.0"]  # experiments/quickstart_recipes' best
 # every run's evaluation: the objective's own sampler (DDIM for DDPM, Euler for rectified flow) at 200 steps
-PROTOCOL = ["sample.sampler=auto", "sample.num_inference_steps=200"]
+PROTOCOL = ["sample.sampler=auto", "sample.num_inference_steps=200", "max_steps=4000"]  # quickstart_ldm's steps then
 # A DiT of hidden 128 (4 heads x 32), depth 6, patch 2 (64 tokens of the 16x16 latents), at a constant 1e-3: its step
 # takes 0.208 s on the CPU against the UNet's 0.146 (README.md), so 2800 steps take the UNet's 4000 steps' time
 DIT = ["model=dit_tiny", "model.denoiser.attention_head_dim=32", "model.denoiser.num_layers=6", "model.lr=1e-3",
