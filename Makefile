@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 
 # The whole chain on the embedded synthetic data: first stage, latent cache, LDM, samples.
 QUICKSTART_DIR := outputs/quickstart-$(shell date +%Y%m%d-%H%M%S)
-quickstart: install ## tiny KL autoencoder -> latent cache -> tiny LDM -> samples and their FID, on the synthetic data (CPU, 10-21 min)
+quickstart: install ## tiny KL autoencoder -> latent cache -> tiny LDM -> samples and their FID, on the synthetic data (CPU, 10-23 min)
 	$(BIN)/python run.py experiment=quickstart hydra.run.dir=$(QUICKSTART_DIR)/autoencoder
 	$(BIN)/python run.py experiment=quickstart_ldm hydra.run.dir=$(QUICKSTART_DIR)/ldm \
 		model.first_stage=$(QUICKSTART_DIR)/autoencoder/checkpoints/last.ckpt
