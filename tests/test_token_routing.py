@@ -104,3 +104,13 @@ def test_routing_is_refused_where_it_cannot_route(compose_cfg, first_stage):
                                 tiny=False).model, None)
     with pytest.raises(ConfigError, match=r"blocks \[start, end\) = \[3, 2\) within the network's 4"):
         TokenRouter(_dit(), 0.5, 3, 2)
+
+
+def test_alignment_of_a_routed_block_is_refused_when_built(compose_cfg, first_stage):
+    routed = [*LDM_TINY, "model=dit_tiny", f"model.first_stage={first_stage}", "model.token_routing.ratio=0.5",
+              "model.token_routing.start=0", "model.token_routing.end=1", "model.representation.loss=sra",
+              "model.representation.teacher_block=transformer_blocks.1"]
+    with pytest.raises(InstantiationException, match=r"block=transformer_blocks.0 lies in the blocks \[0, 1\)"):
+        build_stage(compose_cfg([*routed, "model.representation.block=transformer_blocks.0"], tiny=False).model, None)
+    stage = build_stage(compose_cfg([*routed, "model.representation.block=transformer_blocks.1"], tiny=False).model, None)
+    assert stage.representation.block == "transformer_blocks.1"

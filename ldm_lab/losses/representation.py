@@ -104,7 +104,7 @@ class FeatureTap:
     graph): :meth:`take` returns it and lets it go."""
 
     def __init__(self, block: nn.Module):
-        self._output: torch.Tensor | None = None
+        self.block, self._output = block, None
         block.register_forward_hook(self._keep)
 
     def _keep(self, module: nn.Module, args, output) -> None:
@@ -118,9 +118,9 @@ class FeatureTap:
 
 
 class RepresentationLoss(nn.Module):
-    """``model.representation`` (checked by :func:`options`) on ``denoiser``: its ``name`` and ``weight``, the hooks
-    it reads features with (registered after the EMAs' copies, so they carry none; SRA's on its teacher, the
-    ``ema``), REPA's ``image_encoder`` and the projection ``head``."""
+    """``model.representation`` (checked by :func:`options`) on ``denoiser``: its ``name`` and ``weight``, the
+    ``block`` it reads (by submodule name) and its hooks (registered after the EMAs' copies, so they carry none;
+    SRA's on its teacher, the ``ema``), REPA's ``image_encoder`` and the projection ``head``."""
 
     def __init__(self, options: dict, denoiser: nn.Module, ema: nn.Module | None):
         super().__init__()
@@ -128,7 +128,8 @@ class RepresentationLoss(nn.Module):
         kind = denoisers.backbone(denoiser)
         aligned, teacher_block = kind.alignment_blocks(denoiser)
         default = kind.middle(denoiser) if self.name == "dispersive" else aligned
-        student = denoisers.feature_block(denoiser, options["block"] or default)
+        self.block = options["block"] or default
+        student = denoisers.feature_block(denoiser, self.block)
         self._features, self._teacher_features = FeatureTap(student), None
         object.__setattr__(self, "image_encoder", None)
         self.head: nn.Module | None = None
@@ -145,6 +146,10 @@ class RepresentationLoss(nn.Module):
             encoder = image_encoders.load(options["encoder"], options["encoder_weights"], options["patch_pixels"])
             object.__setattr__(self, "image_encoder", encoder)
             self.head = projection_head(output_width(student), encoder.width, options["head_width"], layers=3)
+
+    @property
+    def aligned_block(self) -> nn.Module:
+        return self._features.block
 
     def forward(self, batch: dict, latents: torch.Tensor, inputs: dict, objective, generator: torch.Generator,
                 teacher: Callable[[torch.Tensor, torch.Tensor], object]) -> torch.Tensor:

@@ -32,11 +32,16 @@ class TokenRouter:
             raise ConfigError(f"model.token_routing: ratio={ratio} must lie in (0, 1) and blocks [start, end) = "
                               f"[{start}, {end}) within the network's {depth}")
         self.ratio, self.span = ratio, (start, end)
+        self._routed = {id(module) for block in blocks[start:end] for module in block.modules()}
         self._generator: torch.Generator | None = None
         self._kept: torch.Tensor | None = None
         self._bypass: torch.Tensor | None = None
         blocks[start].register_forward_pre_hook(self._route)
         blocks[end - 1].register_forward_hook(self._rejoin)
+
+    def routes(self, module: nn.Module) -> bool:
+        """Whether ``module`` is a block of the span or in one: in training its output holds the kept tokens only."""
+        return id(module) in self._routed
 
     def start(self, generator: torch.Generator) -> None:
         """Route the tokens of this training step's forward (and its recomputation in backward)."""

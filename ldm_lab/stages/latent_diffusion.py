@@ -60,6 +60,7 @@ from ldm_lab.stages.speed import optimizer_options
 
 log = logging.getLogger(__name__)
 
+
 class LatentDiffusionStage(Conditioned, TrainingStage):
     """``lr`` is per sample when ``scale_lr`` is set: the optimizer gets lr x batch x accumulation x
     devices (LDM's main.py: 2e-6 x 48 = 9.6e-5 for LDM-VQ-4); otherwise it is used as given.
@@ -164,6 +165,14 @@ class LatentDiffusionStage(Conditioned, TrainingStage):
             RepresentationLoss(checked, self.denoiser, None if self.ema is None else self.ema.module)
         self._router = None if not token_routing or not token_routing.get("ratio") else \
             TokenRouter(self.denoiser, float(token_routing["ratio"]), int(token_routing["start"]), int(token_routing["end"]))
+        if self._router and self.representation and self.representation.head is not None \
+                and self._router.routes(self.representation.aligned_block):
+            start, end = self._router.span
+            raise ConfigError(f"model.representation.block={self.representation.block} lies in the blocks [{start}, "
+                              f"{end}) that model.token_routing routes tokens around, so in training it sees only the "
+                              f"kept tokens, no patch grid to align: align a block before or after them "
+                              f"(model.representation.block=transformer_blocks.<i>) or move model.token_routing.start "
+                              f"and end")
         self.make_optimizer, self.make_scheduler = optimizer, scheduler
         self.lr, self.scale_lr = lr, scale_lr
         self.latent_cache = latent_cache
