@@ -13,7 +13,8 @@ DATA=(data=folder "data.source.root=$data" data.source.caption_extension=.txt da
 BUCKETS=(+data/buckets=novelai data.buckets.max_area=1536 data.buckets.min_side=32 data.buckets.max_side=48
          data.buckets.step=16 data.buckets.base_side=32 data.buckets.max_ar_error=0.5)
 if [[ ! -f $out/autoencoder/checkpoints/last.ckpt ]]; then  # the quickstart's, on square crops of these pictures
-  .venv/bin/python run.py experiment=quickstart "${DATA[@]}" hydra.run.dir=$out/autoencoder
+  .venv/bin/python run.py experiment=quickstart max_steps=2400 val_every_n_steps=600 model.loss.disc_start=2100 \
+    "${DATA[@]}" hydra.run.dir=$out/autoencoder
 fi
 RECIPE=(model=dit_text_tiny model/objective=ddpm_v model.objective.timestep_density.weighting_scheme=logit_normal
         model.objective.timestep_density.logit_mean=-1.0 precision=fp32 model.lr=1e-3 model.ema_decay=0.999
