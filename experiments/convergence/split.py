@@ -1,10 +1,10 @@
 """The quickstart's budget split between its two stages: first stages of --first-stage-steps steps (the PatchGAN on
-the last 300 of each, as experiment=quickstart's 2400), each followed by experiment=quickstart_ldm (its recipe as
-it is) for the steps the quickstart's 2400 + 4000 leave, at the step times measured side by side here; then each
-first stage's ceiling (its reconstructions scored as samples: experiments/quickstart_recipes/ceiling.py) and the
-LDM's FID / floor by task=evaluate on 64 samples. As in compare.py, a seed is the LDM's and the evaluation's (its
-held-out split): every seed trains on the same first stage of each length (trained with seed 0). Resumable: runs in
-<out>/results.json are kept.
+the last 300 of each, as experiment=quickstart has it), each followed by experiment=quickstart_ldm (its recipe as
+it is) for the steps that the budget of 2400 + 4000 steps (the quickstart's before this experiment) leaves, at the
+step times measured side by side here; then each first stage's ceiling (its reconstructions scored as samples:
+experiments/quickstart_recipes/ceiling.py) and the LDM's FID / floor by task=evaluate on 64 samples. As in
+compare.py, a seed is the LDM's and the evaluation's (its held-out split): every seed trains on the same first
+stage of each length (trained with seed 0). Resumable: runs in <out>/results.json are kept.
 
     .venv/bin/python experiments/convergence/split.py [--first-stage-steps 1200 2400 3600] [--seeds 0]
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import re
 import sys
 from pathlib import Path
 
@@ -27,8 +26,9 @@ from bench_stages import compose_cfg, pixels, time_steps  # noqa: E402
 from experiments.quickstart_recipes.ceiling import first_stage_ceiling  # noqa: E402
 from experiments.quickstart_recipes.compare import run  # noqa: E402
 from ldm_lab.config.schema import register_configs  # noqa: E402
+from ldm_lab.tasks.report import read_scalars  # noqa: E402
 
-FIRST_STAGE_STEPS, LDM_STEPS, GAN_STEPS = 2400, 4000, 300  # experiment=quickstart's, quickstart_ldm's, the GAN's
+FIRST_STAGE_STEPS, LDM_STEPS, GAN_STEPS = 2400, 4000, 300  # the budget's two stages, the PatchGAN's last steps
 
 
 def step_seconds(steps: int) -> dict[str, float]:
@@ -46,9 +46,8 @@ def step_seconds(steps: int) -> dict[str, float]:
 
 
 def final_psnr(run_dir: Path) -> float:
-    """The validation PSNR a first-stage run logged after training."""
-    found = re.findall(r"validation after training \(step \d+\): psnr ([\d.]+)", (run_dir / "run.log").read_text())
-    return float(found[-1])
+    """The validation PSNR a first-stage run logged after training (its last in TensorBoard)."""
+    return read_scalars(run_dir / "tensorboard")["val/psnr"][-1][1]
 
 
 def main() -> None:
